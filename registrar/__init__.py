@@ -1,0 +1,33 @@
+"""registrar: register a pod in service registries and take it out gracefully.
+
+Importing this package imports no registry client (and nothing heavy): the
+names below are loaded on first use, so ``registrar prestop`` starts fast.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+__all__ = ["Instance", "Registrar", "StopReport", "Deadline", "Backend", "Observer",
+           "RegistrarError", "ConfigError", "RegistryUnavailable", "RegistrationRejected"]
+
+_LAZY = {"Registrar": "core", "StopReport": "core", "Deadline": "clock",
+         "Backend": "backend", "Observer": "backend", "Instance": "instance",
+         "RegistrarError": "errors", "ConfigError": "errors",
+         "RegistryUnavailable": "errors", "RegistrationRejected": "errors"}
+
+if TYPE_CHECKING:
+    from .backend import Backend, Observer
+    from .clock import Deadline
+    from .core import Registrar, StopReport
+    from .errors import ConfigError, RegistrarError, RegistrationRejected, RegistryUnavailable
+    from .instance import Instance
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'registrar' has no attribute {name!r}")

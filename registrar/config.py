@@ -1,0 +1,279 @@
+"""Configuration: a YAML file (or a mapping) with ${VAR} interpolation,
+validated in full -- every backend section by its own model -- before
+anything is registered. Errors are ConfigError with the field's path."""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      WithJsonSchema)
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$"
+
+
+def parse_duration(value: Any) -> float:
+    """``"500ms"``, ``"10s"``, ``"1m"``, ``"1h"`` -> seconds; a bare
+    non-negative number is seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNIT[m.group(2)]
+    raise PydanticCustomError("duration", 'expected a duration like "10s", got {got}',
+                              {"got": _show(value)})
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+#: Seconds, written in the file as "500ms", "10s", "1m".
+Duration = Annotated[float, BeforeValidator(parse_duration),
+                     WithJsonSchema({"anyOf": [
+                         {"type": "string", "pattern": DURATION_PATTERN},
+                         {"type": "number", "minimum": 0}],
+                         "description": 'A duration: "500ms", "10s", "1m", "1h", or seconds.',
+                         "examples": ["500ms", "10s", "1m"]})]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+#: A list of strings that may also be written "a,b,c" (handy with ${VAR}).
+StrList = Annotated[list[str], BeforeValidator(_split_commas)]
+
+
+class Model(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(Model):
+    """Base of a backend's config section. Each backend subclasses it with
+    ``type: Literal["<name>"]`` and its own keys."""
+    type: str
+    name: str | None = Field(None, description="Name in logs and reports (default: the type).")
+
+
+class ServiceConfig(Model):
+    name: str = Field(min_length=1, description="Service name consumers look up.")
+    id: str | None = Field(None, min_length=1,
+                           description="Instance id (default: $POD_NAME, else the host name).")
+    address: str | None = Field(None, min_length=1,
+                                description="Address to advertise (default: $POD_IP, else the "
+                                            "first non-loopback IPv4 address).")
+    port: int = Field(ge=1, le=65535)
+    tags: StrList = Field(default_factory=list)
+    meta: dict[str, str] = Field(default_factory=dict)
+
+
+class HeartbeatConfig(Model):
+    interval: Duration | None = Field(
+        None, description="Heartbeat interval (default: a third of each backend's ttl).")
+
+
+class StopConfig(Model):
+    grace_period: Duration = Field(30.0, description="Mirror of terminationGracePeriodSeconds.")
+    safety_margin: Duration = Field(2.0, description="Kept in hand before the grace period ends.")
+    min_wait: Duration = Field(0.0, description="Extra wait after propagation is confirmed, "
+                                                "for consumers that cannot be asked.")
+    propagation_timeout: Duration = Field(10.0, description="Longest wait for observers.")
+
+
+class ControlConfig(Model):
+    """Reserved for the control server (Kubernetes modes)."""
+
+
+class _FileModel(Model):
+    service: ServiceConfig
+    backends: list[dict[str, Any]] = Field(min_length=1)
+    heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
+    stop: StopConfig = Field(default_factory=StopConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration: ``backends`` pairs each Backend class with
+    its validated section."""
+    service: ServiceConfig
+    backends: tuple[tuple[type, BackendConfig], ...]
+    heartbeat: HeartbeatConfig
+    stop: StopConfig
+    control: ControlConfig
+
+
+def load(source: str | os.PathLike | Mapping[str, Any],
+         environ: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a configuration file or mapping."""
+    from .backend import backend_class  # the backend module imports this one
+
+    env = os.environ if environ is None else environ
+    raw = _read(source) if not isinstance(source, Mapping) else dict(source)
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", "the configuration must be a mapping at the top level")
+    raw = _interpolate(raw, env, "")
+    top = _validate(_FileModel, raw, "")
+    backends = []
+    for i, section in enumerate(top.backends):
+        path = f"backends[{i}]"
+        type_name = section.get("type")
+        if not isinstance(type_name, str) or not type_name:
+            raise ConfigError(f"{path}.type", "required: the backend type, e.g. \"etcd\"")
+        cls = backend_class(type_name, f"{path}.type")
+        backends.append((cls, _validate(cls.Config, section, path)))
+    names = [cfg.name or cfg.type for _, cfg in backends]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"backends[{i}].name",
+                              f"two backends are named {name!r}; give each a distinct name")
+    config = Config(top.service, tuple(backends), top.heartbeat, top.stop, top.control)
+    _check_budgets(config)
+    return config
+
+
+def _check_budgets(config: Config) -> None:
+    stop = config.stop
+    if stop.safety_margin >= stop.grace_period:
+        raise ConfigError("stop.safety_margin", f"{format_duration(stop.safety_margin)} leaves "
+                          f"nothing of grace_period {format_duration(stop.grace_period)}")
+    budget = stop.grace_period - stop.safety_margin
+    if stop.propagation_timeout + stop.min_wait > budget:
+        raise ConfigError(
+            "stop.propagation_timeout",
+            f"propagation_timeout {format_duration(stop.propagation_timeout)} + min_wait "
+            f"{format_duration(stop.min_wait)} exceeds grace_period - safety_margin "
+            f"({format_duration(budget)})")
+    interval = config.heartbeat.interval
+    for i, (cls, section) in enumerate(config.backends):
+        ttl = getattr(section, "ttl", None)
+        if interval is not None and ttl is not None and interval >= ttl:
+            raise ConfigError("heartbeat.interval", f"{format_duration(interval)} is not shorter "
+                              f"than backends[{i}].ttl ({format_duration(ttl)}): the "
+                              "registration would expire between heartbeats")
+
+
+def _read(path: str | os.PathLike) -> Any:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {os.fspath(path)}: {exc.strerror}") from exc
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("", f"{os.fspath(path)}: invalid YAML{where}: {problem}") from exc
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(node: Any, env: Mapping[str, str], path: str) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in string values ($$ is a literal $)."""
+    if isinstance(node, Mapping):
+        return {k: _interpolate(v, env, _join(path, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, str) or "$" not in node:
+        return node
+
+    def expand(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        value = env.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        raise ConfigError(path, f"environment variable {name} is not set "
+                                f"(write ${{{name}:-default}} to give a default)")
+
+    return _VAR.sub(expand, node)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _validate(model: type[BaseModel], data: Any, prefix: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc.errors()[0], model, prefix) from None
+
+
+_SECRET = re.compile(r"token|password|secret|key", re.I)
+
+
+def _config_error(err: Mapping[str, Any], model: type[BaseModel], prefix: str) -> ConfigError:
+    loc = [part for part in err["loc"] if not str(part).startswith("function-")]
+    path = prefix
+    for part in loc:
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, part)
+    kind = err["type"]
+    if kind == "missing":
+        return ConfigError(path, "required")
+    if kind == "extra_forbidden":
+        return ConfigError(path, "unknown key" + _did_you_mean(model, loc))
+    if kind == "duration":
+        return ConfigError(path, err["msg"])
+    message = err["msg"][0].lower() + err["msg"][1:]
+    if loc and _SECRET.search(str(loc[-1])):
+        return ConfigError(path, message)  # never echo what may be a secret
+    return ConfigError(path, f"{message}, got {_show(err.get('input'))}")
+
+
+def _did_you_mean(model: type[BaseModel], loc: list) -> str:
+    # Walk the model to the mapping that holds the unknown key.
+    fields = model.model_fields
+    for part in loc[:-1]:
+        if isinstance(part, int) or part not in fields:
+            continue
+        annotation = fields[part].annotation
+        fields = getattr(annotation, "model_fields", {})
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(fields)}"
+
+
+def _show(value: Any) -> str:
+    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the configuration file, with one branch per
+    installed backend."""
+    from .backend import available_backends
+
+    schema = _FileModel.model_json_schema()
+    branches = []
+    for name, ep in sorted(available_backends().items()):
+        sub = ep.load().Config.model_json_schema()
+        schema.setdefault("$defs", {}).update(sub.pop("$defs", {}))
+        branches.append(sub)
+    schema["properties"]["backends"]["items"] = {"oneOf": branches} if branches else {}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "registrar configuration"
+    return schema
