@@ -1,0 +1,208 @@
+"""The conformance suite every backend passes against its real server.
+
+A backend joins by subclassing :class:`BackendConformance` in a test module
+and providing a ``harness`` fixture (a :class:`Harness`) bound to a real
+three-member cluster. Checks of what the registry holds go through the
+harness's own client, never through the code under test.
+"""
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from registrar import Instance, Registrar
+from registrar.backend import Backend, backend_class
+from registrar.clock import Clock, Deadline
+from registrar.errors import RegistryUnavailable
+from tests.servers.faults import Blackhole
+
+
+class Harness(abc.ABC):
+    """What the suite needs to know about one backend and its cluster."""
+
+    #: The short TTL the suite configures (seconds).
+    ttl: float
+    #: How late the registry may reap an entry after its TTL (expiry sweeps).
+    expiry_slack: float = 1.5
+
+    @abc.abstractmethod
+    def section(self, **overrides: Any) -> dict[str, Any]:
+        """The backend's config section (with ``type``) for the cluster,
+        using ``ttl``."""
+
+    @abc.abstractmethod
+    def views(self, instance: Instance) -> list[bool]:
+        """Per cluster member, read independently of the backend: does
+        that member list the instance?"""
+
+    @abc.abstractmethod
+    def lose_registration(self, backend: Backend) -> None:
+        """Make the registry lose the entry the way it does in real life
+        (lease revoked, session expired, agent forgot it)."""
+
+    @abc.abstractmethod
+    def crash(self, backend: Backend) -> None:
+        """Leave the backend as a SIGKILLed process would: no deregistration,
+        no heartbeats, no clean session close."""
+
+    @abc.abstractmethod
+    def member_ports(self) -> list[int]:
+        """The client ports of every member the backend talks to."""
+
+    def backend(self, instance: Instance, **overrides: Any) -> Backend:
+        section = self.section(**overrides)
+        cls = backend_class(section["type"])
+        return cls(instance, cls.Config.model_validate(section))
+
+    def registrar(self, instance: Instance, **stop: Any) -> Registrar:
+        return Registrar.from_config({
+            "service": {"name": instance.service, "id": instance.id,
+                        "address": instance.address, "port": instance.port,
+                        "tags": list(instance.tags), "meta": dict(instance.meta)},
+            "backends": [self.section()],
+            "stop": {"grace_period": "20s", "propagation_timeout": "5s", **stop}})
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.01):
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting until {what}")
+        time.sleep(interval)
+
+
+class BackendConformance:
+    """Subclass in a module that defines a ``harness`` fixture."""
+
+    @pytest.fixture
+    def instance(self) -> Instance:
+        tag = uuid.uuid4().hex[:8]
+        return Instance(f"svc-{tag}", f"pod-{tag}", "10.9.8.7", 8080,
+                        tags=["conformance"], meta={"version": "1"})
+
+    @pytest.fixture
+    def backend(self, harness: Harness, instance: Instance):
+        backend = harness.backend(instance)
+        yield backend
+        try:
+            backend.deregister()
+        except Exception:  # noqa: BLE001 - the test may have broken the registry on purpose
+            pass
+        backend.close()
+
+    def test_registered_entry_is_visible_to_every_member(self, harness, backend, instance):
+        backend.register()
+        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        assert all(o.sees(instance) for o in backend.observers())
+        assert len(backend.observers()) == len(harness.views(instance))
+
+    def test_register_is_idempotent(self, harness, backend, instance):
+        backend.register()
+        backend.register()
+        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        assert backend.heartbeat() is False  # nothing to repair
+
+    def test_heartbeats_keep_it_alive_well_past_its_ttl(self, harness, instance):
+        registrar = harness.registrar(instance)
+        registrar.start(wait=True, timeout=10)
+        try:
+            wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+            end = time.monotonic() + 2.5 * harness.ttl
+            while time.monotonic() < end:
+                assert all(harness.views(instance)), "the entry lapsed while heartbeats ran"
+                time.sleep(0.1)
+            status = registrar.status(observe=False)["backends"][0]
+            assert status["heartbeat_failures"] == 0 and status["repairs"] == 0
+        finally:
+            assert registrar.stop().ok
+
+    @pytest.mark.slow
+    def test_entry_disappears_within_its_ttl_after_a_crash(self, harness, backend, instance):
+        backend.register()
+        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        crashed_at = time.monotonic()
+        harness.crash(backend)
+        time.sleep(harness.ttl / 2)
+        assert any(harness.views(instance)), "removed long before its TTL: not by expiry"
+        wait_for(lambda: not any(harness.views(instance)),
+                 harness.ttl + harness.expiry_slack, "the crashed entry expires")
+        assert time.monotonic() - crashed_at <= harness.ttl + harness.expiry_slack
+
+    def test_heartbeat_repairs_a_lost_registration(self, harness, backend, instance):
+        backend.register()
+        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        harness.lose_registration(backend)
+        wait_for(lambda: not any(harness.views(instance)), harness.ttl + harness.expiry_slack,
+                 "the registry lost the entry")
+        assert wait_for(lambda: backend.heartbeat(), 5, "a heartbeat repairs") is True
+        wait_for(lambda: all(harness.views(instance)), 5, "the entry is back on every member")
+        assert backend.heartbeat() is False
+
+    def test_deregister_is_idempotent(self, harness, backend, instance):
+        backend.register()
+        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        backend.deregister()
+        backend.deregister()
+        wait_for(lambda: not any(harness.views(instance)), 5, "every member dropped it")
+        fresh = harness.backend(instance)  # never registered anything
+        try:
+            fresh.deregister()
+        finally:
+            fresh.close()
+
+    def test_removal_is_seen_by_every_member_before_stop_returns(self, harness, instance):
+        registrar = harness.registrar(instance)
+        registrar.start(wait=True, timeout=10)
+        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        report = registrar.stop("test")
+        # Read at once, before anything could catch up after the fact.
+        views = harness.views(instance)
+        assert views == [False] * len(views)
+        assert report.ok, report.summary()
+        (b,) = report.backends
+        assert b.removed and b.confirmed
+        assert len(b.observers_confirmed) == len(views) and not b.observers_unconfirmed
+
+    def test_drain_keeps_the_entry_until_deregister(self, harness, backend, instance):
+        backend.register()
+        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        backend.drain()
+        backend.deregister()
+        wait_for(lambda: not any(harness.views(instance)), 5, "every member dropped it")
+
+    def test_unreachable_registry_is_a_typed_error(self, harness, instance):
+        with Blackhole(harness.member_ports(), mode="reject") if Blackhole.available() else _skip():
+            backend = harness.backend(instance)
+            try:
+                with pytest.raises(RegistryUnavailable):
+                    backend.register()
+                with pytest.raises(RegistryUnavailable):
+                    backend.observers()[0].sees(instance)
+            finally:
+                backend.close()
+
+    def test_stop_returns_by_the_deadline_when_every_member_is_blackholed(self, harness, instance):
+        if not Blackhole.available():
+            pytest.skip("nftables is not usable here")
+        registrar = harness.registrar(instance)
+        registrar.start(wait=True, timeout=10)
+        with Blackhole(harness.member_ports(), mode="drop"):
+            began = time.monotonic()
+            report = registrar.stop("test", Deadline.after(1.5, Clock()))
+            elapsed = time.monotonic() - began
+        assert elapsed < 1.5 + 0.3, f"stop() took {elapsed:.2f}s against a 1.5s deadline"
+        assert not report.ok
+        # The entry expires by itself: never left behind past its TTL.
+        wait_for(lambda: not any(harness.views(instance)),
+                 harness.ttl + harness.expiry_slack + 2, "the orphaned entry expires")
+
+
+def _skip():
+    pytest.skip("nftables is not usable here")

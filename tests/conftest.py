@@ -1,0 +1,18 @@
+"""Session-wide real servers. Each is started once and stopped at the end."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.servers.etcd import EtcdCluster
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory):
+    """Three etcd members on 127.0.0.1, shared by every test that only reads
+    and writes keys of its own (fault tests start their own cluster)."""
+    if not shutil.which("etcd"):
+        pytest.fail("etcd is not installed: run scripts/install-etcd.sh (./dev test does)")
+    with EtcdCluster(3, tmp_path_factory.mktemp("etcd3")) as cluster:
+        yield cluster

@@ -1,0 +1,274 @@
+"""The core (Registrar, stop sequence, deadline) against the in-memory backend."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from registrar import Instance, Registrar
+from registrar.clock import Clock, Deadline
+from registrar.config import HeartbeatConfig, StopConfig
+from registrar.errors import RegistrarError, RegistrationRejected, RegistryUnavailable
+from tests.memory import FakeClock, MemoryBackend, MemoryConfig, MemoryRegistry
+
+INSTANCE = Instance("web", "web-0", "10.0.0.5", 8080, tags=["a"], meta={"v": "1"})
+
+
+def make(registry=None, *, ttl=1.0, stop=None, clock=None, backends=None, **kw):
+    registry = registry or MemoryRegistry()
+    backends = backends or [MemoryBackend(INSTANCE, MemoryConfig(type="memory", ttl=ttl), registry)]
+    return Registrar(INSTANCE, backends, stop=stop or StopConfig(grace_period=5, safety_margin=1),
+                     clock=clock, **kw), registry
+
+
+def wait_for(predicate, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def test_start_registers_and_stop_confirms_on_every_member():
+    registrar, registry = make(MemoryRegistry(members=3, lag=0.05))
+    registrar.start(wait=True, timeout=5)
+    assert registrar.registered
+    assert registry.committed("web-0") == "up"
+    wait_for(lambda: all(registry.view(m, "web-0") for m in range(3)))
+    report = registrar.stop()
+    assert report.ok and report.trigger == "stop"
+    (b,) = report.backends
+    assert b.removed and b.confirmed and not b.cut and not b.errors
+    assert len(b.observers_confirmed) == 3
+    # The members lag 50 ms behind: the sequence waited for them.
+    assert b.propagation_seconds >= 0.05
+    assert all(registry.view(m, "web-0") is None for m in range(3))
+    assert registry.calls[-2:] == ["drain", "deregister"]
+    assert not registrar.registered
+
+
+def test_start_retries_while_registry_unreachable(caplog):
+    registrar, registry = make()
+    registry.unavailable = True
+    registrar.start()
+    wait_for(lambda: registry.count("register") >= 3)
+    assert not registrar.registered
+    registry.unavailable = False
+    registrar.wait_registered(timeout=10)
+    assert registrar.registered
+    assert "register failed (attempt 1), retrying" in caplog.text
+    registrar.stop()
+
+
+def test_start_wait_times_out_with_registry_unavailable():
+    registrar, registry = make()
+    registry.unavailable = True
+    with pytest.raises(RegistryUnavailable, match="not registered after 0.3s"):
+        registrar.start(wait=True, timeout=0.3)
+    registrar.stop()
+
+
+def test_rejection_is_not_retried_and_is_fatal():
+    fatal = []
+    registrar, registry = make(on_fatal=fatal.append)
+    registry.reject = True
+    with pytest.raises(RegistrationRejected, match="refused register"):
+        registrar.start(wait=True, timeout=5)
+    assert registry.count("register") == 1
+    assert len(fatal) == 1 and isinstance(fatal[0], RegistrationRejected)
+    registrar.stop()
+
+
+def test_heartbeats_run_and_repair():
+    registrar, registry = make(ttl=0.3)  # heartbeat every 0.1 s
+    registrar.start(wait=True, timeout=5)
+    wait_for(lambda: registry.count("heartbeat") >= 2)
+    registry.write("web-0", None)  # the registry forgot us
+    wait_for(lambda: registry.committed("web-0") == "up")
+    assert registrar.status(observe=False)["backends"][0]["repairs"] == 1
+    registrar.stop()
+
+
+def test_failed_heartbeats_are_counted_and_do_not_stop_the_agent():
+    registrar, registry = make(ttl=0.3, heartbeat=HeartbeatConfig(interval=0.05))
+    registrar.start(wait=True, timeout=5)
+    registry.unavailable = True
+    wait_for(lambda: registrar.status(observe=False)["backends"][0]["heartbeat_failures"] >= 1)
+    registry.unavailable = False
+    before = registry.count("heartbeat")
+    wait_for(lambda: registry.count("heartbeat") > before + 1)
+    assert registrar.status(observe=False)["backends"][0]["last_error"] is None
+    assert registrar.stop().ok
+
+
+def test_concurrent_stop_runs_once_and_everyone_gets_the_same_report():
+    registrar, registry = make(MemoryRegistry(lag=0.05))
+    registrar.start(wait=True, timeout=5)
+    reports = []
+    threads = [threading.Thread(target=lambda: reports.append(registrar.stop("t"))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(reports) == 8 and all(r is reports[0] for r in reports)
+    assert registry.count("deregister") == 1
+    assert registrar.stop() is reports[0]  # later callers too
+
+
+def test_observer_that_never_confirms_is_cut_by_the_deadline():
+    registrar, registry = make(MemoryRegistry(members=2))
+    registrar.start(wait=True, timeout=5)
+    registry.freeze(1)  # member 1 never applies the removal
+    began = time.monotonic()
+    report = registrar.stop(deadline=Deadline.after(0.3, Clock()))
+    assert time.monotonic() - began < 1.0
+    assert not report.ok
+    (b,) = report.backends
+    assert b.removed and not b.confirmed
+    assert b.observers_confirmed == ["memory member 0"]
+    assert b.observers_unconfirmed == ["memory member 1"]
+    assert b.cut == ["propagation (deadline)"]
+    assert "removed, unconfirmed 1/2 observers" in report.summary()
+
+
+def test_propagation_timeout_applies_before_the_deadline():
+    registrar, registry = make(MemoryRegistry(members=1),
+                               stop=StopConfig(grace_period=30, propagation_timeout=0.2))
+    registrar.start(wait=True, timeout=5)
+    registry.freeze(0)
+    began = time.monotonic()
+    report = registrar.stop()
+    assert time.monotonic() - began < 1.0
+    assert report.backends[0].cut == ["propagation (propagation_timeout)"]
+
+
+def test_registry_unreachable_at_stop_returns_by_the_deadline():
+    registrar, registry = make()
+    registrar.start(wait=True, timeout=5)
+    registry.unavailable = True
+    began = time.monotonic()
+    report = registrar.stop(deadline=Deadline.after(0.5, Clock()))
+    assert time.monotonic() - began < 1.0
+    (b,) = report.backends
+    assert not report.ok and not b.removed
+    assert registry.count("deregister") > 1  # retried while the budget lasted
+    assert any("deregister failed" in e for e in b.errors)
+
+
+def test_a_hanging_backend_cannot_hold_stop_past_the_deadline():
+    registrar, registry = make()
+    registrar.start(wait=True, timeout=5)
+    registry.hang.set()  # every call now blocks
+    began = time.monotonic()
+    report = registrar.stop(deadline=Deadline.after(0.3, Clock()))
+    assert time.monotonic() - began < 1.0
+    assert not report.ok
+    assert "deadline reached before the backend finished" in report.backends[0].cut
+    registry.release.set()
+
+
+def test_no_heartbeat_lands_after_deregistration():
+    registrar, registry = make(ttl=0.3, heartbeat=HeartbeatConfig(interval=0.02))
+    registrar.start(wait=True, timeout=5)
+    wait_for(lambda: registry.count("heartbeat") >= 1)
+    registry.hang.set()  # the next heartbeat is now in flight, holding the backend
+    wait_for(lambda: registry.calls[-1] == "heartbeat")
+    stopper = threading.Thread(target=registrar.stop)
+    stopper.start()
+    time.sleep(0.05)
+    assert registry.count("deregister") == 0  # waits for the heartbeat in flight
+    registry.hang.clear()
+    registry.release.set()
+    stopper.join(5)
+    assert registry.calls[-2:] == ["drain", "deregister"]
+    count = len(registry.calls)
+    time.sleep(0.1)
+    assert len(registry.calls) == count
+    assert registry.committed("web-0") is None
+
+
+def test_min_wait_is_capped_by_the_deadline():
+    clock = FakeClock()
+    registrar, _ = make(clock=clock, stop=StopConfig(grace_period=30, min_wait=20))
+    report = registrar.stop(deadline=Deadline.after(5, clock))
+    assert 4.9 < report.min_wait_seconds <= 5
+    assert not report.ok and report.cut == [f"min_wait cut to {report.min_wait_seconds:.3f}s"]
+
+
+def test_min_wait_is_waited_in_full_when_the_budget_allows():
+    clock = FakeClock()
+    registrar, _ = make(clock=clock, stop=StopConfig(grace_period=30, min_wait=3))
+    report = registrar.stop()
+    assert report.ok and report.min_wait_seconds == 3 and report.seconds >= 3
+
+
+def test_stop_without_start_still_deregisters():
+    registrar, registry = make()
+    registry.write("web-0", "up")  # registered by another process
+    report = registrar.stop("deregister command")
+    assert report.ok and registry.committed("web-0") is None
+
+
+def test_stop_on_several_backends_runs_them_in_parallel():
+    slow, fast = MemoryRegistry(lag=0.2), MemoryRegistry(lag=0.2)
+    backends = [MemoryBackend(INSTANCE, MemoryConfig(type="memory", name=n), r)
+                for n, r in (("slow", slow), ("fast", fast))]
+    registrar, _ = make(backends=backends)
+    registrar.start(wait=True, timeout=5)
+    time.sleep(0.25)
+    began = time.monotonic()
+    report = registrar.stop()
+    assert report.ok and [b.name for b in report.backends] == ["slow", "fast"]
+    assert time.monotonic() - began < 0.38  # 0.2 each, in parallel
+
+
+def test_backends_are_closed_after_stop():
+    registrar, _ = make()
+    registrar.start(wait=True, timeout=5)
+    registrar.stop()
+    wait_for(lambda: registrar.backends[0].closed)
+
+
+def test_context_manager_registers_and_stops():
+    registrar, registry = make()
+    with registrar as r:
+        r.wait_registered(timeout=5)
+        assert registry.committed("web-0") == "up"
+    assert registry.committed("web-0") is None
+    with pytest.raises(RegistrarError, match="stopping or stopped"):
+        registrar.start()
+
+
+def test_status_reports_what_each_observer_sees():
+    registrar, registry = make(MemoryRegistry(members=2))
+    registrar.start(wait=True, timeout=5)
+    status = registrar.status()
+    assert status["state"] == "registered"
+    assert [o["sees"] for o in status["backends"][0]["observers"]] == [True, True]
+    registry.unavailable = True
+    assert all("unreachable" in o["error"] for o in registrar.status()["backends"][0]["observers"])
+    registry.unavailable = False
+    registrar.stop()
+    assert registrar.status(observe=False)["state"] == "stopped"
+
+
+def test_stop_logs_one_summary_line(caplog):
+    caplog.set_level(logging.INFO, logger="registrar")
+    registrar, _ = make()
+    registrar.start(wait=True, timeout=5)
+    registrar.stop("SIGTERM")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("deregistered")]
+    assert len(lines) == 1 and "after SIGTERM" in lines[0] and "confirmed 3/3" in lines[0]
+
+
+def test_instance_defaults_come_from_the_downward_api():
+    inst = Instance.create("web", 80, environ={"POD_NAME": "web-7", "POD_IP": "10.1.2.3"})
+    assert (inst.id, inst.address, inst.hostport) == ("web-7", "10.1.2.3", "10.1.2.3:80")
+    bare = Instance.create("web", 80, environ={})
+    assert bare.id and bare.address and not bare.address.startswith("127.") or bare.address == "127.0.0.1"
+    v6 = Instance("web", "x", "fd00::1", 80)
+    assert v6.hostport == "[fd00::1]:80"
+    with pytest.raises(AttributeError):
+        inst.port = 81  # frozen
+    assert Instance("a", "b", "c", 1, tags=["t"]) == Instance("a", "b", "c", 1, tags=("t",))
