@@ -57,7 +57,10 @@ def _split_commas(value: Any) -> Any:
 
 
 #: A list of strings that may also be written "a,b,c" (handy with ${VAR}).
-StrList = Annotated[list[str], BeforeValidator(_split_commas)]
+StrList = Annotated[list[str], BeforeValidator(_split_commas),
+                    WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}},
+                                              {"type": "string"}],
+                                    "description": "A list, or one comma-separated string."})]
 
 
 class Model(BaseModel):
@@ -125,12 +128,7 @@ def load(source: str | os.PathLike | Mapping[str, Any],
     """Read, interpolate and validate a configuration file or mapping."""
     from .backend import backend_class  # the backend module imports this one
 
-    env = os.environ if environ is None else environ
-    raw = _read(source) if not isinstance(source, Mapping) else dict(source)
-    if not isinstance(raw, Mapping):
-        raise ConfigError("", "the configuration must be a mapping at the top level")
-    raw = _interpolate(raw, env, "")
-    top = _validate(_FileModel, raw, "")
+    top = _validate(_FileModel, expand(source, environ), "")
     backends = []
     for i, section in enumerate(top.backends):
         path = f"backends[{i}]"
@@ -190,7 +188,9 @@ _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _interpolate(node: Any, env: Mapping[str, str], path: str) -> Any:
-    """Expand ${VAR} and ${VAR:-default} in string values ($$ is a literal $)."""
+    """Expand ${VAR} and ${VAR:-default} in string values ($$ is a literal $).
+    A value that is one reference alone takes the type its text reads as in
+    YAML, so ``port: ${PORT}`` gives a number."""
     if isinstance(node, Mapping):
         return {k: _interpolate(v, env, _join(path, k)) for k, v in node.items()}
     if isinstance(node, list):
@@ -198,7 +198,7 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str) -> Any:
     if not isinstance(node, str) or "$" not in node:
         return node
 
-    def expand(m: re.Match) -> str:
+    def substitute(m: re.Match) -> str:
         if m.group(0) == "$$":
             return "$"
         name, default = m.group(1), m.group(2)
@@ -210,7 +210,26 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str) -> Any:
         raise ConfigError(path, f"environment variable {name} is not set "
                                 f"(write ${{{name}:-default}} to give a default)")
 
-    return _VAR.sub(expand, node)
+    text = _VAR.sub(substitute, node)
+    if _VAR.fullmatch(node) and node != "$$":
+        import yaml
+
+        try:
+            typed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        if isinstance(typed, (bool, int, float)):
+            return typed
+    return text
+
+
+def expand(source: str | os.PathLike | Mapping[str, Any],
+           environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The configuration as read and interpolated, before validation."""
+    raw = _read(source) if not isinstance(source, Mapping) else dict(source)
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", "the configuration must be a mapping at the top level")
+    return _interpolate(raw, os.environ if environ is None else environ, "")
 
 
 def _join(path: str, key: Any) -> str:
@@ -221,13 +240,18 @@ def _validate(model: type[BaseModel], data: Any, prefix: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc.errors()[0], model, prefix) from None
+        raise _config_error(exc.errors()[0], model, prefix, data) from None
 
 
 _SECRET = re.compile(r"token|password|secret|key", re.I)
 
 
-def _config_error(err: Mapping[str, Any], model: type[BaseModel], prefix: str) -> ConfigError:
+_BOUNDS = {"greater_than_equal": ("at least", "ge"), "greater_than": ("more than", "gt"),
+           "less_than_equal": ("at most", "le"), "less_than": ("less than", "lt")}
+
+
+def _config_error(err: Mapping[str, Any], model: type[BaseModel], prefix: str,
+                  data: Any = None) -> ConfigError:
     loc = [part for part in err["loc"] if not str(part).startswith("function-")]
     path = prefix
     for part in loc:
@@ -242,7 +266,21 @@ def _config_error(err: Mapping[str, Any], model: type[BaseModel], prefix: str) -
     message = err["msg"][0].lower() + err["msg"][1:]
     if loc and _SECRET.search(str(loc[-1])):
         return ConfigError(path, message)  # never echo what may be a secret
-    return ConfigError(path, f"{message}, got {_show(err.get('input'))}")
+    given = _lookup(data, loc, err.get("input"))
+    if kind in _BOUNDS and isinstance(given, str):  # a duration: speak in durations
+        words, key = _BOUNDS[kind]
+        message = f"should be {words} {format_duration(err['ctx'][key])}"
+    return ConfigError(path, f"{message}, got {_show(given)}")
+
+
+def _lookup(data: Any, loc: list, default: Any) -> Any:
+    """The value at ``loc`` as the user wrote it (before conversion)."""
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return default
+    return data
 
 
 def _did_you_mean(model: type[BaseModel], loc: list) -> str:
@@ -253,7 +291,7 @@ def _did_you_mean(model: type[BaseModel], loc: list) -> str:
             continue
         annotation = fields[part].annotation
         fields = getattr(annotation, "model_fields", {})
-    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(fields)}"
 
 

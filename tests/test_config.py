@@ -1,0 +1,169 @@
+"""Configuration: interpolation, defaults, and one clear line per bad field."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from registrar import cli, config
+from registrar.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {
+    "service": {"name": "web", "port": 8080},
+    "backends": [{"type": "etcd", "endpoints": ["http://127.0.0.1:2379"]}],
+}
+
+
+def with_(path: str, value, base=GOOD):
+    """GOOD with the dotted `path` set to value (or removed if value is DEL)."""
+    doc = json.loads(json.dumps(base))
+    node, parts = doc, path.replace("]", "").replace("[", ".").split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    last = int(parts[-1]) if parts[-1].isdigit() else parts[-1]
+    if value is DEL:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+DEL = object()
+
+BROKEN = [
+    (with_("backends[0].ttl", "ten"), 'backends[0].ttl: expected a duration like "10s", got "ten"'),
+    (with_("service.name", DEL), "service.name: required"),
+    (with_("servce", {}), "servce: unknown key (did you mean 'service'?)"),
+    (with_("backends[0].ttll", "5s"), "backends[0].ttll: unknown key (did you mean 'ttl'?)"),
+    (with_("stop.grace", "5s"), "stop.grace: unknown key (did you mean 'grace_period'?)"),
+    (with_("backends[0].type", "consol"),
+     "backends[0].type: unknown backend type 'consol' (installed: etcd"),
+    (with_("backends[0].type", DEL), "backends[0].type: required"),
+    (with_("service.port", 70000), "service.port: input should be less than or equal to 65535, got 70000"),
+    (with_("service.port", "http"), 'service.port: input should be a valid integer, unable to parse string as an integer, got "http"'),
+    (with_("backends[0].endpoints", ["127.0.0.1:2379"]),
+     "backends[0].endpoints: value error, expected a URL like http://10.0.0.1:2379, got '127.0.0.1:2379'"),
+    (with_("backends", []), "backends: list should have at least 1 item"),
+    (with_("service.name", "${NOPE_NOT_SET}"), "service.name: environment variable NOPE_NOT_SET is not set"),
+    (with_("stop.grace_period", "30"), 'stop.grace_period: expected a duration like "10s", got "30"'),
+    (with_("stop.min_wait", -1), "stop.min_wait: expected a duration like \"10s\", got -1"),
+    (with_("stop", {"grace_period": "30s", "propagation_timeout": "25s", "min_wait": "5s"}),
+     "stop.propagation_timeout: propagation_timeout 25s + min_wait 5s exceeds grace_period - safety_margin (28s)"),
+    (with_("stop", {"grace_period": "2s"}), "stop.safety_margin: 2s leaves nothing of grace_period 2s"),
+    (with_("heartbeat.interval", "10s"), "heartbeat.interval: 10s is not shorter than backends[0].ttl (10s)"),
+    (with_("control.listen", "0.0.0.0:9901"), "control.listen: unknown key"),
+    (with_("service.tags", {"a": 1}), "service.tags: input should be a valid list"),
+    (with_("service.meta", {"v": {"x": 1}}), "service.meta.v: input should be a valid string"),
+    (with_("backends[0].ttl", "1s"), 'backends[0].ttl: should be at least 2s, got "1s"'),
+    (with_("backends", [GOOD["backends"][0], GOOD["backends"][0]]),
+     "backends[1].name: two backends are named 'etcd'"),
+    ([1, 2], "the configuration must be a mapping at the top level"),
+]
+
+
+@pytest.mark.parametrize("doc,expected", BROKEN, ids=[e.split(":")[0] for _, e in BROKEN])
+def test_broken_config_exits_2_with_one_line_naming_the_field(tmp_path, capsys, doc, expected):
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["agent", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"config error: {expected}"), err
+
+
+def test_invalid_yaml_names_the_line(tmp_path, capsys):
+    path = tmp_path / "agent.yaml"
+    path.write_text("service:\n  name: [web\n")
+    assert cli.main(["status", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {path}: invalid YAML (line 3") and err.count("\n") == 1
+
+
+def test_missing_file(tmp_path, capsys):
+    assert cli.main(["deregister", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_real_process_exits_2_without_a_traceback(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(with_("backends[0].ttl", "ten")))
+    proc = subprocess.run([sys.executable, "-m", "registrar", "agent", "--config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr == 'config error: backends[0].ttl: expected a duration like "10s", got "ten"\n'
+
+
+def test_secrets_are_not_echoed(monkeypatch):
+    from pydantic import BaseModel
+    err = config._config_error({"loc": ("backends", 0, "token"), "type": "string_type",
+                                "msg": "Input should be a valid string", "input": 12345},
+                               BaseModel, "")
+    assert "12345" not in str(err)
+
+
+def test_defaults_and_interpolation():
+    cfg = config.load({
+        "service": {"name": "${SVC}", "port": "${PORT}", "tags": "${TAGS:-a,b}"},
+        "backends": [{"type": "etcd", "endpoints": "${EPS:-http://127.0.0.1:1,http://127.0.0.1:2}"}],
+        "stop": {"min_wait": "${MIN_WAIT:-500ms}"},
+    }, environ={"SVC": "api", "PORT": "9090", "EMPTY": ""})
+    assert cfg.service.name == "api" and cfg.service.port == 9090
+    assert cfg.service.tags == ["a", "b"]
+    (cls, etcd), = cfg.backends
+    assert cls.__name__ == "EtcdBackend"
+    assert etcd.endpoints == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    assert (etcd.ttl, etcd.prefix, etcd.timeout) == (10.0, "/services", 2.0)
+    assert cfg.stop.min_wait == 0.5
+    assert (cfg.stop.grace_period, cfg.stop.safety_margin, cfg.stop.propagation_timeout) == (30, 2, 10)
+    assert cfg.heartbeat.interval is None
+
+
+def test_dollar_escapes_and_embedded_references():
+    out = config.expand({"a": "$${X}", "b": "pre-${X}-post", "c": "${X}", "d": "${EMPTY:-d}"},
+                        environ={"X": "7", "EMPTY": ""})
+    assert out == {"a": "${X}", "b": "pre-7-post", "c": 7, "d": "d"}
+
+
+@pytest.mark.parametrize("text,seconds", [("500ms", 0.5), ("10s", 10), ("1m", 60), ("1.5h", 5400),
+                                          (" 2s ", 2), (3, 3.0), (0.25, 0.25)])
+def test_durations(text, seconds):
+    assert config.parse_duration(text) == seconds
+
+
+def test_from_config_builds_the_instance_from_the_downward_api():
+    from registrar import Registrar
+
+    registrar = Registrar.from_config(GOOD, environ={"POD_NAME": "web-3", "POD_IP": "10.1.1.1"})
+    assert (registrar.instance.id, registrar.instance.address) == ("web-3", "10.1.1.1")
+
+
+def test_committed_schema_is_current():
+    committed = json.loads((ROOT / "config" / "registrar.schema.json").read_text())
+    assert committed == json.loads(json.dumps(config.json_schema())), \
+        "config/registrar.schema.json is stale: run `registrar schema > config/registrar.schema.json`"
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "config").glob("agent-*.yaml")), ids=lambda p: p.name)
+def test_examples_validate_against_the_schema_and_the_loader(example):
+    schema = json.loads((ROOT / "config" / "registrar.schema.json").read_text())
+    doc = config.expand(example, environ={})
+    jsonschema.validate(doc, schema)
+    config.load(example, environ={})
+
+
+def test_schema_rejects_what_the_loader_rejects():
+    schema = json.loads((ROOT / "config" / "registrar.schema.json").read_text())
+    for doc in (with_("backends[0].ttl", "ten"), with_("servce", {}), with_("backends[0].ttll", 1)):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, schema)
+
+
+def test_config_error_str_is_the_line():
+    assert str(ConfigError("a.b", "bad")) == "a.b: bad"
