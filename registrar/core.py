@@ -216,11 +216,11 @@ class Registrar:
                 raise _Stopping()
             return fn()
 
-    def _note_failure(self, slot: _Slot, what: str, rs: Any) -> None:
+    def _note_failure(self, slot: _Slot, what: str, rs: Any, level: int = logging.WARNING) -> None:
         exc = rs.outcome.exception()
         slot.last_error = str(exc)
-        log.warning("%s: %s failed (attempt %d), retrying: %s", slot.name, what,
-                    rs.attempt_number, exc)
+        log.log(level, "%s: %s failed (attempt %d), retrying: %s", slot.name, what,
+                rs.attempt_number, exc)
 
     def _heartbeat(self, slot: _Slot, interval: float) -> None:
         retrying = Retrying(
@@ -228,7 +228,7 @@ class Registrar:
             wait=wait_exponential(multiplier=0.1, max=1.0),
             stop=stop_after_delay(interval / 2) | stop_when_event_set(self._stopping),
             sleep=lambda s: self._stopping.wait(s),
-            before_sleep=lambda rs: self._note_failure(slot, "heartbeat", rs),
+            before_sleep=lambda rs: self._note_failure(slot, "heartbeat", rs, logging.DEBUG),
             reraise=True)
         try:
             repaired = retrying(self._call, slot, slot.backend.heartbeat)

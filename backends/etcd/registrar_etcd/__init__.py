@@ -63,8 +63,10 @@ def _post(client: etcd3gw.Etcd3Client, path: str, payload: dict) -> dict:
     """One gateway call to one member, with errors mapped to ours."""
     try:
         return client.post(client.get_url(path), json=payload)
-    except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as exc:
-        raise RegistryUnavailable(f"{client.base_url}: {exc.detail_text or exc}") from None
+    except etcd_exc.ConnectionTimeoutError:
+        raise RegistryUnavailable(f"{client.base_url}: no answer within {client.timeout}s") from None
+    except etcd_exc.ConnectionFailedError as exc:
+        raise RegistryUnavailable(f"{client.base_url}: {_why(exc)}") from None
     except etcd_exc.Etcd3Exception as exc:
         try:
             detail = json.loads(exc.detail_text or "{}")
@@ -76,6 +78,18 @@ def _post(client: etcd3gw.Etcd3Client, path: str, payload: dict) -> dict:
         if code in _TRANSIENT or code is None:
             raise RegistryUnavailable(f"{client.base_url}: {message}") from None
         raise RegistrationRejected(f"{client.base_url}: {message}") from None
+
+
+def _why(exc: etcd_exc.Etcd3Exception) -> str:
+    """A short reason instead of requests' paragraph-long one."""
+    text = exc.detail_text or str(exc)
+    for needle, reason in (("Connection refused", "connection refused"),
+                           ("Name or service not known", "unknown host"),
+                           ("Connection reset", "connection reset"),
+                           ("Service Unavailable", "service unavailable")):
+        if needle in text:
+            return reason
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 class _NotFound(RegistrationRejected):
@@ -216,15 +230,13 @@ class EtcdObserver(Observer):
 
     def sees(self, instance: Instance) -> bool:
         result = _post(self._client, "/kv/range",
-                       {"key": _b64(self.backend.key), "serializable": True})
+                       {"key": _b64(self.backend.key), "serializable": True, "keys_only": True})
         removed = self.backend._removed_revision
-        if removed is not None and int(result["header"]["revision"]) < removed:
-            return True  # this member has not applied the removal yet
-        kvs = result.get("kvs", [])
-        if not kvs:
-            return False
-        # A key created after our removal belongs to someone else.
-        return removed is None or int(kvs[0]["create_revision"]) <= removed
+        if removed is None:
+            return bool(result.get("kvs"))
+        # Once this member has applied the removal's revision, whatever the
+        # key holds now (if anything) was written after us by someone else.
+        return int(result["header"]["revision"]) < removed
 
     def close(self) -> None:
         self._client.session.close()
