@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +17,14 @@ def etcd_cluster(tmp_path_factory):
         pytest.fail("etcd is not installed: run scripts/install-etcd.sh (./dev test does)")
     with EtcdCluster(3, tmp_path_factory.mktemp("etcd3")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def zk_ensemble(tmp_path_factory):
+    """Three ZooKeeper servers on 127.0.0.1, shared like etcd_cluster."""
+    from tests.servers.zookeeper import ZK_JAR, ZooKeeperEnsemble
+
+    if not Path(ZK_JAR).exists():
+        pytest.fail("ZooKeeper is not installed: run scripts/install-zookeeper.sh (./dev test does)")
+    with ZooKeeperEnsemble(3, tmp_path_factory.mktemp("zk3")) as ensemble:
+        yield ensemble
