@@ -97,7 +97,9 @@ class StopConfig(Model):
     safety_margin: Duration = Field(2.0, description="Kept in hand before the grace period ends.")
     min_wait: Duration = Field(0.0, description="Extra wait after propagation is confirmed, "
                                                 "for consumers that cannot be asked.")
-    propagation_timeout: Duration = Field(10.0, description="Longest wait for observers.")
+    propagation_timeout: Duration | None = Field(
+        None, description="Longest wait for observers (default: all that the grace period "
+                          "leaves after safety_margin and min_wait).")
 
 
 class ControlConfig(Model):
@@ -153,10 +155,11 @@ def _check_budgets(config: Config) -> None:
         raise ConfigError("stop.safety_margin", f"{format_duration(stop.safety_margin)} leaves "
                           f"nothing of grace_period {format_duration(stop.grace_period)}")
     budget = stop.grace_period - stop.safety_margin
-    if stop.propagation_timeout + stop.min_wait > budget:
+    if (stop.propagation_timeout or 0) + stop.min_wait > budget:
+        field = "propagation_timeout" if stop.propagation_timeout is not None else "min_wait"
         raise ConfigError(
-            "stop.propagation_timeout",
-            f"propagation_timeout {format_duration(stop.propagation_timeout)} + min_wait "
+            f"stop.{field}",
+            f"propagation_timeout {format_duration(stop.propagation_timeout or 0)} + min_wait "
             f"{format_duration(stop.min_wait)} exceeds grace_period - safety_margin "
             f"({format_duration(budget)})")
     interval = config.heartbeat.interval

@@ -343,7 +343,8 @@ class Registrar:
         except RegistrarError as exc:
             report.errors.append(f"no observers: {exc}")
             return
-        limit = Deadline(min(deadline.at, since + self.stop_config.propagation_timeout), self.clock)
+        timeout = self.stop_config.propagation_timeout
+        limit = deadline if timeout is None else Deadline(min(deadline.at, since + timeout), self.clock)
         futures = [_spawn(self._watch_gone, o, limit, name=f"observe-{o.name}") for o in observers]
         last = since
         for obs, future in zip(observers, futures):

@@ -57,6 +57,8 @@ BROKEN = [
     (with_("stop", {"grace_period": "30s", "propagation_timeout": "25s", "min_wait": "5s"}),
      "stop.propagation_timeout: propagation_timeout 25s + min_wait 5s exceeds grace_period - safety_margin (28s)"),
     (with_("stop", {"grace_period": "2s"}), "stop.safety_margin: 2s leaves nothing of grace_period 2s"),
+    (with_("stop", {"grace_period": "5s", "min_wait": "4s"}),
+     "stop.min_wait: propagation_timeout 0s + min_wait 4s exceeds grace_period - safety_margin (3s)"),
     (with_("heartbeat.interval", "10s"), "heartbeat.interval: 10s is not shorter than backends[0].ttl (10s)"),
     (with_("control.listen", "0.0.0.0:9901"), "control.listen: unknown key"),
     (with_("service.tags", {"a": 1}), "service.tags: input should be a valid list"),
@@ -121,7 +123,7 @@ def test_defaults_and_interpolation():
     assert etcd.endpoints == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     assert (etcd.ttl, etcd.prefix, etcd.timeout) == (10.0, "/services", 2.0)
     assert cfg.stop.min_wait == 0.5
-    assert (cfg.stop.grace_period, cfg.stop.safety_margin, cfg.stop.propagation_timeout) == (30, 2, 10)
+    assert (cfg.stop.grace_period, cfg.stop.safety_margin, cfg.stop.propagation_timeout) == (30, 2, None)
     assert cfg.heartbeat.interval is None
 
 

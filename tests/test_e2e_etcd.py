@@ -1,0 +1,92 @@
+"""End to end: `registrar agent` as a real process against a three-member
+etcd cluster, stopped by SIGTERM as the kubelet would."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+
+from registrar import cli
+from tests.conformance.suite import wait_for
+from tests.servers.etcd import kv_get_serializable
+
+
+def agent_config(tmp_path, endpoints, **stop):
+    service = f"e2e-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({
+        "service": {"name": service, "port": 8080, "tags": ["e2e"]},
+        "backends": [{"type": "etcd", "endpoints": endpoints, "ttl": "3s", "timeout": "1s"}],
+        "stop": {"grace_period": "10s", "safety_margin": "1s", **stop},
+    }))
+    return path, f"/services/{service}/10.20.30.40:8080"
+
+
+def spawn(*args, env=None):
+    env = {**os.environ, "POD_NAME": "e2e-pod", "POD_IP": "10.20.30.40", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "registrar", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def views(endpoints, key):
+    return [kv_get_serializable(ep, key)[1] for ep in endpoints]
+
+
+def test_sigterm_removes_the_key_from_every_member_before_exit(tmp_path, etcd_cluster):
+    path, key = agent_config(tmp_path, etcd_cluster.endpoints)
+    agent = spawn("agent", "--config", str(path))
+    try:
+        wait_for(lambda: all(views(etcd_cluster.endpoints, key)), 15, "every member lists the agent")
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=15)
+        # Read every member's own view the moment the process is gone: the
+        # removal must already be applied everywhere, not merely committed.
+        assert views(etcd_cluster.endpoints, key) == [False, False, False]
+    finally:
+        agent.kill()
+        _, err = agent.communicate(timeout=5)
+    assert agent.returncode == 0, err
+    assert "deregistered after SIGTERM" in err and "confirmed 3/3 observers" in err
+
+
+def test_sigterm_with_the_registry_unreachable_exits_before_the_grace_period(tmp_path):
+    path, _ = agent_config(tmp_path, ["http://127.0.0.1:1"], grace_period="3s")
+    agent = spawn("agent", "--config", str(path), "--log-format", "json")
+    try:
+        time.sleep(0.5)  # let it try (and fail) to register
+        began = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=10)
+        took = time.monotonic() - began
+    finally:
+        agent.kill()
+        _, err = agent.communicate(timeout=5)
+    assert agent.returncode == 1
+    assert took < 3.0, f"exit took {took:.2f}s, past the 3s grace period"
+    last = [line for line in err.splitlines() if "stop incomplete" in line]
+    assert last and '"level": "error"' in last[0] and "NOT removed" in last[0]
+
+
+def test_register_status_deregister_commands(tmp_path, etcd_cluster, capsys):
+    path, key = agent_config(tmp_path, etcd_cluster.endpoints)
+    env = {"POD_NAME": "cli-pod", "POD_IP": "10.20.30.40"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert cli.main(["register", "--config", str(path)]) == 0
+        assert capsys.readouterr().out.count(": listed") == 3
+        assert all(views(etcd_cluster.endpoints, key))
+        assert cli.main(["status", "--config", str(path)]) == 0
+        assert capsys.readouterr().out.count(": listed") == 3
+        assert cli.main(["deregister", "--config", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("deregistered after deregister command") and "confirmed 3/3" in out
+        assert views(etcd_cluster.endpoints, key) == [False] * 3
+        assert cli.main(["status", "--config", str(path), "--json"]) == 1
+        assert '"sees": false' in capsys.readouterr().out
