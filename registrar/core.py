@@ -200,6 +200,7 @@ class Registrar:
         slot.state, slot.last_error = "registered", None
         slot.registered.set()
         log.info("%s: registered %s as %s", slot.name, self.instance.service, self.instance.hostport)
+        self._warm_observers(slot)
         interval = self.heartbeat_config.interval or slot.backend.ttl / 3
         try:
             self._scheduler.add_job(self._heartbeat, "interval", args=[slot, interval],
@@ -208,6 +209,15 @@ class Registrar:
         except Exception:  # noqa: BLE001 - the scheduler was shut down by stop()
             if not self._stopping.is_set():
                 raise
+
+    def _warm_observers(self, slot: _Slot) -> None:
+        """Ask every observer once now, so that their connections are open
+        when the stop sequence needs them fast."""
+        try:
+            for observer in slot.backend.observers():
+                observer.sees(self.instance)
+        except Exception as exc:  # noqa: BLE001 - only a warm-up; stop() asks again
+            log.debug("%s: observer warm-up: %s", slot.name, exc)
 
     def _call(self, slot: _Slot, fn: Callable[[], Any]) -> Any:
         """Call into a backend under its lock, unless stopping has begun."""
