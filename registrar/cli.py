@@ -6,9 +6,7 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from typing import Any
 
 from . import __version__
@@ -59,10 +57,44 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agent", parents=[with_config],
                        help="sidecar daemon: register, heartbeat, deregister on SIGTERM",
-                       description="Register, keep the registration alive, and on SIGTERM "
-                                   "or SIGINT deregister and wait for every observer; exit 0 "
-                                   "when the removal was confirmed everywhere.")
+                       description="Register, keep the registration alive, serve the control "
+                                   "endpoints, and on SIGTERM or SIGINT deregister and wait for "
+                                   "every observer; exit 0 when the removal was confirmed "
+                                   "everywhere.")
     p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("run", parents=[with_config],
+                       help="PID-1 wrapper: run the app, register it, deregister before "
+                            "signalling it",
+                       description="Start the app, register it (once healthy when a health "
+                                   "gate is configured), and on SIGTERM/SIGINT or /prestop "
+                                   "deregister and wait for every observer before sending the "
+                                   "app stop.signal; reap zombies; forward SIGHUP/SIGUSR1/SIGUSR2; "
+                                   "exit with the app's status.",
+                       usage="registrar run --config FILE [options] -- CMD [ARGS...]")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prestop", parents=[common],
+                       help="preStop hook: ask the running agent to deregister; block until done",
+                       description="Call the running agent's /prestop and block until every "
+                                   "backend confirmed the removal (exit 0) or the stop sequence "
+                                   "ended without that (exit 1). With --config and no agent "
+                                   "answering, deregister directly.")
+    p.add_argument("--control", default=None,
+                   help="the agent's control address, host:port or unix:/path (default: "
+                        "$REGISTRAR_CONTROL, else control.listen of --config, else "
+                        "127.0.0.1:9901)")
+    p.add_argument("--config", "-c", default=os.environ.get("REGISTRAR_CONFIG"),
+                   help="agent configuration (default: $REGISTRAR_CONFIG); also the "
+                        "fallback when no agent answers")
+    p.add_argument("--token-file", default=None,
+                   help="bearer token for the control server (default: "
+                        "$REGISTRAR_CONTROL_TOKEN_FILE, else control.token_file of --config)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the agent (default: the config's grace period, "
+                        "else 30)")
+    p.set_defaults(func=cmd_prestop)
 
     p = sub.add_parser("register", parents=[with_config],
                        help="register once, wait until every observer sees it, exit",
@@ -97,34 +129,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from .clock import Deadline
     from .core import Registrar
+    from .supervisor import run_agent
 
-    wake = threading.Event()
-    fatal: list[RegistrarError] = []
-    triggers: list[tuple[str, float]] = []
-    registrar = Registrar.from_config(args.config,
-                                      on_fatal=lambda exc: (fatal.append(exc), wake.set()))
-    clock = registrar.clock
+    registrar = Registrar.from_config(args.config)
+    return run_agent(registrar, registrar.config)
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        # Only note it: the stop sequence runs on the main thread below.
-        triggers.append((signal.Signals(signum).name, clock.now()))
-        wake.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    registrar.start()
-    log.info("agent started for %s (%s)", registrar.instance.id, registrar.instance.hostport)
-    wake.wait()
-    if triggers:
-        trigger, at = triggers[0]
-    else:
-        trigger, at = f"fatal error: {fatal[0]}", clock.now()
-    stop = registrar.stop_config
-    report = registrar.stop(trigger, Deadline.after(stop.grace_period - stop.safety_margin,
-                                                    clock, start=at))
-    return EXIT_OK if report.ok and not fatal else EXIT_FAILED
+def cmd_run(args: argparse.Namespace) -> int:
+    from .core import Registrar
+    from .supervisor import Wrapper
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        print("registrar run: give the app's command after --", file=sys.stderr)
+        return EXIT_CONFIG
+    registrar = Registrar.from_config(args.config)
+    return Wrapper(registrar, registrar.config, argv).run()
+
+
+def cmd_prestop(args: argparse.Namespace) -> int:
+    from . import prestop
+
+    return prestop.main(args)
 
 
 def cmd_register(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ anything is registered. Errors are ConfigError with the field's path."""
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -12,10 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      WithJsonSchema)
+                      WithJsonSchema, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .source import _join, expand
+
+__all__ = ["Config", "BackendConfig", "Duration", "StrList", "load", "expand", "json_schema"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -97,13 +101,79 @@ class StopConfig(Model):
     safety_margin: Duration = Field(2.0, description="Kept in hand before the grace period ends.")
     min_wait: Duration = Field(0.0, description="Extra wait after propagation is confirmed, "
                                                 "for consumers that cannot be asked.")
+    signal: str = Field("SIGTERM", description="`run` mode: the signal that stops the app.")
+    drain_connections: bool = Field(
+        False, description="`run` mode: before signalling the app, wait (within the deadline) "
+                           "until it has no ESTABLISHED TCP connection on service.port.")
     propagation_timeout: Duration | None = Field(
         None, description="Longest wait for observers (default: all that the grace period "
                           "leaves after safety_margin and min_wait).")
 
 
 class ControlConfig(Model):
-    """Reserved for the control server (Kubernetes modes)."""
+    """The control server of `agent` and `run`: /healthz, /readyz, /prestop,
+    /status, /metrics."""
+    listen: str | None = Field(
+        "127.0.0.1:9901", description='host:port, "[v6]:port" or "unix:/path.sock"; null '
+                                      "turns the server off.")
+    token_file: str | None = Field(
+        None, description="File holding the bearer token every endpoint but /healthz and "
+                          "/readyz requires; required when listen is not a loopback address.")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+
+def parse_listen(value: str) -> tuple[str, int] | str:
+    """``"host:port"`` -> (host, port); ``"unix:/path"`` -> "/path"."""
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(f'expected "unix:/absolute/path.sock", got {value!r}')
+        return path
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'expected "host:port" or "unix:/path.sock", got {value!r}')
+    return host, int(port)
+
+
+def is_loopback(listen: str) -> bool:
+    where = parse_listen(listen)
+    if isinstance(where, str):
+        return True  # a unix socket is only reachable inside the pod
+    host = where[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume reachable from outside
+
+
+class HealthConfig(Model):
+    """The app's health gate in `run` mode: register only while it passes."""
+    http: str | None = Field(None, description="URL that must answer 2xx/3xx.")
+    tcp: str | None = Field(None, description="host:port that must accept a connection.")
+    exec: list[str] | None = Field(None, description="Command that must exit 0.")
+    interval: Duration = Field(2.0, gt=0)
+    timeout: Duration = Field(1.0, gt=0)
+    failure_threshold: int = Field(3, ge=1, description="Failures in a row that take the "
+                                                        "instance out of rotation.")
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> "HealthConfig":
+        given = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError("one_probe", "give exactly one of http, tcp, exec (got {got})",
+                                      {"got": ", ".join(given) or "none"})
+        if self.tcp is not None:
+            parse_listen(self.tcp)
+        return self
 
 
 class _FileModel(Model):
@@ -112,6 +182,7 @@ class _FileModel(Model):
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    health: HealthConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +194,7 @@ class Config:
     heartbeat: HeartbeatConfig
     stop: StopConfig
     control: ControlConfig
+    health: HealthConfig | None = None
 
 
 def load(source: str | os.PathLike | Mapping[str, Any],
@@ -144,9 +216,40 @@ def load(source: str | os.PathLike | Mapping[str, Any],
         if names.index(name) != i:
             raise ConfigError(f"backends[{i}].name",
                               f"two backends are named {name!r}; give each a distinct name")
-    config = Config(top.service, tuple(backends), top.heartbeat, top.stop, top.control)
+    config = Config(top.service, tuple(backends), top.heartbeat, top.stop, top.control, top.health)
     _check_budgets(config)
+    _check_control(config.control)
+    _check_signal(config.stop)
     return config
+
+
+def _check_control(control: ControlConfig) -> None:
+    if control.token_file is not None:
+        read_token(control.token_file, "control.token_file")
+    elif control.listen is not None and not is_loopback(control.listen):
+        raise ConfigError("control.token_file", f"required when control.listen is not a "
+                                                f"loopback address (it is {control.listen})")
+
+
+def read_token(path: str, field: str) -> str:
+    """A secret from a file, stripped; ConfigError naming the field (never
+    the content) when unreadable or empty."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(field, f"cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(field, f"{path} is empty")
+    return token
+
+
+def _check_signal(stop: StopConfig) -> None:
+    import signal
+
+    name = stop.signal.upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if not isinstance(getattr(signal, name, None), signal.Signals):
+        raise ConfigError("stop.signal", f"unknown signal {stop.signal!r} (e.g. SIGTERM, SIGINT, SIGQUIT)")
 
 
 def _check_budgets(config: Config) -> None:
@@ -169,74 +272,6 @@ def _check_budgets(config: Config) -> None:
             raise ConfigError("heartbeat.interval", f"{format_duration(interval)} is not shorter "
                               f"than backends[{i}].ttl ({format_duration(ttl)}): the "
                               "registration would expire between heartbeats")
-
-
-def _read(path: str | os.PathLike) -> Any:
-    import yaml
-
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {os.fspath(path)}: {exc.strerror}") from exc
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError("", f"{os.fspath(path)}: invalid YAML{where}: {problem}") from exc
-
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _interpolate(node: Any, env: Mapping[str, str], path: str) -> Any:
-    """Expand ${VAR} and ${VAR:-default} in string values ($$ is a literal $).
-    A value that is one reference alone takes the type its text reads as in
-    YAML, so ``port: ${PORT}`` gives a number."""
-    if isinstance(node, Mapping):
-        return {k: _interpolate(v, env, _join(path, k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
-    if not isinstance(node, str) or "$" not in node:
-        return node
-
-    def substitute(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, default = m.group(1), m.group(2)
-        value = env.get(name)
-        if value:
-            return value
-        if default is not None:
-            return default
-        raise ConfigError(path, f"environment variable {name} is not set "
-                                f"(write ${{{name}:-default}} to give a default)")
-
-    text = _VAR.sub(substitute, node)
-    if _VAR.fullmatch(node) and node != "$$":
-        import yaml
-
-        try:
-            typed = yaml.safe_load(text)
-        except yaml.YAMLError:
-            return text
-        if isinstance(typed, (bool, int, float)):
-            return typed
-    return text
-
-
-def expand(source: str | os.PathLike | Mapping[str, Any],
-           environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The configuration as read and interpolated, before validation."""
-    raw = _read(source) if not isinstance(source, Mapping) else dict(source)
-    if not isinstance(raw, Mapping):
-        raise ConfigError("", "the configuration must be a mapping at the top level")
-    return _interpolate(raw, os.environ if environ is None else environ, "")
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
 
 
 def _validate(model: type[BaseModel], data: Any, prefix: str) -> Any:
@@ -264,8 +299,10 @@ def _config_error(err: Mapping[str, Any], model: type[BaseModel], prefix: str,
         return ConfigError(path, "required")
     if kind == "extra_forbidden":
         return ConfigError(path, "unknown key" + _did_you_mean(model, loc))
-    if kind == "duration":
+    if kind in ("duration", "one_probe"):
         return ConfigError(path, err["msg"])
+    if kind == "value_error":  # our validators' messages say what they got
+        return ConfigError(path, str(err["ctx"]["error"]))
     message = err["msg"][0].lower() + err["msg"][1:]
     if loc and _SECRET.search(str(loc[-1])):
         return ConfigError(path, message)  # never echo what may be a secret

@@ -107,9 +107,14 @@ class Registrar:
         self._slots = [_Slot(b) for b in backends]
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._paused = threading.Event()
         self._scheduler = None
         self._started = False
         self._stop_future: Future[StopReport] | None = None
+        #: The validated configuration, when built by from_config().
+        self.config = None
+        #: The deadline of the stop sequence, from its first trigger on.
+        self.stop_deadline: Deadline | None = None
 
     @classmethod
     def from_config(cls, source: Any, environ: Mapping[str, str] | None = None,
@@ -123,7 +128,9 @@ class Registrar:
         instance = Instance.create(svc.name, svc.port, id=svc.id, address=svc.address,
                                    tags=svc.tags, meta=svc.meta, environ=environ)
         backends = [backend_cls(instance, section) for backend_cls, section in cfg.backends]
-        return cls(instance, backends, heartbeat=cfg.heartbeat, stop=cfg.stop, **kwargs)
+        registrar = cls(instance, backends, heartbeat=cfg.heartbeat, stop=cfg.stop, **kwargs)
+        registrar.config = cfg
+        return registrar
 
     # -- starting -----------------------------------------------------------
 
@@ -232,7 +239,60 @@ class Registrar:
         log.log(level, "%s: %s failed (attempt %d), retrying: %s", slot.name, what,
                 rs.attempt_number, exc)
 
+    # -- out of rotation (the app's health gate) -------------------------------
+
+    @property
+    def in_rotation(self) -> bool:
+        return not self._paused.is_set()
+
+    def pause(self, reason: str) -> None:
+        """Take the instance out of rotation (the app is unhealthy): remove it
+        from every backend without waiting for propagation; heartbeats hold
+        off until resume()."""
+        with self._lock:
+            if self._paused.is_set() or self._stopping.is_set():
+                return
+            self._paused.set()
+        log.warning("taking %s out of rotation: %s", self.instance.id, reason)
+        for slot in self._slots:
+            _spawn(self._sync_rotation, slot, name=f"rotation-{slot.name}")
+
+    def resume(self) -> None:
+        """Put the instance back into rotation after pause()."""
+        with self._lock:
+            if not self._paused.is_set() or self._stopping.is_set():
+                return
+            self._paused.clear()
+        log.info("putting %s back into rotation", self.instance.id)
+        for slot in self._slots:
+            _spawn(self._sync_rotation, slot, name=f"rotation-{slot.name}")
+
+    def _sync_rotation(self, slot: _Slot) -> None:
+        """Bring one backend to the wanted state, read under its lock so the
+        last of several pause()/resume() calls wins."""
+        def sync() -> None:
+            if self._paused.is_set() and slot.state != "out of rotation":
+                slot.registered.clear()
+                slot.backend.deregister()
+                slot.state = "out of rotation"
+            elif not self._paused.is_set() and slot.state == "out of rotation":
+                slot.backend.register()
+                slot.state = "registered"
+                slot.registered.set()
+        try:
+            self._call(slot, sync)
+        except _Stopping:
+            pass
+        except RegistrarError as exc:  # the heartbeat job tries again
+            slot.last_error = str(exc)
+            log.warning("%s: could not change rotation, retrying at the next heartbeat: %s",
+                        slot.name, exc)
+
     def _heartbeat(self, slot: _Slot, interval: float) -> None:
+        if slot.state == "out of rotation" or self._paused.is_set():
+            if (slot.state == "out of rotation") == self._paused.is_set():
+                return  # as wanted: nothing to keep alive
+            return self._sync_rotation(slot)
         retrying = Retrying(
             retry=retry_if_exception_type(RegistryUnavailable),
             wait=wait_exponential(multiplier=0.1, max=1.0),
@@ -266,19 +326,29 @@ class Registrar:
             first = self._stop_future is None
             if first:
                 self._stop_future = Future()
+                cfg = self.stop_config
+                self.stop_deadline = deadline or Deadline.after(
+                    cfg.grace_period - cfg.safety_margin, self.clock)
                 self._stopping.set()
         if first:
             try:
-                self._stop_future.set_result(self._stop_sequence(trigger, deadline))
+                self._stop_future.set_result(self._stop_sequence(trigger, self.stop_deadline))
             except BaseException as exc:
                 self._stop_future.set_exception(exc)
                 raise
         return self._stop_future.result()
 
-    def _stop_sequence(self, trigger: str, deadline: Deadline | None) -> StopReport:
+    @property
+    def report(self) -> StopReport | None:
+        """The stop report once the sequence has finished, else None."""
+        future = self._stop_future
+        if future is not None and future.done() and future.exception() is None:
+            return future.result()
+        return None
+
+    def _stop_sequence(self, trigger: str, deadline: Deadline) -> StopReport:
         cfg = self.stop_config
         start = self.clock.now()
-        deadline = deadline or Deadline.after(cfg.grace_period - cfg.safety_margin, self.clock, start)
         log.info("stopping after %s: deregistering %s (budget %.1fs)", trigger,
                  self.instance.id, deadline.remaining())
         if self._scheduler is not None:
@@ -321,8 +391,11 @@ class Registrar:
                 log.warning("%s: drain failed, deregistering anyway: %s", slot.name, exc,
                             exc_info=not isinstance(exc, RegistrarError))
             dereg_start = self.clock.now()
+            # Retrying past the TTL is pointless: by then the entry has
+            # expired by itself (heartbeats stopped).
+            retry_for = Deadline(min(deadline.at, dereg_start + slot.backend.ttl), self.clock)
             try:
-                report.token = self._retry_until(deadline, slot.backend.deregister)
+                report.token = self._retry_until(retry_for, slot.backend.deregister)
             except RetryError as exc:
                 report.errors.append(f"deregister failed: {exc.last_attempt.exception()}")
                 report.cut.append("deregister")

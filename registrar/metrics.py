@@ -1,0 +1,67 @@
+"""Prometheus metrics, read from the Registrar's state at scrape time (the
+core stays free of instrumentation and of prometheus_client)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .core import Registrar
+
+#: Propagation buckets (seconds): loopback takes milliseconds, WAN clusters more.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """A registry of its own per Registrar (no process-global state)."""
+
+    def __init__(self, registrar: Registrar):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(registrar))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Collector:
+    def __init__(self, registrar: Registrar):
+        self.registrar = registrar
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.registrar
+        status = r.status(observe=False)
+        registered = GaugeMetricFamily("registrar_registered",
+                                       "1 while the instance is registered on the backend",
+                                       labels=["backend"])
+        failures = CounterMetricFamily("registrar_heartbeat_failures",
+                                       "Heartbeats that failed after their retries",
+                                       labels=["backend"])
+        repairs = CounterMetricFamily("registrar_repairs",
+                                      "Registrations lost by the registry and re-created",
+                                      labels=["backend"])
+        for b in status["backends"]:
+            registered.add_metric([b["name"]], 1.0 if b["state"] == "registered" else 0.0)
+            failures.add_metric([b["name"]], b["heartbeat_failures"])
+            repairs.add_metric([b["name"]], b["repairs"])
+        yield registered
+        yield failures
+        yield repairs
+        yield GaugeMetricFamily("registrar_stopping", "1 once the stop sequence has begun",
+                                value=1.0 if r.stopping else 0.0)
+        report = r.report
+        stop = GaugeMetricFamily("registrar_stop_duration_seconds",
+                                 "Duration of the stop sequence (NaN until it ran)",
+                                 value=report.seconds if report else float("nan"))
+        yield stop
+        hist = HistogramMetricFamily("registrar_propagation_seconds",
+                                     "deregister() to the last observer's confirmation",
+                                     labels=["backend"])
+        for b in (report.backends if report else []):
+            values = [b.propagation_seconds] if b.propagation_seconds is not None else []
+            buckets = [(str(le), float(sum(v <= le for v in values))) for le in BUCKETS]
+            buckets.append(("+Inf", float(len(values))))
+            hist.add_metric([b.name], buckets, sum_value=sum(values))
+        yield hist

@@ -1,0 +1,135 @@
+"""`registrar prestop`: the preStop exec hook.
+
+Asks the running agent's /prestop to run (or join) the stop sequence and
+blocks until it is done. The standard library only: the hook must start in
+a blink, so no registry client, no requests, no pydantic, no APScheduler
+(unless it must fall back to deregistering by itself).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONTROL = "127.0.0.1:9901"
+DEFAULT_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 2.0
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def _connection(control: str, timeout: float) -> http.client.HTTPConnection:
+    if control.startswith("unix:"):
+        return _UnixConnection(control[len("unix:"):], timeout)
+    host, _, port = control.rpartition(":")
+    return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+
+
+def call(control: str, path: str, token: str | None, timeout: float,
+         method: str = "POST") -> tuple[int, dict[str, Any]]:
+    """One request to the control server; (status, JSON body). Raises
+    OSError when nothing answers."""
+    conn = _connection(control, timeout)
+    try:
+        conn.timeout = CONNECT_TIMEOUT  # a dead address must not eat the budget
+        conn.connect()
+        conn.sock.settimeout(timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        conn.request(method, path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(body or b"{}")
+    except ValueError:
+        return resp.status, {"error": body[:200].decode(errors="replace")}
+
+
+def main(args: argparse.Namespace) -> int:
+    control = args.control or os.environ.get("REGISTRAR_CONTROL")
+    token_file = args.token_file or os.environ.get("REGISTRAR_CONTROL_TOKEN_FILE")
+    timeout = args.timeout
+    if args.config:
+        from .source import expand
+
+        doc = expand(args.config)
+        section = doc.get("control") or {}
+        control = control or section.get("listen")
+        token_file = token_file or section.get("token_file")
+        if timeout is None:
+            timeout = _grace_period(doc)
+    control = control or DEFAULT_CONTROL
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    token = None
+    if token_file:
+        try:
+            with open(token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            print(f"registrar prestop: cannot read the token file {token_file}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
+    try:
+        status, body = call(control, "/prestop", token, timeout)
+    except (ConnectionError, FileNotFoundError, socket.gaierror) as exc:
+        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        if args.config:
+            print(f"registrar prestop: no agent at {control} ({reason}): deregistering directly",
+                  file=sys.stderr)
+            return _deregister_directly(args.config)
+        print(f"registrar prestop: no agent answered at {control}: {reason}")
+        return 1
+    except TimeoutError:
+        print(f"registrar prestop: the agent at {control} did not answer within {timeout:g}s")
+        return 1
+    except OSError as exc:
+        print(f"registrar prestop: {control}: {exc.strerror or exc}")
+        return 1
+    if status == 401:
+        print(f"registrar prestop: the agent at {control} refused the token (401)")
+        return 1
+    summary = body.get("summary") or body.get("error") or f"HTTP {status}"
+    print(summary)
+    return 0 if status == 200 and body.get("ok") else 1
+
+
+def _grace_period(doc: dict[str, Any]) -> float | None:
+    value = (doc.get("stop") or {}).get("grace_period")
+    if value is None:
+        return None
+    from .config import parse_duration  # only when the file sets one
+
+    try:
+        return parse_duration(value) + 5  # the agent's own deadline comes first
+    except Exception:  # noqa: BLE001 - a bad value is the agent's to report
+        return None
+
+
+def _deregister_directly(config_path: str) -> int:
+    from . import logs
+    from .core import Registrar
+
+    logs.setup("warning")
+    try:
+        report = Registrar.from_config(config_path).stop("preStop (direct)")
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0 if report.ok else 1
