@@ -3,6 +3,8 @@ sequence of DESIGN.md under one Deadline."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -496,6 +498,44 @@ class Registrar:
         return [f.result() if _wait(f, deadline.remaining())
                 else {"name": o.name, "error": f"no answer within {timeout}s"}
                 for o, f in futures]
+
+    # -- signals (library use) ------------------------------------------------
+
+    def install_signal_handlers(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """On SIGTERM/SIGINT, run the stop sequence in a thread (the app keeps
+        serving while the removal propagates), then hand the signal to the
+        handler that was installed before (or its default action: exit).
+
+        Call it from the main thread, after the app's server has installed
+        its own handlers (e.g. in an ASGI lifespan startup), so that the
+        server's graceful shutdown starts only once the pod is out of every
+        registry. Works whoever owns the main loop: nothing here blocks it.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise RegistrarError("install_signal_handlers() must be called from the main thread")
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+        done: set[int] = set()  # signals re-delivered once the sequence finished
+
+        def handler(signum: int, frame: Any) -> None:
+            if signum in done:  # the sequence is over: the app's turn
+                old = previous[signum]
+                if callable(old):
+                    old(signum, frame)
+                elif old != signal.SIG_IGN:
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
+                return
+            cfg = self.stop_config
+            deadline = Deadline.after(cfg.grace_period - cfg.safety_margin, self.clock)
+            _spawn(self._stop_then_redeliver, signum, deadline, done, name="registrar-signal")
+
+        for sig in signals:
+            signal.signal(sig, handler)
+
+    def _stop_then_redeliver(self, signum: int, deadline: Deadline, done: set[int]) -> None:
+        self.stop(signal.Signals(signum).name, deadline)
+        done.add(signum)
+        os.kill(os.getpid(), signum)  # handled in the main thread, by the chain above
 
     # -- detaching and context manager ----------------------------------------
 
