@@ -137,7 +137,7 @@ def parse_listen(value: str) -> tuple[str, int] | str:
         return path
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f'expected "host:port" or "unix:/path.sock", got {value!r}')
     return host, int(port)
 

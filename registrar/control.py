@@ -72,8 +72,9 @@ class ControlServer:
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
     def start(self) -> "ControlServer":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="control",
-                                        daemon=True)
+        # A short poll interval: close() waits for one, and it runs at exit.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        name="control", daemon=True)
         self._thread.start()
         log.info("control server listening on %s", self.address)
         return self
@@ -193,6 +194,7 @@ def _make_handler(control: ControlServer) -> type[BaseHTTPRequestHandler]:
             # Malformed requests land here (400, 414, 431, 501): answer JSON.
             if code == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method
                 code = HTTPStatus.METHOD_NOT_ALLOWED
+            self.request_version = "HTTP/1.1"  # a status line even for "HTTP/0.9" garbage
             self.close_connection = True
             self._send(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
 

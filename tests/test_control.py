@@ -1,0 +1,228 @@
+"""The control server and the `registrar prestop` hook command."""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from registrar import Instance, Registrar
+from registrar import prestop as prestop_cmd
+from registrar.config import StopConfig
+from registrar.control import ControlServer
+from registrar.supervisor import Lifecycle, established_connections
+from tests.memory import MemoryBackend, MemoryRegistry
+
+INSTANCE = Instance("web", "web-0", "10.0.0.5", 8080)
+
+
+@pytest.fixture
+def registry():
+    return MemoryRegistry(members=2, lag=0.05)
+
+
+@pytest.fixture
+def registrar(registry):
+    registrar = Registrar(INSTANCE, [MemoryBackend(INSTANCE, registry=registry)],
+                          stop=StopConfig(grace_period=10, safety_margin=1))
+    registrar.start(wait=True, timeout=5)
+    yield registrar
+    registrar.stop()
+
+
+def serve(registrar, listen="127.0.0.1:0", token=None):
+    life = Lifecycle(registrar)
+    return ControlServer(registrar, listen, lambda: life.stop("preStop (/prestop)"), token=token).start()
+
+
+@pytest.fixture
+def server(registrar):
+    server = serve(registrar)
+    yield server
+    server.close()
+
+
+def request(server_or_addr, method, path, headers=None, timeout=10):
+    addr = server_or_addr if isinstance(server_or_addr, str) else server_or_addr.address
+    conn = prestop_cmd._connection(addr, timeout)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, (json.loads(body) if resp.getheader("Content-Type", "").startswith(
+            "application/json") else body.decode())
+    finally:
+        conn.close()
+
+
+def test_health_and_readiness(server, registrar):
+    time.sleep(0.06)  # the lagging members have seen the registration
+    assert request(server, "GET", "/healthz") == (200, {"status": "alive"})
+    assert request(server, "GET", "/readyz") == (200, {"ready": True})
+    status, body = request(server, "GET", "/status")
+    assert status == 200 and body["state"] == "registered"
+    assert [o["sees"] for o in body["backends"][0]["observers"]] == [True, True]
+
+
+def test_prestop_blocks_until_confirmed_and_readiness_drops(server, registry):
+    time.sleep(0.06)  # the lagging members have seen the registration
+    began = time.monotonic()
+    status, body = request(server, "POST", "/prestop")
+    assert status == 200 and body["ok"]
+    assert time.monotonic() - began >= 0.05  # waited for the lagging members
+    assert body["summary"].startswith("deregistered after preStop (/prestop)")
+    assert body["backends"][0]["observers_confirmed"] == ["memory member 0", "memory member 1"]
+    assert request(server, "GET", "/readyz") == (503, {"ready": False})
+    assert request(server, "GET", "/healthz")[0] == 200  # still alive until SIGTERM
+    assert registry.count("deregister") == 1
+
+
+def test_concurrent_prestops_join_one_sequence(server, registry):
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(request(server, "GET", "/prestop")))
+               for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 5 and len({json.dumps(r[1], sort_keys=True) for r in results}) == 1
+    assert registry.count("deregister") == 1
+
+
+def test_incomplete_stop_answers_500(registrar, registry):
+    registry.unavailable = True
+    registrar.stop_config = StopConfig(grace_period=1.5, safety_margin=1)
+    server = serve(registrar)
+    try:
+        status, body = request(server, "POST", "/prestop")
+    finally:
+        server.close()
+    assert status == 500 and not body["ok"] and "NOT removed" in body["summary"]
+
+
+@pytest.mark.parametrize("method,path,code", [
+    ("GET", "/nope", 404), ("DELETE", "/prestop", 405), ("POST", "/status", 405),
+    ("PUT", "/healthz", 405), ("GET", "/healthz?x=1", 200)])
+def test_routing_errors(server, method, path, code):
+    assert request(server, method, path)[0] == code
+
+
+def test_malformed_requests_get_400_and_the_server_survives(server):
+    host, port = server.address.rsplit(":", 1)
+    for garbage in (b"GARBAGE\r\n\r\n", b"GET /healthz HTTP/9.9\r\n\r\n", b"\x00\xff\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(garbage)
+            assert s.recv(100).split(b" ")[1] in (b"400", b"505")
+    assert request(server, "GET", "/healthz")[0] == 200
+
+
+def test_a_slow_client_blocks_nobody(server):
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as slow:
+        slow.sendall(b"GET /healthz HTTP/1.1\r\n")  # ...and never finishes
+        began = time.monotonic()
+        assert request(server, "GET", "/healthz")[0] == 200
+        assert time.monotonic() - began < 1
+
+
+def test_metrics(server, registrar):
+    status, text = request(server, "GET", "/metrics")
+    assert status == 200
+    assert 'registrar_registered{backend="memory"} 1.0' in text
+    assert 'registrar_heartbeat_failures_total{backend="memory"} 0.0' in text
+    request(server, "POST", "/prestop")
+    _, text = request(server, "GET", "/metrics")
+    assert 'registrar_registered{backend="memory"} 0.0' in text
+    assert "registrar_stopping 1.0" in text
+    assert 'registrar_propagation_seconds_count{backend="memory"} 1.0' in text
+    assert "registrar_stop_duration_seconds NaN" not in text
+
+
+def test_token_protects_all_but_the_probes(registrar):
+    server = serve(registrar, token="s3cret")
+    try:
+        assert request(server, "GET", "/healthz")[0] == 200
+        assert request(server, "GET", "/readyz")[0] == 200
+        assert request(server, "GET", "/status")[0] == 401
+        assert request(server, "GET", "/metrics", {"Authorization": "Bearer nope"})[0] == 401
+        assert request(server, "POST", "/prestop", {"Authorization": "s3cret"})[0] == 401
+        assert registrar.registered  # a refused /prestop did nothing
+        assert request(server, "GET", "/status", {"Authorization": "Bearer s3cret"})[0] == 200
+    finally:
+        server.close()
+
+
+def test_unix_socket(registrar, tmp_path):
+    sock = tmp_path / "control.sock"
+    sock.write_text("stale")  # left by a previous container run
+    server = serve(registrar, f"unix:{sock}")
+    try:
+        assert server.address == f"unix:{sock}"
+        assert request(f"unix:{sock}", "GET", "/readyz") == (200, {"ready": True})
+    finally:
+        server.close()
+    assert not sock.exists()
+
+
+# -- `registrar prestop` ---------------------------------------------------------
+
+def prestop_args(**kw):
+    return argparse.Namespace(**{"control": None, "config": None, "token_file": None,
+                                 "timeout": 10.0, **kw})
+
+
+def test_prestop_command_prints_the_summary_and_exits_0(server, capsys):
+    assert prestop_cmd.main(prestop_args(control=server.address)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("deregistered after preStop (/prestop)") and out.count("\n") == 1
+    assert prestop_cmd.main(prestop_args(control=server.address)) == 0  # joins: same report
+
+
+def test_prestop_command_reads_the_control_address_from_the_environment(server, capsys, monkeypatch):
+    monkeypatch.setenv("REGISTRAR_CONTROL", server.address)
+    assert prestop_cmd.main(prestop_args()) == 0
+
+
+def test_prestop_command_with_a_token(registrar, tmp_path, capsys):
+    server = serve(registrar, token="tok")
+    try:
+        assert prestop_cmd.main(prestop_args(control=server.address)) == 1
+        assert "refused the token (401)" in capsys.readouterr().out
+        (tmp_path / "token").write_text("tok\n")
+        assert prestop_cmd.main(prestop_args(control=server.address,
+                                             token_file=str(tmp_path / "token"))) == 0
+    finally:
+        server.close()
+
+
+def test_prestop_command_without_an_agent(capsys):
+    assert prestop_cmd.main(prestop_args(control="127.0.0.1:1")) == 1
+    assert capsys.readouterr().out == "registrar prestop: no agent answered at 127.0.0.1:1: Connection refused\n"
+
+
+def test_prestop_command_that_times_out(capsys):
+    with socket.socket() as listener:  # accepts, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        addr = f"127.0.0.1:{listener.getsockname()[1]}"
+        assert prestop_cmd.main(prestop_args(control=addr, timeout=0.3)) == 1
+    assert "did not answer within 0.3s" in capsys.readouterr().out
+
+
+def test_established_connections_counts_only_that_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert established_connections(port) == 0
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        try:
+            assert established_connections(port) == 1  # the server side's local port
+        finally:
+            client.close()
+            accepted.close()
