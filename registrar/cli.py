@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -12,7 +11,6 @@ from typing import Any
 from . import __version__
 from .errors import ConfigError, RegistrarError
 
-log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -23,16 +21,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_CONFIG
-    from . import logs
+    if args.command != "prestop":  # the hook prints; it need not pay for logging
+        from . import logs
 
-    logs.setup(args.log_level, args.log_format)
+        logs.setup(args.log_level, args.log_format)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except RegistrarError as exc:
-        log.error("%s", exc)
+        import logging
+
+        logging.getLogger(__name__).error("%s", exc)
         return EXIT_FAILED
 
 
