@@ -209,7 +209,6 @@ class Registrar:
         slot.state, slot.last_error = "registered", None
         slot.registered.set()
         log.info("%s: registered %s as %s", slot.name, self.instance.service, self.instance.hostport)
-        self._warm_observers(slot)
         interval = self.heartbeat_config.interval or slot.backend.ttl / 3
         try:
             self._scheduler.add_job(self._heartbeat, "interval", args=[slot, interval],
@@ -218,6 +217,7 @@ class Registrar:
         except Exception:  # noqa: BLE001 - the scheduler was shut down by stop()
             if not self._stopping.is_set():
                 raise
+        self._warm_observers(slot)  # after scheduling: a slow member must not delay heartbeats
 
     def _warm_observers(self, slot: _Slot) -> None:
         """Ask every observer once now, so that their connections are open
@@ -291,10 +291,11 @@ class Registrar:
                         slot.name, exc)
 
     def _heartbeat(self, slot: _Slot, interval: float) -> None:
-        if slot.state == "out of rotation" or self._paused.is_set():
-            if (slot.state == "out of rotation") == self._paused.is_set():
-                return  # as wanted: nothing to keep alive
-            return self._sync_rotation(slot)
+        out = slot.state == "out of rotation"
+        if out or self._paused.is_set():
+            if out != self._paused.is_set():  # a pause()/resume() that failed: again
+                self._sync_rotation(slot)
+            return
         retrying = Retrying(
             retry=retry_if_exception_type(RegistryUnavailable),
             wait=wait_exponential(multiplier=0.1, max=1.0),

@@ -262,6 +262,35 @@ def test_stop_logs_one_summary_line(caplog):
     assert len(lines) == 1 and "after SIGTERM" in lines[0] and "confirmed 3/3" in lines[0]
 
 
+def test_pause_takes_the_instance_out_of_rotation_and_resume_puts_it_back():
+    registrar, registry = make(ttl=0.3)
+    registrar.start(wait=True, timeout=5)
+    registrar.pause("health probe failed")
+    wait_for(lambda: registry.committed("web-0") is None)
+    assert not registrar.registered and not registrar.in_rotation
+    assert registrar.status(observe=False)["backends"][0]["state"] == "out of rotation"
+    beats = registry.count("heartbeat")
+    time.sleep(0.25)
+    assert registry.count("heartbeat") == beats  # nothing to keep alive meanwhile
+    registrar.resume()
+    wait_for(lambda: registrar.registered and registry.committed("web-0") == "up")
+    wait_for(lambda: registry.count("heartbeat") > beats)
+    assert registrar.stop().ok
+
+
+def test_a_failed_resume_is_retried_by_the_heartbeat():
+    registrar, registry = make(ttl=0.3)
+    registrar.start(wait=True, timeout=5)
+    registrar.pause("unhealthy")
+    wait_for(lambda: registry.committed("web-0") is None)
+    registry.unavailable = True
+    registrar.resume()
+    wait_for(lambda: registry.count("register") >= 2)  # the resume's own attempt failed
+    registry.unavailable = False
+    wait_for(lambda: registrar.registered, timeout=3)
+    registrar.stop()
+
+
 def test_instance_defaults_come_from_the_downward_api():
     inst = Instance.create("web", 80, environ={"POD_NAME": "web-7", "POD_IP": "10.1.2.3"})
     assert (inst.id, inst.address, inst.hostport) == ("web-7", "10.1.2.3", "10.1.2.3:80")
