@@ -28,3 +28,17 @@ def zk_ensemble(tmp_path_factory):
         pytest.fail("ZooKeeper is not installed: run scripts/install-zookeeper.sh (./dev test does)")
     with ZooKeeperEnsemble(3, tmp_path_factory.mktemp("zk3")) as ensemble:
         yield ensemble
+
+
+@pytest.fixture(scope="session")
+def consul_cluster(tmp_path_factory):
+    """Three Consul servers and one client agent on 127.0.0.1, shared like
+    etcd_cluster (tests register at the client; the servers are observers)."""
+    from tests.servers.consul import ConsulCluster, consul_binary
+
+    try:
+        consul_binary()
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc} (./dev test runs it)")
+    with ConsulCluster(tmp_path_factory.mktemp("consul"), servers=3, clients=1) as cluster:
+        yield cluster

@@ -1,0 +1,263 @@
+"""Real Consul agents on 127.0.0.1 for tests and benchmarks: one `-dev`
+agent, or a cluster of servers and client agents with optional ACLs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+from tests.servers.common import ServerProcess, free_ports, wait_until
+
+log = logging.getLogger(__name__)
+
+CONSUL_VERSION = "1.8.7"
+
+
+def consul_binary() -> str:
+    """$CONSUL_BIN, else `consul` on PATH, else the cache that
+    scripts/install-consul.sh fills."""
+    env = os.environ.get("CONSUL_BIN")
+    if env:
+        if os.access(env, os.X_OK):
+            return env
+        raise FileNotFoundError(f"CONSUL_BIN={env!r} is not an executable file")
+    if on_path := shutil.which("consul"):
+        return on_path
+    cache = Path(os.environ.get("REGISTRAR_CACHE") or Path.home() / ".cache" / "registrar")
+    cached = cache / f"consul-{CONSUL_VERSION}" / "usr" / "bin" / "consul"
+    if os.access(cached, os.X_OK):
+        return str(cached)
+    raise FileNotFoundError(f"no consul binary (not in $CONSUL_BIN, on PATH, nor at {cached}): "
+                            f"run scripts/install-consul.sh to fetch Consul {CONSUL_VERSION}")
+
+
+class ConsulAgent:
+    """One consul agent process with its own ports and data dir; `token`
+    (the management token, if ACLs are on) is sent by request()/get()."""
+
+    def __init__(self, name: str, workdir: Path, argv: list[str], http_port: int,
+                 token: str | None = None):
+        self.name = name
+        self.http_addr = f"http://127.0.0.1:{http_port}"
+        self.process = ServerProcess(name, argv, workdir)
+        self.token = token
+
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = {"X-Consul-Token": self.token} if self.token else {}
+        r = requests.request(method, self.http_addr + path, headers=headers, timeout=5, **kwargs)
+        if not r.ok:
+            raise requests.HTTPError(f"{method} {self.http_addr}{path}: {r.status_code} "
+                                     f"{r.text.strip()[:200]}", response=r)
+        return r
+
+    def get(self, path: str, **params) -> requests.Response:
+        return self.request("GET", path, params=params)
+
+    def leader(self) -> str:
+        """This agent's view of the raft leader ("" while there is none)."""
+        return self.get("/v1/status/leader").json()
+
+    def ready(self) -> bool:
+        """Sees a leader and, with ACLs, enforces them the new (1.4+) way."""
+        if not self.leader():
+            return False
+        if not self.token:
+            return True
+        # Agents start in legacy ACL mode (anonymous calls fail "ACL not
+        # found", /v1/acl/* answers 500 "currently in legacy mode") and switch
+        # once every server has, polling at doubling intervals. Their serf tag
+        # and their behaviour do not flip at the same moment: check both.
+        if self.get("/v1/agent/self").json()["Member"]["Tags"].get("acls") != "1":
+            return False
+        r = requests.get(self.http_addr + "/v1/agent/self", timeout=5)
+        return r.status_code == 403 and "Permission denied" in r.text
+
+    def start(self) -> None:
+        self.process.start()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def restart(self, timeout: float | None = 30) -> None:
+        """SIGKILL, start again (same ports, same data dir) and, unless
+        timeout is None, wait until ready()."""
+        self.process.kill()
+        self.process.start()
+        if timeout is not None:
+            wait_until(self.ready, timeout, f"{self.name} ready after restart")
+
+    def freeze(self) -> None:
+        self.process.freeze()
+
+    def thaw(self) -> None:
+        self.process.thaw()
+
+
+class _Agents:
+    agents: list[ConsulAgent]
+
+    def _launch(self, agents: list[ConsulAgent], ready, timeout: float) -> None:
+        for agent in agents:
+            agent.start()
+        try:
+            # A crashed agent ends the wait at once instead of at the timeout.
+            result = wait_until(
+                lambda: [a.name for a in agents if not a.process.running] or ready(),
+                timeout, f"consul agents {[a.name for a in agents]} ready")
+            if isinstance(result, list):
+                raise RuntimeError(f"consul agent(s) {result} exited at start")
+        except Exception:
+            log.error("consul agents failed to start; log tails:\n%s", "\n".join(
+                f"--- {a.name}:\n{a.process.log_tail()}" for a in self.agents))
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """SIGKILL every agent (fast, idempotent; no graceful leave needed)."""
+        for agent in self.agents:
+            agent.kill()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ConsulDev(_Agents):
+    """One `consul agent -dev`: a server with in-memory raft (a restart loses
+    the catalog), leader within ~0.1 s. `.agent` is its ConsulAgent."""
+
+    def __init__(self, base_dir: Path | str, name: str = "consul-dev"):
+        http, lan, wan, rpc = free_ports(4)
+        workdir = Path(base_dir) / name
+        argv = [consul_binary(), "agent", "-dev", f"-node={name}", "-bind=127.0.0.1",
+                "-client=127.0.0.1", "-dns-port=-1", "-grpc-port=-1", f"-http-port={http}",
+                f"-serf-lan-port={lan}", f"-serf-wan-port={wan}", f"-server-port={rpc}",
+                f"-data-dir={workdir / 'data'}", "-log-level=info"]
+        self.agent = ConsulAgent(name, workdir, argv, http)
+        self.agents = [self.agent]
+        self.name, self.http_addr, self.process = name, self.agent.http_addr, self.agent.process
+
+    def start(self, timeout: float = 10) -> None:
+        self._launch(self.agents, self.agent.ready, timeout)
+
+
+class ConsulCluster(_Agents):
+    """`servers` Consul servers (-bootstrap-expect=servers) and `clients`
+    client agents, each with its own ports and data dir. With acl=True, ACLs
+    default to deny, `.management_token` is the master (global-management)
+    token and `.agent_token` the agents' own (node write, service read)."""
+
+    def __init__(self, base_dir: Path | str, servers: int = 3, clients: int = 1,
+                 acl: bool = False):
+        binary = consul_binary()
+        self.management_token = str(uuid.uuid4()) if acl else None
+        self.agent_token = str(uuid.uuid4()) if acl else None
+        names = [(f"consul-server-{i}", True) for i in range(servers)] + \
+                [(f"consul-client-{i}", False) for i in range(clients)]
+        ports = iter(free_ports(4 * len(names)))
+        port_map = {n: {k: next(ports) for k in ("http", "serf_lan", "serf_wan", "server")}
+                    for n, _ in names}
+        server_lan = [f"127.0.0.1:{port_map[n]['serf_lan']}" for n, srv in names if srv]
+        self.servers: list[ConsulAgent] = []
+        self.clients: list[ConsulAgent] = []
+        for name, is_server in names:
+            workdir = Path(base_dir) / name
+            own_lan = f"127.0.0.1:{port_map[name]['serf_lan']}"
+            config = {
+                "node_name": name, "datacenter": "dc1", "data_dir": str(workdir / "data"),
+                "server": is_server, "bind_addr": "127.0.0.1", "client_addr": "127.0.0.1",
+                "ports": {**port_map[name], "dns": -1, "grpc": -1, "https": -1},
+                "retry_join": [a for a in server_lan if a != own_lan],
+                # The default 30 s would stall agents started before their peers listen.
+                "retry_interval": "200ms",
+                # Lowest allowed; the hidden `consul.raft` timings are reset by
+                # the agent unless -dev, so leader election still takes 1-2 s.
+                "performance": {"raft_multiplier": 1},
+                # Failure detection in about a second on loopback, not ~5 s.
+                "gossip_lan": {"gossip_interval": "100ms", "probe_interval": "200ms",
+                               "probe_timeout": "100ms", "suspicion_mult": 3},
+                "disable_update_check": True, "log_level": "info",
+            }
+            if is_server:
+                config["bootstrap_expect"] = servers
+            if acl:
+                # Client agents cache token lookups, "not found" included, for
+                # token_ttl (default 30 s): a token revoked, or used before
+                # every server applied it, would keep its stale answer that long.
+                config["acl"] = {"enabled": True, "default_policy": "deny",
+                                 "down_policy": "extend-cache", "token_ttl": "1s",
+                                 "policy_ttl": "1s", "role_ttl": "1s",
+                                 "tokens": {"master": self.management_token,
+                                            "agent": self.agent_token}}
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(json.dumps(config, indent=2))
+            argv = [binary, "agent", f"-config-file={workdir / 'config.json'}"]
+            agent = ConsulAgent(name, workdir, argv, port_map[name]["http"], self.management_token)
+            (self.servers if is_server else self.clients).append(agent)
+        self.agents = self.servers + self.clients
+
+    @property
+    def server_addrs(self) -> list[str]:
+        return [s.http_addr for s in self.servers]
+
+    @property
+    def client_addr(self) -> str:
+        return self.clients[0].http_addr
+
+    def start(self, timeout: float = 30) -> None:
+        """Return once there is a leader, every agent sees all the others
+        alive and is in the catalog, and (with ACLs) enforces them."""
+        if not self.management_token:
+            return self._launch(self.agents, self._ready, timeout)
+        deadline = time.monotonic() + timeout
+        # Clients leave legacy ACL mode only after every server has, backing
+        # off meanwhile (up to ~6 s here): start them once the servers are done.
+        self._launch(self.servers, lambda: all(s.ready() for s in self.servers), timeout)
+        try:
+            # In place before the clients start: their first catalog sync works.
+            self.create_token('node_prefix "" { policy = "write" }\n'
+                              'service_prefix "" { policy = "read" }',
+                              "consul agents", secret=self.agent_token)
+        except Exception:
+            self.stop()
+            raise
+        self._launch(self.clients, self._ready, max(deadline - time.monotonic(), 1))
+
+    def create_token(self, rules: str, description: str = "", secret: str | None = None,
+                     timeout: float = 10) -> str:
+        """Mint a token with a new policy of HCL `rules`; return its SecretID
+        once every running server knows it (followers apply it up to ~100 ms
+        after the leader answers; a client agent asking one of them earlier
+        gets 403 "ACL not found")."""
+        srv = next(s for s in self.servers if s.process.running)
+        policy = f"policy-{uuid.uuid4().hex[:12]}"
+        srv.request("PUT", "/v1/acl/policy", json={"Name": policy, "Rules": rules})
+        body = {"Description": description, "Policies": [{"Name": policy}]}
+        if secret:
+            body["SecretID"] = secret
+        secret = srv.request("PUT", "/v1/acl/token", json=body).json()["SecretID"]
+        wait_until(lambda: all(
+            requests.get(f"{s.http_addr}/v1/acl/token/self", params={"stale": ""}, timeout=5,
+                         headers={"X-Consul-Token": secret}).ok
+            for s in self.servers if s.process.running), timeout, "new ACL token on every server")
+        return secret
+
+    def _ready(self) -> bool:
+        names = {a.name for a in self.agents}
+        if not self.servers[0].leader():
+            return False
+        for agent in self.agents:
+            alive = {m["Name"] for m in agent.get("/v1/agent/members").json() if m["Status"] == 1}
+            if not names <= alive:
+                return False
+        nodes = {n["Node"] for n in self.servers[0].get("/v1/catalog/nodes").json()}
+        return names <= nodes and all(a.ready() for a in self.agents)
