@@ -44,7 +44,7 @@ BROKEN = [
     (with_("backends[0].ttll", "5s"), "backends[0].ttll: unknown key (did you mean 'ttl'?)"),
     (with_("stop.grace", "5s"), "stop.grace: unknown key (did you mean 'grace_period'?)"),
     (with_("backends[0].type", "consol"),
-     "backends[0].type: unknown backend type 'consol' (installed: etcd"),
+     "backends[0].type: unknown backend type 'consol' (installed: "),
     (with_("backends[0].type", DEL), "backends[0].type: required"),
     (with_("service.port", 70000), "service.port: input should be less than or equal to 65535, got 70000"),
     (with_("service.port", "http"), 'service.port: input should be a valid integer, unable to parse string as an integer, got "http"'),
