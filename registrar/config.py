@@ -102,6 +102,10 @@ class StopConfig(Model):
     min_wait: Duration = Field(0.0, description="Extra wait after propagation is confirmed, "
                                                 "for consumers that cannot be asked.")
     signal: str = Field("SIGTERM", description="`run` mode: the signal that stops the app.")
+    app_shutdown: Duration = Field(
+        5.0, description="`run` mode: the part of the grace period kept for the app's own "
+                         "shutdown (at most half of grace_period - safety_margin); the "
+                         "registry steps end this much earlier.")
     drain_connections: bool = Field(
         False, description="`run` mode: before signalling the app, wait (within the deadline) "
                            "until it has no ESTABLISHED TCP connection on service.port.")

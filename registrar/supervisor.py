@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Sequence
@@ -26,31 +28,84 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-class Lifecycle:
-    """The first trigger fixes the deadline; every trigger joins one stop."""
+class Waker:
+    """Wakes the main thread, from signal handlers and from other threads,
+    without a lock anywhere: the interpreter's own C-level handler writes
+    each signal's number to a socket (``signal.set_wakeup_fd``); threads
+    write a zero byte. (A Python handler that sets a threading.Event can
+    deadlock when the signal lands while the main thread holds that Event's
+    lock.)"""
 
-    def __init__(self, registrar: Registrar):
+    def __init__(self, signals: Sequence[int]):
+        self._r, self._w = socket.socketpair()
+        for sock in (self._r, self._w):
+            sock.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, _noted_by_wakeup_fd)
+
+    def wake(self) -> None:
+        try:
+            self._w.send(b"\0")
+        except OSError:
+            pass  # full: a wake-up is pending anyway
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Block until woken (or timeout); the signal numbers received."""
+        ready, _, _ = select.select([self._r], [], [], timeout)
+        if not ready:
+            return []
+        try:
+            data = self._r.recv(4096)
+        except BlockingIOError:
+            return []
+        return [n for n in data if n]
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        self._r.close()
+        self._w.close()
+
+
+def _noted_by_wakeup_fd(signum: int, frame: Any) -> None:
+    """A Python-level handler must exist for the wake-up fd to get the
+    signal; the work happens in the main loop."""
+
+
+class Lifecycle:
+    """The first trigger fixes the deadline; every trigger joins one stop.
+    ``reserve`` seconds of the grace period are kept for what comes after the
+    registry steps (the app's own shutdown in `run` mode)."""
+
+    def __init__(self, registrar: Registrar, waker: Waker | None = None, reserve: float = 0.0):
         self.registrar = registrar
-        self.wake = threading.Event()
-        self._triggers: list[tuple[str, float]] = []  # appended by signal handlers too
+        self.waker = waker
+        self.reserve = reserve
+        self._triggers: list[tuple[str, float]] = []
 
     def note(self, trigger: str) -> None:
-        """Record a trigger without blocking (safe in a signal handler)."""
         self._triggers.append((trigger, self.registrar.clock.now()))
-        self.wake.set()
+        if self.waker is not None:
+            self.waker.wake()
 
     @property
     def triggered(self) -> bool:
         return bool(self._triggers)
 
-    def stop(self, trigger: str) -> StopReport:
-        """Run or join the stop sequence; its deadline counts from the first
-        trigger of all."""
-        self.note(trigger)
-        first, at = self._triggers[0]
+    @property
+    def deadline(self) -> Deadline:
+        """The end of the whole grace budget, from the first trigger."""
         cfg = self.registrar.stop_config
-        deadline = Deadline.after(cfg.grace_period - cfg.safety_margin, self.registrar.clock, start=at)
-        return self.registrar.stop(first, deadline)
+        return Deadline.after(cfg.grace_period - cfg.safety_margin, self.registrar.clock,
+                              start=self._triggers[0][1])
+
+    def stop(self, trigger: str) -> StopReport:
+        """Run or join the stop sequence (the registry steps end ``reserve``
+        seconds before the deadline)."""
+        self.note(trigger)
+        first = self._triggers[0][0]
+        end = self.deadline
+        return self.registrar.stop(first, Deadline(end.at - self.reserve, end.clock))
 
 
 def _control(registrar: Registrar, config: Config, life: Lifecycle, ready=None):
@@ -64,32 +119,37 @@ def _control(registrar: Registrar, config: Config, life: Lifecycle, ready=None):
                          token=token, ready=ready).start()
 
 
+#: After a signal-triggered stop, how long the agent still answers /prestop:
+#: a regular sidecar gets its SIGTERM at the moment the app's preStop hook
+#: starts calling it.
+LINGER = 0.5
+
+
 def run_agent(registrar: Registrar, config: Config) -> int:
     """Sidecar: register, heartbeat, serve /prestop; exit on SIGTERM/SIGINT
     (0 when the removal was confirmed everywhere). After a /prestop the
     agent stays up, out of every registry, until its own SIGTERM."""
-    life = Lifecycle(registrar)
+    waker = Waker(STOP_SIGNALS)
+    life = Lifecycle(registrar, waker)
     fatal: list[Exception] = []
-    signals: list[str] = []
-    registrar.on_fatal = lambda exc: (fatal.append(exc), life.wake.set())
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        signals.append(signal.Signals(signum).name)
-        life.note(signals[-1])
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, on_signal)
+    registrar.on_fatal = lambda exc: (fatal.append(exc), waker.wake())
     server = _control(registrar, config, life)
     registrar.start()
     log.info("agent started for %s (%s)", registrar.instance.id, registrar.instance.hostport)
     # A /prestop runs the sequence without ending the agent: it exits on a
     # signal (the kubelet's SIGTERM follows the hook) or a fatal error.
+    signals: list[int] = []
     while not (signals or fatal):
-        life.wake.wait()
-        life.wake.clear()
-    report = life.stop(f"fatal error: {fatal[0]}" if fatal and not life.triggered else signals[0])
+        signals = waker.wait()
+    if signals:
+        report = life.stop(signal.Signals(signals[0]).name)
+    else:
+        report = life.stop(f"fatal error: {fatal[0]}")
     if server is not None:
+        if signals and not server.responses_sent.is_set():
+            server.responses_sent.wait(life.deadline.cap(LINGER))
         server.close()
+    waker.close()
     return 0 if report.ok and not fatal else 1
 
 
@@ -97,26 +157,26 @@ class Wrapper:
     """`registrar run -- CMD`: PID 1 around the app. Starts it, registers it
     (once healthy, with a health gate), and on SIGTERM/SIGINT/(/prestop)
     deregisters and waits for propagation *before* signalling the app; reaps
-    every zombie; forwards SIGHUP/SIGUSR1/SIGUSR2; exits with the app's status."""
+    every zombie; forwards SIGHUP/SIGUSR1/SIGUSR2; exits with the app's status.
+    ``stop.app_shutdown`` of the grace period is kept for the app itself."""
 
     def __init__(self, registrar: Registrar, config: Config, argv: Sequence[str]):
         self.registrar = registrar
         self.config = config
         self.argv = list(argv)
-        self.life = Lifecycle(registrar)
+        self.waker: Waker | None = None
+        self.life: Lifecycle | None = None
         self.app: subprocess.Popen | None = None
         self.app_status: int | None = None
-        self._forward: list[int] = []
         self._spawn_lock = threading.Lock()  # the reaper never steals a probe's child
         self._probe_pids: set[int] = set()
         self._done = threading.Event()  # the stop sequence has finished
 
     def run(self) -> int:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda signum, _f: self.life.note(signal.Signals(signum).name))
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, self._on_forwarded)
-        signal.signal(signal.SIGCHLD, lambda *_: self.life.wake.set())
+        self.waker = Waker(STOP_SIGNALS + FORWARDED_SIGNALS + (signal.SIGCHLD,))
+        stop = self.config.stop
+        reserve = min(stop.app_shutdown, (stop.grace_period - stop.safety_margin) / 2)
+        self.life = Lifecycle(self.registrar, self.waker, reserve=reserve)
         health = self.config.health
         server = _control(self.registrar, self.config, self.life,
                           ready=lambda: self.registrar.registered and self._app_running())
@@ -134,22 +194,24 @@ class Wrapper:
         code = self._main_loop(server)
         if server is not None:
             server.close()
+        self.waker.close()
         return code
 
-    def _on_forwarded(self, signum: int, _frame: Any) -> None:
-        self._forward.append(signum)
-        self.life.wake.set()
+    def _handle(self, signals: list[int]) -> None:
+        """Reap, forward, note stop signals: everything a wake-up may mean."""
+        self._reap()
+        for sig in signals:
+            if sig in FORWARDED_SIGNALS:
+                self._signal_app(sig)
+            elif sig in STOP_SIGNALS:
+                self.life.note(signal.Signals(sig).name)
 
     def _app_running(self) -> bool:
         return self.app is not None and self.app_status is None
 
     def _main_loop(self, server) -> int:
         while True:
-            self.life.wake.wait()
-            self.life.wake.clear()
-            self._reap()
-            while self._forward:
-                self._signal_app(self._forward.pop(0))
+            self._handle(self.waker.wait())
             if self.app_status is not None and not self.life.triggered:
                 log.warning("the app exited with status %d: deregistering", self.app_status)
                 self.life.stop(f"app exited ({self.app_status})")
@@ -161,28 +223,25 @@ class Wrapper:
     def _shutdown(self, server) -> int:
         self.life.stop("signal")
         self._done.set()
-        deadline = self.registrar.stop_deadline
+        self._handle([])
+        registry_deadline, deadline = self.registrar.stop_deadline, self.life.deadline
         if server is not None and self.registrar.report.trigger.startswith("preStop"):
             # Let the hook's answer leave before the app (and so we) exit.
-            server.responses_sent.wait(deadline.cap(0.5))
+            server.responses_sent.wait(registry_deadline.cap(0.5))
         if self.app_status is None and self.config.stop.drain_connections:
-            self._drain_connections(deadline)
+            self._drain_connections(registry_deadline)
         stop_signal = _signal(self.config.stop.signal)
         if self.app_status is None:
-            log.info("sending %s to the app", stop_signal.name)
+            log.info("sending %s to the app (%.1fs left for it)", stop_signal.name,
+                     deadline.remaining())
             self._signal_app(stop_signal)
         while self.app_status is None and not deadline.expired:
-            self.life.wake.wait(deadline.cap(0.1))
-            self.life.wake.clear()
-            self._reap()
-            while self._forward:
-                self._signal_app(self._forward.pop(0))
+            self._handle(self.waker.wait(deadline.cap(0.1)))
         if self.app_status is None:
             log.error("the app did not exit before the deadline: SIGKILL")
             self._signal_app(signal.SIGKILL, group=True)
             while self.app_status is None:
-                self.life.wake.wait(0.05)
-                self._reap()
+                self._handle(self.waker.wait(0.05))
         return self.app_status
 
     def _signal_app(self, sig: int, group: bool = False) -> None:
