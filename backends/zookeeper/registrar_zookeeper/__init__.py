@@ -1,0 +1,376 @@
+"""ZooKeeper backend: an ephemeral znode in Apache Curator's x-discovery format.
+
+Znode ``<base_path>/<service>/<id>`` holding a Curator ``ServiceInstance``
+JSON document, so Java services using Curator's ServiceDiscovery or
+ServiceCache (and Spring Cloud Zookeeper) list the pod with no code of
+theirs. The node is ephemeral: it lives as long as our session, which
+kazoo's own pings keep alive; the heartbeat checks that the node is still
+there and still ours, and writes it again if not.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import (AuthFailedError, BadArgumentsError, BadVersionError,
+                              ConnectionClosedError, ConnectionLoss, InvalidACLError,
+                              KazooException, MarshallingError, NodeExistsError, NoAuthError,
+                              NoChildrenForEphemeralsError, NoNodeError, QuotaExceededError,
+                              RolledBackError, SessionExpiredError, UnimplementedError)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import KazooState, KeeperState
+
+from registrar.backend import Backend, Observer
+from registrar.errors import ConfigError, RegistrationRejected, RegistryUnavailable
+from registrar.instance import Instance
+
+from ._kazoo import new_client, stop_clients, stop_in_background, wait
+from .config import (ZooKeeperAuth, ZooKeeperConfig, ZooKeeperTLS, parse_acl, read_credentials,
+                     split_hosts, uri_spec)
+
+__all__ = ["ZooKeeperBackend", "ZooKeeperObserver", "ZooKeeperConfig", "ZooKeeperAuth",
+           "ZooKeeperTLS", "Superseded", "parse_acl", "split_hosts", "uri_spec"]
+
+log = logging.getLogger(__name__)
+
+#: Answers that retrying will not change.
+_REJECTED = (NoAuthError, AuthFailedError, InvalidACLError, BadArgumentsError, MarshallingError,
+             UnimplementedError, NoChildrenForEphemeralsError, QuotaExceededError)
+
+
+class Superseded(RegistrationRejected):
+    """A newer registration of the same instance id (a new incarnation of the
+    pod) owns the node: we leave it alone."""
+
+
+T = TypeVar("T")
+
+
+class ZooKeeperBackend(Backend):
+    """Registration = an ephemeral znode holding a Curator ServiceInstance;
+    heartbeat = a check that it exists and belongs to our session, written
+    again if not (after a session expiry, say). A node a previous incarnation
+    left behind with a session still alive is replaced at registration."""
+
+    Config = ZooKeeperConfig
+
+    def __init__(self, instance: Instance, config: ZooKeeperConfig):
+        super().__init__(instance, config)
+        for field, value in (("service.name", instance.service), ("service.id", instance.id)):
+            if "/" in value or value in (".", ".."):
+                raise ConfigError(field, f"{value!r} cannot be a znode name (no '/', '.' or '..')")
+        self.servers, self.chroot = split_hosts(config.hosts)
+        self.path = f"{config.base_path.rstrip('/')}/{instance.service}/{instance.id}"
+        self._credentials = read_credentials(config.auth)
+        self._acl = [parse_acl(e) for e in config.acl or (
+            ["auth::all", "world:anyone:r"] if config.auth else ["world:anyone:all"])]
+        self._tls = None if config.tls is None else {
+            "use_ssl": True, "ca": config.tls.ca, "certfile": config.tls.cert,
+            "keyfile": config.tls.key, "verify_certs": config.tls.verify,
+            "check_hostname": config.tls.check_hostname}
+        self._lock = threading.Lock()  # guards _client and _closed against close()
+        self._client: KazooClient | None = None
+        self._live: threading.Event | None = None
+        self._closed = False
+        self._registered = False
+        # Creation zxid of the node we last wrote or adopted, kept after a
+        # deregistration: a node created later is a newer registration's.
+        self._czxid: int | None = None
+        self._registered_at: int | None = None
+        self._removed_zxid: int | None = None
+        self._closer: threading.Thread | None = None
+        self._observers: list[ZooKeeperObserver] | None = None
+
+    @property
+    def ttl(self) -> float:
+        return self.config.session_timeout
+
+    def document(self, status: str | None = None) -> dict[str, Any]:
+        """The Curator ServiceInstance (compatible mode: no "enabled")."""
+        if self._registered_at is None:
+            self._registered_at = int(time.time() * 1000)
+        payload: dict[str, Any] = {"tags": list(self.instance.tags),
+                                   "metadata": dict(self.instance.meta)}
+        if status:
+            payload["status"] = status
+        if self.config.payload_class:
+            payload = {"@class": self.config.payload_class, **payload}
+        spec = self.config.uri_spec
+        return {"name": self.instance.service, "id": self.instance.id,
+                "address": self.instance.address, "port": self.instance.port,
+                "sslPort": self.config.ssl_port, "payload": payload,
+                "registrationTimeUTC": self._registered_at, "serviceType": "DYNAMIC",
+                "uriSpec": uri_spec(spec) if spec else None}
+
+    def _data(self, status: str | None = None) -> bytes:
+        return json.dumps(self.document(status), separators=(",", ":")).encode()
+
+    def new_client(self, hosts: str) -> KazooClient:
+        """A client (not started) with this backend's timeouts, auth and TLS."""
+        return new_client(hosts, session_timeout=self.config.session_timeout,
+                          connect_timeout=self.config.timeout, credentials=self._credentials,
+                          tls=self._tls)
+
+    # -- the session ----------------------------------------------------------
+
+    def _connected(self, end: float) -> KazooClient:
+        with self._lock:
+            if self._closed:
+                raise RegistryUnavailable("zookeeper: closed")
+            if self._client is None:
+                self._start_session()
+            client, live = self._client, self._live
+        if client.client_state == KeeperState.AUTH_FAILED:
+            raise RegistrationRejected("zookeeper: authentication failed")
+        if not live.wait(max(0.0, end - time.monotonic())):
+            raise RegistryUnavailable(f"zookeeper: no session with {','.join(self.servers)} "
+                                      f"within {self.config.timeout:g}s")
+        return client
+
+    def _start_session(self) -> None:
+        client = self.new_client(",".join(self.servers) + self.chroot)
+        client.add_listener(lambda state: self._on_state(client, state))
+        self._client = client  # before it connects: _on_state tells ours by it
+        self._live = client.start_async()
+
+    def _on_state(self, client: KazooClient, state: str) -> None:
+        # Called on kazoo's connection thread: note and return, never block.
+        if client is not self._client:
+            return  # a client we are closing
+        if state == KazooState.SUSPENDED:
+            log.warning("zookeeper: connection lost; the session lives on while kazoo reconnects")
+        elif state == KazooState.LOST:
+            log.warning("zookeeper: session expired; %s will be written again by the next "
+                        "heartbeat once a new session is up", self.path)
+        else:
+            log.info("zookeeper: connected, session 0x%x", (client.client_id or (0,))[0])
+
+    def _retry(self, what: str, body: Callable[[KazooClient, float], T]) -> T:
+        """Run an idempotent body within ``timeout``, again after a dropped
+        connection or an expired session (kazoo fails requests in flight then);
+        map what is left of kazoo's exceptions to ours."""
+        end = time.monotonic() + self.config.timeout
+        while True:
+            client = self._connected(end)
+            try:
+                return body(client, end)
+            except (ConnectionLoss, SessionExpiredError) as exc:
+                if isinstance(exc, ConnectionClosedError) or time.monotonic() >= end:
+                    raise RegistryUnavailable(f"zookeeper: {what}: {_why(exc)}") from None
+                time.sleep(0.005)  # kazoo clears its "live" flag before failing requests
+            except KazooException as exc:
+                raise _mapped(exc, f"zookeeper: {what}") from None
+
+    # -- the contract -----------------------------------------------------------
+
+    def register(self) -> None:
+        self._retry("register", self._ensure)
+        self._registered, self._removed_zxid = True, None  # also: back into rotation
+
+    def heartbeat(self) -> bool:
+        if not self._registered:
+            self.register()
+            return True
+        return self._retry("heartbeat", self._ensure)
+
+    def _ensure(self, client: KazooClient, end: float) -> bool:
+        """Make the node exist and belong to our session; True if it had to
+        be written."""
+        session, wrote = _session(client), False
+        for _attempt in range(4):
+            stat = _get(client, client.exists_async(self.path), end)
+            if stat is None:
+                if self._registered:
+                    log.warning("zookeeper: %s is gone (session expired or node deleted); "
+                                "creating it again", self.path)
+                try:
+                    _, stat = _get(client, client.create_async(
+                        self.path, self._data(), self._acl, ephemeral=True, makepath=True,
+                        include_data=True), end)
+                except NodeExistsError:
+                    continue  # someone was quicker: look again
+                self._czxid = stat.czxid
+                return True
+            if stat.ephemeralOwner == session:  # ours, also when an earlier try landed late
+                self._czxid = stat.czxid
+                return wrote
+            if self._czxid is not None and stat.czxid > self._czxid:
+                raise Superseded(f"zookeeper: {self.path} was taken over by session "
+                                 f"0x{stat.ephemeralOwner:x}, a newer registration of this id")
+            # Left by a previous incarnation whose session is still alive (or
+            # by hand): it would vanish under our feet when that session
+            # expires. Replace it in one step, so consumers never miss us.
+            tx = client.transaction()
+            tx.delete(self.path, version=stat.version)
+            tx.create(self.path, self._data(), self._acl, ephemeral=True)
+            failed = [r for r in _get(client, tx.commit_async(), end)
+                      if isinstance(r, Exception) and not isinstance(r, RolledBackError)]
+            if any(isinstance(r, _REJECTED) for r in failed):
+                raise _mapped(failed[0], f"zookeeper: replacing {self.path}")
+            if not failed:
+                log.warning("zookeeper: replaced %s left by session 0x%x (a previous "
+                            "incarnation of this pod?)", self.path, stat.ephemeralOwner)
+                wrote = True
+        raise RegistryUnavailable(f"zookeeper: {self.path} kept changing under us")
+
+    def drain(self) -> None:
+        self._connect_observers()  # while we drain and deregister
+        if self._registered:
+            self._retry("drain", self._mark_draining)
+
+    def _mark_draining(self, client: KazooClient, end: float) -> None:
+        stat = _get(client, client.exists_async(self.path), end)
+        if stat is None or stat.ephemeralOwner != _session(client):
+            return  # nothing of ours to mark
+        try:
+            _get(client, client.set_async(self.path, self._data("draining"), stat.version), end)
+        except (BadVersionError, NoNodeError):
+            pass  # changed under us: the deregistration decides
+
+    def deregister(self) -> int:
+        """Delete our node (version-checked), close the session; return the
+        zxid of a state that includes the removal."""
+        if self._removed_zxid is not None:
+            return self._removed_zxid
+        self._removed_zxid = self._retry("deregister", self._remove)
+        self._registered = False
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:  # ordered after the delete; nothing waits for it
+            self._closer = stop_in_background(client)
+        return self._removed_zxid
+
+    def _remove(self, client: KazooClient, end: float) -> int:
+        for _attempt in range(4):
+            stat = _get(client, client.exists_async(self.path), end)
+            if stat is None:
+                break
+            if (stat.ephemeralOwner != _session(client) and self._czxid is not None
+                    and stat.czxid > self._czxid):
+                log.info("zookeeper: %s belongs to a newer registration (session 0x%x): "
+                         "leaving it", self.path, stat.ephemeralOwner)
+                break
+            # Without a node of ours (the `deregister` command) whatever the
+            # path holds goes.
+            try:
+                _get(client, client.delete_async(self.path, stat.version), end)
+                break
+            except NoNodeError:
+                break
+            except BadVersionError:
+                continue
+        else:
+            raise RegistryUnavailable(f"zookeeper: {self.path} kept changing under us")
+        # Every reply carries the zxid its server had applied (kazoo records
+        # it before handing the reply over): the removal is at or before it.
+        return client.last_zxid
+
+    def observers(self) -> list["ZooKeeperObserver"]:
+        if self._observers is None:
+            self._observers = [ZooKeeperObserver(self, server) for server in self.servers]
+        return self._observers
+
+    def _connect_observers(self) -> None:
+        for observer in self.observers():
+            observer.connect()
+
+    def close(self) -> None:
+        """Final: a call after it raises RegistryUnavailable rather than open
+        a session nobody would close (a late observer warm-up, say)."""
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+        observers = [o._release() for o in self._observers or ()]
+        stop_clients([c for c in [client, *observers] if c], self.config.timeout)
+        if self._closer is not None:
+            self._closer.join(self.config.timeout)
+
+
+class ZooKeeperObserver(Observer):
+    """One server's own view, through a session held with that server alone
+    (opened once, reused). After deregister() it asks exists(path) and reads
+    the zxid of the reply, which is the zxid the server had applied: the
+    instance is gone from this view once that reaches the removal's zxid.
+    No sync there: it would cost a round trip through the leader on every
+    poll, and a sync the leader is slow to answer holds up every later
+    request of the session (a session's requests are answered in order); a
+    server still behind is simply asked again at the next poll. Before any
+    removal (status, the warm-up after registering) it asks sync(path) then
+    exists(path), pipelined: what the server holds once caught up."""
+
+    def __init__(self, backend: ZooKeeperBackend, server: str):
+        self.backend = backend
+        self.server = server
+        self.name = f"zookeeper {server}"
+        self._lock = threading.Lock()
+        self._client: KazooClient | None = None
+        self._live: threading.Event | None = None
+
+    def connect(self) -> tuple[KazooClient, threading.Event]:
+        """Start the session (in the background) unless it is there."""
+        with self._lock:
+            if self.backend._closed:
+                raise RegistryUnavailable(f"{self.name}: closed")
+            if self._client is None:
+                self._client = self.backend.new_client(self.server + self.backend.chroot)
+                self._live = self._client.start_async()
+            return self._client, self._live
+
+    def sees(self, instance: Instance) -> bool:
+        timeout = self.backend.config.timeout
+        end = time.monotonic() + timeout
+        client, live = self.connect()
+        if not live.wait(timeout):
+            raise RegistryUnavailable(f"{self.name}: no session within {timeout:g}s")
+        path = self.backend.path
+        try:
+            removed = self.backend._removed_zxid
+            if removed is not None:
+                _get(client, client.exists_async(path), end)
+                # A node there now, if any, is a newer registration's.
+                return client.last_zxid < removed
+            client.sync_async(path)
+            return _get(client, client.exists_async(path), end) is not None
+        except KazooException as exc:
+            raise _mapped(exc, self.name) from None
+
+    def _release(self) -> KazooClient | None:
+        with self._lock:
+            client, self._client = self._client, None
+            return client
+
+    def close(self) -> None:
+        client = self._release()
+        if client is not None:
+            stop_clients([client], self.backend.config.timeout)
+
+
+def _session(client: KazooClient) -> int:
+    client_id = client.client_id
+    if client_id is None:
+        raise ConnectionLoss()  # between sessions: the caller retries
+    return client_id[0]
+
+
+def _get(client: KazooClient, result: Any, end: float) -> Any:
+    """A kazoo async result, waited for until ``end`` at most."""
+    try:
+        return wait(result, end, nudge=lambda: client.connected and client.exists_async("/"))
+    except KazooTimeoutError:
+        raise RegistryUnavailable("zookeeper: no answer in time") from None
+
+
+def _mapped(exc: BaseException, what: str) -> Exception:
+    cls = RegistrationRejected if isinstance(exc, _REJECTED) else RegistryUnavailable
+    return cls(f"{what}: {_why(exc)}")
+
+
+def _why(exc: BaseException) -> str:
+    # kazoo's exceptions mostly carry no message: the class says it.
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text and text != "()" else type(exc).__name__
