@@ -46,6 +46,8 @@ class Backend(abc.ABC):
 
     #: The pydantic model of this backend's config section.
     Config: ClassVar[type[BackendConfig]]
+    #: The config field behind ``ttl`` (for the heartbeat-interval check).
+    ttl_field: ClassVar[str] = "ttl"
 
     def __init__(self, instance: Instance, config: BackendConfig):
         self.instance = instance

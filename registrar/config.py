@@ -7,6 +7,7 @@ import difflib
 import ipaddress
 import os
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,10 +272,11 @@ def _check_budgets(config: Config) -> None:
             f"({format_duration(budget)})")
     interval = config.heartbeat.interval
     for i, (cls, section) in enumerate(config.backends):
-        ttl = getattr(section, "ttl", None)
+        field = cls.ttl_field
+        ttl = getattr(section, field, None)
         if interval is not None and ttl is not None and interval >= ttl:
             raise ConfigError("heartbeat.interval", f"{format_duration(interval)} is not shorter "
-                              f"than backends[{i}].ttl ({format_duration(ttl)}): the "
+                              f"than backends[{i}].{field} ({format_duration(ttl)}): the "
                               "registration would expire between heartbeats")
 
 
@@ -334,7 +336,10 @@ def _did_you_mean(model: type[BaseModel], loc: list) -> str:
         if isinstance(part, int) or part not in fields:
             continue
         annotation = fields[part].annotation
-        fields = getattr(annotation, "model_fields", {})
+        # An optional section (``Tls | None``) is a union: look into its model.
+        models = [a for a in (typing.get_args(annotation) or (annotation,))
+                  if hasattr(a, "model_fields")]
+        fields = models[0].model_fields if models else {}
     close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(fields)}"
 

@@ -17,7 +17,7 @@ from tenacity import (RetryError, Retrying, retry_if_exception_type, stop_after_
 from .backend import Backend
 from .clock import Clock, Deadline
 from .config import HeartbeatConfig, StopConfig, format_duration
-from .errors import RegistrarError, RegistrationRejected, RegistryUnavailable
+from .errors import ConfigError, RegistrarError, RegistrationRejected, RegistryUnavailable
 from .instance import Instance
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,13 @@ class Registrar:
         svc = cfg.service
         instance = Instance.create(svc.name, svc.port, id=svc.id, address=svc.address,
                                    tags=svc.tags, meta=svc.meta, environ=environ)
-        backends = [backend_cls(instance, section) for backend_cls, section in cfg.backends]
+        backends = []
+        for i, (backend_cls, section) in enumerate(cfg.backends):
+            try:
+                backends.append(backend_cls(instance, section))
+            except ConfigError as exc:  # e.g. a secret file it could not read
+                raise ConfigError(f"backends[{i}].{exc.path}" if exc.path else f"backends[{i}]",
+                                  exc.message) from None
         registrar = cls(instance, backends, heartbeat=cfg.heartbeat, stop=cfg.stop, **kwargs)
         registrar.config = cfg
         return registrar

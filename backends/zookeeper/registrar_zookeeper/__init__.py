@@ -58,6 +58,7 @@ class ZooKeeperBackend(Backend):
     left behind with a session still alive is replaced at registration."""
 
     Config = ZooKeeperConfig
+    ttl_field = "session_timeout"
 
     def __init__(self, instance: Instance, config: ZooKeeperConfig):
         super().__init__(instance, config)
