@@ -522,6 +522,11 @@ class Registrar:
             raise RegistrarError("install_signal_handlers() must be called from the main thread")
         previous = {sig: signal.getsignal(sig) for sig in signals}
         done: set[int] = set()  # signals re-delivered once the sequence finished
+        # The handler only writes the signal's number to a pipe (no lock, no
+        # thread start inside a signal handler); a thread waiting on the pipe
+        # runs the sequence.
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
 
         def handler(signum: int, frame: Any) -> None:
             if signum in done:  # the sequence is over: the app's turn
@@ -532,17 +537,23 @@ class Registrar:
                     signal.signal(signum, signal.SIG_DFL)
                     os.kill(os.getpid(), signum)
                 return
-            cfg = self.stop_config
-            deadline = Deadline.after(cfg.grace_period - cfg.safety_margin, self.clock)
-            _spawn(self._stop_then_redeliver, signum, deadline, done, name="registrar-signal")
+            try:
+                os.write(write_fd, bytes([signum]))
+            except BlockingIOError:
+                pass  # a burst: the sequence is under way anyway
 
+        def watch() -> None:
+            while True:
+                signum = os.read(read_fd, 1)[0]
+                cfg = self.stop_config
+                deadline = Deadline.after(cfg.grace_period - cfg.safety_margin, self.clock)
+                self.stop(signal.Signals(signum).name, deadline)
+                done.add(signum)
+                os.kill(os.getpid(), signum)  # handled in the main thread, by the chain above
+
+        threading.Thread(target=watch, name="registrar-signals", daemon=True).start()
         for sig in signals:
             signal.signal(sig, handler)
-
-    def _stop_then_redeliver(self, signum: int, deadline: Deadline, done: set[int]) -> None:
-        self.stop(signal.Signals(signum).name, deadline)
-        done.add(signum)
-        os.kill(os.getpid(), signum)  # handled in the main thread, by the chain above
 
     # -- detaching and context manager ----------------------------------------
 

@@ -93,6 +93,10 @@ class Lifecycle:
         return bool(self._triggers)
 
     @property
+    def first_at(self) -> float:
+        return self._triggers[0][1]
+
+    @property
     def deadline(self) -> Deadline:
         """The end of the whole grace budget, from the first trigger."""
         cfg = self.registrar.stop_config
@@ -119,10 +123,11 @@ def _control(registrar: Registrar, config: Config, life: Lifecycle, ready=None):
                          token=token, ready=ready).start()
 
 
-#: After a signal-triggered stop, how long the agent still answers /prestop:
-#: a regular sidecar gets its SIGTERM at the moment the app's preStop hook
-#: starts calling it.
-LINGER = 0.5
+#: How long after its first trigger the agent still answers /prestop before
+#: it exits (unless one was answered already): a regular sidecar gets its
+#: SIGTERM at the moment the app's preStop hook starts, and an exec hook may
+#: take a while to start on a loaded node.
+LINGER = 2.0
 
 
 def run_agent(registrar: Registrar, config: Config) -> int:
@@ -147,7 +152,8 @@ def run_agent(registrar: Registrar, config: Config) -> int:
         report = life.stop(f"fatal error: {fatal[0]}")
     if server is not None:
         if signals and not server.responses_sent.is_set():
-            server.responses_sent.wait(life.deadline.cap(LINGER))
+            linger = Deadline(min(life.deadline.at, life.first_at + LINGER), registrar.clock)
+            server.responses_sent.wait(linger.remaining())
         server.close()
     waker.close()
     return 0 if report.ok and not fatal else 1

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -14,18 +15,33 @@ import yaml
 
 from registrar import cli
 from tests.conformance.suite import wait_for
+from tests.servers.common import free_port
 from tests.servers.etcd import kv_get_serializable
 
 
 def agent_config(tmp_path, endpoints, **stop):
     service = f"e2e-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "agent.yaml"
+    control = f"127.0.0.1:{free_port()}"
     path.write_text(yaml.safe_dump({
         "service": {"name": service, "port": 8080, "tags": ["e2e"]},
         "backends": [{"type": "etcd", "endpoints": endpoints, "ttl": "3s", "timeout": "1s"}],
         "stop": {"grace_period": "10s", "safety_margin": "1s", **stop},
+        "control": {"listen": control},
     }))
     return path, f"/services/{service}/10.20.30.40:8080"
+
+
+def control_of(path):
+    return yaml.safe_load(path.read_text())["control"]["listen"]
+
+
+def healthy(control):
+    try:
+        with urllib.request.urlopen(f"http://{control}/healthz", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def spawn(*args, env=None):
@@ -59,7 +75,8 @@ def test_sigterm_with_the_registry_unreachable_exits_before_the_grace_period(tmp
     path, _ = agent_config(tmp_path, ["http://127.0.0.1:1"], grace_period="3s")
     agent = spawn("agent", "--config", str(path), "--log-format", "json")
     try:
-        time.sleep(0.5)  # let it try (and fail) to register
+        # The signal handlers are in place once the control server answers.
+        wait_for(lambda: healthy(control_of(path)), 15, "the agent's control server")
         began = time.monotonic()
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=10)
