@@ -20,6 +20,15 @@ def etcd_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def zk_standalone(tmp_path_factory):
+    """One standalone ZooKeeper server on 127.0.0.1."""
+    from tests.servers.zookeeper import ZooKeeperEnsemble
+
+    with ZooKeeperEnsemble(1, tmp_path_factory.mktemp("zk1")) as zk:
+        yield zk
+
+
+@pytest.fixture(scope="session")
 def zk_ensemble(tmp_path_factory):
     """Three ZooKeeper servers on 127.0.0.1, shared like etcd_cluster."""
     from tests.servers.zookeeper import ZK_JAR, ZooKeeperEnsemble

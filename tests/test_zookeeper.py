@@ -31,12 +31,6 @@ SECRET = "s3cr3t-Pa55"
 
 
 @pytest.fixture(scope="module")
-def standalone(tmp_path_factory):
-    with ZooKeeperEnsemble(1, tmp_path_factory.mktemp("zk-standalone")) as zk:
-        yield zk
-
-
-@pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     """An ensemble of this module's own, for tests that kill or freeze servers."""
     with ZooKeeperEnsemble(3, tmp_path_factory.mktemp("zk-faults")) as zk:
@@ -67,8 +61,8 @@ def make():
 
 
 @pytest.fixture
-def client(standalone):
-    c = KazooClient(hosts=standalone.connect_string, timeout=10)
+def client(zk_standalone):
+    c = KazooClient(hosts=zk_standalone.connect_string, timeout=10)
     c.start(timeout=10)
     yield c
     c.stop()
@@ -86,8 +80,8 @@ def agent_on(hosts, instance, **section):
 
 # -- what is written ----------------------------------------------------------
 
-def test_node_is_an_ephemeral_curator_service_instance(standalone, make, client, instance):
-    backend = make(standalone.hosts, instance, base_path="/svc/")
+def test_node_is_an_ephemeral_curator_service_instance(zk_standalone, make, client, instance):
+    backend = make(zk_standalone.hosts, instance, base_path="/svc/")
     before = int(time.time() * 1000)
     backend.register()
     path = f"/svc/{instance.service}/{instance.id}"
@@ -123,17 +117,17 @@ def curator_probe(tmp_path_factory) -> list[str]:
             "-cp", f"{CURATOR_CLASSPATH}:{out}", "CuratorProbe"]
 
 
-def test_curator_lists_what_we_register(standalone, make, instance, curator_probe):
-    plain = make(standalone.hosts, instance)
+def test_curator_lists_what_we_register(zk_standalone, make, instance, curator_probe):
+    plain = make(zk_standalone.hosts, instance)
     typed_instance = Instance(instance.service, instance.id + "-b", "10.9.8.8", 8081,
                               meta={"version": "2"})
-    typed = make(standalone.hosts, typed_instance, ssl_port=8443,
+    typed = make(zk_standalone.hosts, typed_instance, ssl_port=8443,
                  uri_spec="{scheme}://{address}:{ssl-port}/api",
                  payload_class="java.util.LinkedHashMap")
     plain.register()
     typed.register()
     typed.drain()
-    seen = {i["id"]: i for i in probe_list(curator_probe, standalone.connect_string,
+    seen = {i["id"]: i for i in probe_list(curator_probe, zk_standalone.connect_string,
                                            "/services", instance.service)}
     assert set(seen) == {instance.id, typed_instance.id}
     a, b = seen[instance.id], seen[typed_instance.id]
@@ -146,15 +140,15 @@ def test_curator_lists_what_we_register(standalone, make, instance, curator_prob
     assert b["payload"] == {"tags": [], "metadata": {"version": "2"}, "status": "draining"}
     plain.deregister()
     typed.deregister()
-    assert probe_list(curator_probe, standalone.connect_string, "/services", instance.service) == []
+    assert probe_list(curator_probe, zk_standalone.connect_string, "/services", instance.service) == []
 
 
 # -- ACLs and secrets ---------------------------------------------------------
 
-def test_other_clients_cannot_delete_our_node_when_acls_are_on(standalone, make, client,
+def test_other_clients_cannot_delete_our_node_when_acls_are_on(zk_standalone, make, client,
                                                                 instance, monkeypatch):
     monkeypatch.setenv("ZK_TEST_AUTH", f"registrar:{SECRET}")
-    backend = make(standalone.hosts, instance, auth={"env": "ZK_TEST_AUTH"})
+    backend = make(zk_standalone.hosts, instance, auth={"env": "ZK_TEST_AUTH"})
     backend.register()
     acl = sorted((a.id.scheme, a.id.id, a.perms) for a in client.get_acls(backend.path)[0])
     # The creator's digest id (ZooKeeper 3.8 hides the hash from non-admins).
@@ -162,7 +156,7 @@ def test_other_clients_cannot_delete_our_node_when_acls_are_on(standalone, make,
     parent = backend.path.rsplit("/", 1)[0]
     assert client.get_acls(parent)[0] == client.get_acls(backend.path)[0]
     assert json.loads(client.get(backend.path)[0])["id"] == instance.id  # world can read
-    intruder = KazooClient(hosts=standalone.connect_string, auth_data=[("digest", "eve:guess")])
+    intruder = KazooClient(hosts=zk_standalone.connect_string, auth_data=[("digest", "eve:guess")])
     intruder.start(timeout=10)
     try:
         for c in (client, intruder):
@@ -175,29 +169,29 @@ def test_other_clients_cannot_delete_our_node_when_acls_are_on(standalone, make,
         intruder.close()
     assert backend.heartbeat() is False
     # The same credentials elsewhere (the `deregister` command) may remove it.
-    other = make(standalone.hosts, instance, auth={"env": "ZK_TEST_AUTH"})
+    other = make(zk_standalone.hosts, instance, auth={"env": "ZK_TEST_AUTH"})
     other.deregister()
     assert client.exists(backend.path) is None
 
 
-def test_the_password_is_never_logged_nor_echoed(standalone, make, instance, tmp_path, caplog):
+def test_the_password_is_never_logged_nor_echoed(zk_standalone, make, instance, tmp_path, caplog):
     secret_file = tmp_path / "zk-auth"
     secret_file.write_text(f"registrar:{SECRET}\n")
     caplog.set_level(1)
     caplog.set_level(1, logger="registrar_zookeeper.kazoo")
-    backend = make(standalone.hosts, instance, auth={"file": str(secret_file)})
+    backend = make(zk_standalone.hosts, instance, auth={"file": str(secret_file)})
     backend.register()
     backend.deregister()
     assert "Auth(scheme='digest', auth=<redacted>)" in caplog.text  # kazoo did log the packet
     assert SECRET not in caplog.text
     secret_file.write_text(SECRET)  # no user: rejected without showing it
     with pytest.raises(ConfigError) as err:
-        make(standalone.hosts, instance, auth={"file": str(secret_file)})
+        make(zk_standalone.hosts, instance, auth={"file": str(secret_file)})
     assert str(err.value) == "auth.file: expected user:password (the value is not shown)"
     with pytest.raises(ConfigError, match=r"auth.file: cannot read .*/nope: No such file"):
-        make(standalone.hosts, instance, auth={"file": str(tmp_path / "nope")})
+        make(zk_standalone.hosts, instance, auth={"file": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="auth.env: environment variable ZK_NOT_SET_ANYWHERE"):
-        make(standalone.hosts, instance, auth={"env": "ZK_NOT_SET_ANYWHERE"})
+        make(zk_standalone.hosts, instance, auth={"env": "ZK_NOT_SET_ANYWHERE"})
 
 
 # -- config -------------------------------------------------------------------
@@ -264,23 +258,23 @@ def test_a_held_back_reply_is_nudged_out():
     assert 2 <= len(nudges) <= 5
 
 
-def test_a_chroot_in_hosts_is_honoured(standalone, make, client, instance):
+def test_a_chroot_in_hosts_is_honoured(zk_standalone, make, client, instance):
     client.ensure_path("/apps/blue")
-    backend = make([standalone.hosts[0] + "/apps/blue"], instance)
+    backend = make([zk_standalone.hosts[0] + "/apps/blue"], instance)
     backend.register()
     assert client.exists(f"/apps/blue/services/{instance.service}/{instance.id}") is not None
     assert [o.sees(instance) for o in backend.observers()] == [True]
     backend.deregister()
     assert [o.sees(instance) for o in backend.observers()] == [False]
-    fresh = make([standalone.hosts[0] + "/apps/green"], instance)
+    fresh = make([zk_standalone.hosts[0] + "/apps/green"], instance)
     fresh.register()  # a chroot that does not exist yet is created like the other parents
     assert client.exists(f"/apps/green/services/{instance.service}/{instance.id}") is not None
 
 
 # -- sessions and take-overs ------------------------------------------------------
 
-def test_heartbeat_rewrites_a_node_deleted_by_hand(standalone, make, client, instance):
-    backend = make(standalone.hosts, instance)
+def test_heartbeat_rewrites_a_node_deleted_by_hand(zk_standalone, make, client, instance):
+    backend = make(zk_standalone.hosts, instance)
     backend.register()
     client.delete(backend.path)
     assert backend.heartbeat() is True
@@ -357,8 +351,8 @@ def test_a_previous_incarnations_node_is_replaced_and_never_fought_over(zk_ensem
         views.close()
 
 
-def test_registered_again_after_a_deregistration(standalone, make, client, instance):
-    backend = make(standalone.hosts, instance)  # the core's pause() and resume()
+def test_registered_again_after_a_deregistration(zk_standalone, make, client, instance):
+    backend = make(zk_standalone.hosts, instance)  # the core's pause() and resume()
     backend.register()
     first = backend.deregister()
     assert client.exists(backend.path) is None
@@ -380,9 +374,9 @@ def test_deregister_command_removes_a_node_registered_elsewhere(zk_ensemble, mak
 
 # -- bounded calls --------------------------------------------------------------
 
-def test_a_frozen_server_never_hangs_connect_close_or_exit(standalone, make, instance):
-    server = standalone.servers[0]
-    registered = make(standalone.hosts, instance)
+def test_a_frozen_server_never_hangs_connect_close_or_exit(zk_standalone, make, instance):
+    server = zk_standalone.servers[0]
+    registered = make(zk_standalone.hosts, instance)
     registered.register()
     script = textwrap.dedent("""
         import sys, time

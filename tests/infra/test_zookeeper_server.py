@@ -27,12 +27,6 @@ CURATOR_FIELDS = {"name", "id", "address", "port", "sslPort", "payload",
 
 
 @pytest.fixture(scope="module")
-def standalone(tmp_path_factory):
-    with ZooKeeperEnsemble(1, tmp_path_factory.mktemp("zk1")) as zk:
-        yield zk
-
-
-@pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
     with ZooKeeperEnsemble(3, tmp_path_factory.mktemp("zk3")) as zk:
         yield zk
@@ -62,14 +56,14 @@ def probe_list(probe: list[str], connect: str, base: str, service: str) -> list[
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-def test_standalone_answers_srvr(standalone):
-    server = standalone.servers[0]
-    assert standalone.hosts == [f"127.0.0.1:{server.client_port}"]
-    assert standalone.connect_string == standalone.hosts[0]
+def test_standalone_answers_srvr(zk_standalone):
+    server = zk_standalone.servers[0]
+    assert zk_standalone.hosts == [f"127.0.0.1:{server.client_port}"]
+    assert zk_standalone.connect_string == zk_standalone.hosts[0]
     assert server.mode() == "standalone"
     assert "Zookeeper version: 3.8" in four_letter("127.0.0.1", server.client_port, "srvr")
     assert four_letter("127.0.0.1", server.client_port, "ruok") == "imok"
-    assert standalone.leader_index() == 0
+    assert zk_standalone.leader_index() == 0
 
 
 def test_ensemble_has_exactly_one_leader(ensemble):
@@ -127,9 +121,9 @@ def test_leader_killed_new_leader_elected(ensemble):
     ensemble.wait_leader(timeout=15)
 
 
-def test_curator_registration_seen_by_probe(standalone, curator_probe):
+def test_curator_registration_seen_by_probe(zk_standalone, curator_probe):
     """Curator registers an instance itself; the probe lists it back."""
-    connect = standalone.connect_string
+    connect = zk_standalone.connect_string
     register = subprocess.Popen(
         [*curator_probe, "register", connect, "/curator", "web", "pod-1", "10.0.0.7", "8080",
          '{"pod": "web-abc"}', "60"],
@@ -160,16 +154,16 @@ def test_curator_registration_seen_by_probe(standalone, curator_probe):
             register.wait(timeout=10)
 
 
-def test_probe_reads_kazoo_written_instance(standalone, curator_probe):
+def test_probe_reads_kazoo_written_instance(zk_standalone, curator_probe):
     """The shape a Python registrar would write is readable by Curator."""
-    client = kazoo(standalone.connect_string)
+    client = kazoo(zk_standalone.connect_string)
     try:
         doc = {"name": "api", "id": "pod-2", "address": "10.0.0.8", "port": 9090,
                "sslPort": None, "payload": {"namespace": "default"},
                "registrationTimeUTC": 1_700_000_000_000, "serviceType": "DYNAMIC",
                "uriSpec": None}
         client.create("/kazoo/api/pod-2", json.dumps(doc).encode(), ephemeral=True, makepath=True)
-        [seen] = probe_list(curator_probe, standalone.connect_string, "/kazoo", "api")
+        [seen] = probe_list(curator_probe, zk_standalone.connect_string, "/kazoo", "api")
         assert seen["payload"] == {"namespace": "default"}
         assert (seen["id"], seen["port"], seen["enabled"]) == ("pod-2", 9090, True)
     finally:
