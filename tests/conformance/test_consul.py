@@ -1,0 +1,55 @@
+"""The Consul backend passes the conformance suite on a real cluster: three
+servers (the observers) and one client agent (where the backend registers)."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from tests.conformance.suite import BackendConformance, Harness
+
+
+def passing_ids(addr: str, service: str, token: str | None = None) -> set[str]:
+    """The instance ids a server's own replica lists as passing (what a
+    consumer of ?passing&stale gets from it), read without the backend."""
+    headers = {"X-Consul-Token": token} if token else {}
+    r = requests.get(f"{addr}/v1/health/service/{service}", params={"passing": "", "stale": ""},
+                     headers=headers, timeout=2)
+    r.raise_for_status()
+    return {entry["Service"]["ID"] for entry in r.json()}
+
+
+class ConsulHarness(Harness):
+    # Consul has no minimum TTL; 2 s keeps the expiry tests short.
+    ttl = 2.0
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+    def section(self, **overrides):
+        return {"type": "consul", "address": self.cluster.client_addr,
+                "observers": self.cluster.server_addrs, "ttl": f"{self.ttl}s",
+                "timeout": "1s", **overrides}
+
+    def views(self, instance):
+        return [instance.id in passing_ids(addr, instance.service) for addr in self.cluster.server_addrs]
+
+    def lose_registration(self, backend):
+        # What a restarted -dev (or wiped) agent does: it no longer knows the
+        # service or its check. Done at the agent behind the backend's back.
+        r = requests.put(f"{self.cluster.client_addr}/v1/agent/service/deregister/{backend.instance.id}",
+                         timeout=2)
+        r.raise_for_status()
+
+    def crash(self, backend):
+        pass  # the TTL check simply stops being passed
+
+    def member_ports(self):
+        return [urlsplit(a).port for a in [self.cluster.client_addr, *self.cluster.server_addrs]]
+
+
+class TestConsulConformance(BackendConformance):
+    @pytest.fixture
+    def harness(self, consul_cluster):
+        return ConsulHarness(consul_cluster)
