@@ -33,9 +33,27 @@ def etcd_cluster(tmp: Path):
         yield {"type": "etcd", "endpoints": cluster.endpoints, "ttl": "10s"}
 
 
+@contextlib.contextmanager
+def zookeeper(tmp: Path):
+    from tests.servers.zookeeper import ZooKeeperEnsemble
+
+    with ZooKeeperEnsemble(3, tmp) as ensemble:
+        yield {"type": "zookeeper", "hosts": ensemble.hosts, "session_timeout": "10s"}
+
+
+@contextlib.contextmanager
+def consul(tmp: Path):
+    from tests.servers.consul import ConsulCluster
+
+    # The instance registers at the client agent; the three servers observe.
+    with ConsulCluster(tmp, servers=3, clients=1) as cluster:
+        yield {"type": "consul", "address": cluster.client_addr,
+               "observers": cluster.server_addrs, "ttl": "10s"}
+
+
 #: backend type -> context manager yielding that backend's config section
 #: for a three-node cluster it started.
-SETUPS = {"etcd": etcd_cluster}
+SETUPS = {"etcd": etcd_cluster, "zookeeper": zookeeper, "consul": consul}
 
 
 def percentiles(values: list[float]) -> str:

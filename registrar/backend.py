@@ -75,9 +75,10 @@ class Backend(abc.ABC):
         when it had to repair."""
 
     @abc.abstractmethod
-    def drain(self) -> None:
+    def drain(self, reason: str) -> None:
         """Mark the entry not-to-be-used before removal, where the registry
-        has a way to say so."""
+        has a way to say so. ``reason`` names what began the stop (e.g.
+        "SIGTERM", "preStop (/prestop)"), for operators to read."""
 
     @abc.abstractmethod
     def deregister(self) -> Any:

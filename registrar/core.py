@@ -363,7 +363,7 @@ class Registrar:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         reports = [BackendReport(s.name) for s in self._slots]
-        futures = [_spawn(self._remove, s, r, deadline, name=f"deregister-{s.name}")
+        futures = [_spawn(self._remove, s, r, deadline, trigger, name=f"deregister-{s.name}")
                    for s, r in zip(self._slots, reports)]
         cut = []
         for future, report in zip(futures, reports):
@@ -382,7 +382,8 @@ class Registrar:
         (log.info if ok else log.error)("%s", report.summary())
         return report
 
-    def _remove(self, slot: _Slot, report: BackendReport, deadline: Deadline) -> None:
+    def _remove(self, slot: _Slot, report: BackendReport, deadline: Deadline,
+                trigger: str) -> None:
         """drain + deregister one backend, then wait for its observers."""
         slot.registered.clear()
         slot.state = "stopping"
@@ -394,7 +395,7 @@ class Registrar:
         try:
             begin = self.clock.now()
             try:
-                slot.backend.drain()
+                slot.backend.drain(trigger)
             except Exception as exc:  # noqa: BLE001 - a failed drain must not stop removal
                 report.errors.append(f"drain failed: {exc}")
                 log.warning("%s: drain failed, deregistering anyway: %s", slot.name, exc,

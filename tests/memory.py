@@ -96,7 +96,7 @@ class MemoryBackend(Backend):
             return True
         return False
 
-    def drain(self) -> None:
+    def drain(self, reason: str = "") -> None:
         self.registry.call("drain")
         if self.registry.committed(self.instance.id) is not None:
             self.registry.write(self.instance.id, "draining")

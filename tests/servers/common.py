@@ -104,9 +104,22 @@ class ServerProcess:
             self.kill()
 
     def freeze(self) -> None:
-        """SIGSTOP: the process keeps its sockets but answers nothing."""
+        """SIGSTOP: the process keeps its sockets but answers nothing.
+        Returns once every thread is stopped (a busy process may otherwise
+        answer for a moment after the signal)."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
+        wait_until(self._all_threads_stopped, 5, f"{self.name} to stop", interval=0.001)
+
+    def _all_threads_stopped(self) -> bool:
+        for stat in Path(f"/proc/{self.pid}/task").glob("*/stat"):
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # the thread just went away
+            if state not in ("T", "t"):
+                return False
+        return True
 
     def thaw(self) -> None:
         assert self.proc is not None

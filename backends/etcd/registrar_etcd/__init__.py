@@ -176,7 +176,7 @@ class EtcdBackend(Backend):
             return True
         return False
 
-    def drain(self) -> None:
+    def drain(self, reason: str = "") -> None:
         if self._lease is None:
             return  # not registered by us: nothing of ours to mark
         value = self.value(status="draining")

@@ -219,7 +219,7 @@ class ZooKeeperBackend(Backend):
                 wrote = True
         raise RegistryUnavailable(f"zookeeper: {self.path} kept changing under us")
 
-    def drain(self) -> None:
+    def drain(self, reason: str = "") -> None:
         self._connect_observers()  # while we drain and deregister
         if self._registered:
             self._retry("drain", self._mark_draining)
