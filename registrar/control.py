@@ -57,7 +57,7 @@ class ControlServer:
                 os.unlink(where)  # a socket left by a previous run of this container
             self._server: socketserver.BaseServer = _UnixHTTPServer(where, handler)
         else:
-            cls = _HTTPServer6 if ":" in where[0] else ThreadingHTTPServer
+            cls = _HTTPServer6 if ":" in where[0] else _HTTPServer
             self._server = cls(where, handler)
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -89,11 +89,22 @@ class ControlServer:
                 pass
 
 
-class _HTTPServer6(ThreadingHTTPServer):
+class _LoggedErrors:
+    def handle_error(self, request, client_address) -> None:
+        # socketserver prints a traceback to stderr; a client that went away
+        # mid-request is no news worth more than a debug line.
+        log.debug("control: error while serving a request", exc_info=True)
+
+
+class _HTTPServer(_LoggedErrors, ThreadingHTTPServer):
+    pass
+
+
+class _HTTPServer6(_HTTPServer):
     address_family = socket.AF_INET6
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _UnixHTTPServer(_LoggedErrors, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
     def get_request(self):  # BaseHTTPRequestHandler expects (host, port)
