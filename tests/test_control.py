@@ -15,7 +15,7 @@ from registrar import prestop as prestop_cmd
 from registrar.config import StopConfig
 from registrar.control import ControlServer
 from registrar.supervisor import Lifecycle, established_connections
-from tests.memory import MemoryBackend, MemoryRegistry
+from tests.memory import FakeClock, MemoryBackend, MemoryRegistry
 
 INSTANCE = Instance("web", "web-0", "10.0.0.5", 8080)
 
@@ -226,3 +226,17 @@ def test_established_connections_counts_only_that_port():
         finally:
             client.close()
             accepted.close()
+
+
+def test_the_deadline_counts_from_the_first_trigger():
+    """A SIGTERM that follows a long preStop gets no fresh budget."""
+    clock = FakeClock()
+    registrar = Registrar(INSTANCE, [MemoryBackend(INSTANCE)], clock=clock,
+                          stop=StopConfig(grace_period=30, safety_margin=2))
+    life = Lifecycle(registrar, reserve=5)
+    life.note("preStop (/prestop)")
+    clock.sleep(20)  # the hook ran long
+    report = life.stop("SIGTERM")
+    assert report.trigger == "preStop (/prestop)"
+    assert life.deadline.at == 1000 + 28  # from the first trigger, not from SIGTERM
+    assert registrar.stop_deadline.at == 1000 + 28 - 5  # the app's share kept aside

@@ -1,0 +1,92 @@
+"""`registrar run`'s health gate on a real process and a real etcd: the app is
+registered only while its probe passes, taken out of rotation when it fails,
+and put back when it passes again."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import yaml
+
+from tests.conformance.suite import wait_for
+from tests.servers.common import free_ports
+from tests.servers.etcd import kv_get_serializable
+
+APP = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(60)"
+
+
+def readyz(control):
+    try:
+        with urllib.request.urlopen(f"http://{control}/readyz", timeout=1) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def test_health_gate_registers_only_while_the_probe_passes(tmp_path, etcd_cluster):
+    service = f"gate-{uuid.uuid4().hex[:8]}"
+    port, control_port = free_ports(2)
+    control = f"127.0.0.1:{control_port}"
+    healthy = tmp_path / "healthy"
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "service": {"name": service, "port": port},
+        "backends": [{"type": "etcd", "endpoints": etcd_cluster.endpoints, "ttl": "2s"}],
+        "health": {"exec": ["test", "-e", str(healthy)], "interval": "100ms",
+                   "failure_threshold": 2},
+        "stop": {"grace_period": "5s", "safety_margin": "1s"},
+        "control": {"listen": control},
+    }))
+    key = f"/services/{service}/10.3.3.3:{port}"
+
+    def listed():
+        return [kv_get_serializable(ep, key)[1] for ep in etcd_cluster.endpoints]
+
+    env = {**os.environ, "POD_NAME": "gate-0", "POD_IP": "10.3.3.3"}
+    wrapper = subprocess.Popen([sys.executable, "-m", "registrar", "run", "--config", str(config),
+                                "--", sys.executable, "-c", APP],
+                               env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: readyz(control) == 503, 15, "the control server, not ready")
+        time.sleep(0.5)  # five failing probes: proving a negative takes a while
+        assert listed() == [False] * 3  # unhealthy app: never registered
+
+        healthy.touch()
+        wait_for(lambda: all(listed()), 5, "registration once healthy")
+        wait_for(lambda: readyz(control) == 200, 5, "ready")
+
+        healthy.unlink()
+        wait_for(lambda: not any(listed()), 5, "out of rotation after 2 failed probes")
+        assert readyz(control) == 503 and wrapper.poll() is None
+        assert json.loads(_status(control))["backends"][0]["state"] == "out of rotation"
+
+        healthy.touch()
+        wait_for(lambda: all(listed()), 5, "back into rotation")
+        wait_for(lambda: readyz(control) == 200, 5, "ready again")
+
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=10) == 0  # the app's own exit status
+        assert not any(listed())
+    finally:
+        wrapper.kill()
+        _, err = wrapper.communicate(timeout=5)
+    assert "taking gate-0 out of rotation: health probe failed 2 times" in err
+    assert "putting gate-0 back into rotation" in err
+    assert "deregistered after SIGTERM" in err
+
+
+def _status(control):
+    try:
+        with urllib.request.urlopen(f"http://{control}/status", timeout=2) as resp:
+            return resp.read().decode()
+    except OSError:
+        return ""
