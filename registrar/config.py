@@ -124,6 +124,10 @@ class ControlConfig(Model):
     token_file: str | None = Field(
         None, description="File holding the bearer token every endpoint but /healthz and "
                           "/readyz requires; required when listen is not a loopback address.")
+    linger: Duration = Field(
+        1.0, description="`agent`: after a signal, how long (from the first trigger) it keeps "
+                         "answering /prestop for an app's late preStop hook, unless one was "
+                         "answered already; 0 when no app hook calls /prestop.")
 
     @field_validator("listen")
     @classmethod

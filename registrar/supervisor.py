@@ -123,12 +123,6 @@ def _control(registrar: Registrar, config: Config, life: Lifecycle, ready=None):
                          token=token, ready=ready).start()
 
 
-#: How long after its first trigger the agent still answers /prestop before
-#: it exits (unless one was answered already): a regular sidecar gets its
-#: SIGTERM at the moment the app's preStop hook starts, and an exec hook may
-#: take a while to start on a loaded node.
-LINGER = 2.0
-
 
 def run_agent(registrar: Registrar, config: Config) -> int:
     """Sidecar: register, heartbeat, serve /prestop; exit on SIGTERM/SIGINT
@@ -152,7 +146,10 @@ def run_agent(registrar: Registrar, config: Config) -> int:
         report = life.stop(f"fatal error: {fatal[0]}")
     if server is not None:
         if signals and not server.responses_sent.is_set():
-            linger = Deadline(min(life.deadline.at, life.first_at + LINGER), registrar.clock)
+            # A regular sidecar gets its SIGTERM the moment the app's preStop
+            # hook starts calling it: keep answering that late caller a while.
+            linger = Deadline(min(life.deadline.at, life.first_at + config.control.linger),
+                              registrar.clock)
             server.responses_sent.wait(linger.remaining())
         server.close()
     waker.close()
@@ -281,7 +278,7 @@ class Wrapper:
         if count:
             log.info("waiting for %d connection(s) to port %d to close", count, port)
         while count and not deadline.expired:
-            self.registrar.clock.sleep(deadline.cap(0.05))
+            self.registrar.clock.sleep(deadline.cap(0.01))
             count = established_connections(port)
         if count:
             log.warning("%d connection(s) to port %d still open at the deadline", count, port)
