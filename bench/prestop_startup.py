@@ -40,6 +40,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
+    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C: the finally blocks
+    # stop every server and process this bench started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="bench-prestop-") as tmp, \
             EtcdCluster(1, Path(tmp) / "etcd") as cluster:
         control = f"127.0.0.1:{free_port()}"

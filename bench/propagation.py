@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import statistics
 import sys
 import tempfile
@@ -93,6 +94,9 @@ def main() -> int:
                         help="backend(s) to measure (default: all installed)")
     parser.add_argument("--cycles", type=int, default=200)
     args = parser.parse_args()
+    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C: the finally blocks
+    # stop every server and process this bench started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.WARNING)
     for name in args.backend or sorted(SETUPS):
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp, \

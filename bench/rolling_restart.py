@@ -474,6 +474,9 @@ def main() -> int:
     parser.add_argument("--verbose", "-v", action="store_true", help="list every failure")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
+    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C: the finally blocks
+    # stop every server and process this bench started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.WARNING)
     wanted = [w.strip() for w in args.modes.split(",") if w.strip()]
     modes = [m for m in MODES if m.letter in wanted or m.name in wanted]
