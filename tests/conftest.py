@@ -9,6 +9,20 @@ import pytest
 from tests.servers.etcd import EtcdCluster
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """In-process CLI runs install a root handler on the test's captured
+    stderr; background threads (a kazoo client closing) must not log into
+    it once the test is over."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def etcd_cluster(tmp_path_factory):
     """Three etcd members on 127.0.0.1, shared by every test that only reads

@@ -334,7 +334,9 @@ def test_a_previous_incarnations_node_is_replaced_and_never_fought_over(zk_ensem
     try:
         new.register()  # the pod restarted faster than its old session expired
         owner = new._client.client_id[0]
-        assert views.stat(0, new.path).ephemeralOwner == owner
+        # Server 0 may not have applied the take-over yet: read until it has.
+        wait_for(lambda: getattr(views.stat(0, new.path), "ephemeralOwner", None) == owner, 5,
+                 "server 0 sees the new owner")
         assert new.heartbeat() is False
         with pytest.raises(Superseded):  # the old one (thawed, say) leaves it alone
             old.heartbeat()
