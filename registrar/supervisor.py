@@ -20,7 +20,7 @@ from typing import Any
 from .clock import Deadline
 from .config import Config, HealthConfig, read_token
 from .core import Registrar, StopReport
-from .errors import RegistrarError
+from .errors import ConfigError, RegistrarError
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,13 @@ def _control(registrar: Registrar, config: Config, life: Lifecycle, ready=None):
 
     token = (read_token(config.control.token_file, "control.token_file")
              if config.control.token_file else None)
-    return ControlServer(registrar, config.control.listen, lambda: life.stop("preStop (/prestop)"),
-                         token=token, ready=ready).start()
+    try:
+        server = ControlServer(registrar, config.control.listen,
+                               lambda: life.stop("preStop (/prestop)"), token=token, ready=ready)
+    except OSError as exc:
+        raise ConfigError("control.listen", f"cannot listen on {config.control.listen}: "
+                                            f"{exc.strerror or exc}") from None
+    return server.start()
 
 
 

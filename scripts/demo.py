@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.servers.common import free_port  # noqa: E402
 from tests.servers.etcd import EtcdCluster, kv_get_serializable  # noqa: E402
 
 
@@ -37,7 +38,9 @@ def main() -> int:
             print("endpoints:", ", ".join(cluster.endpoints))
             env = {**os.environ, "ETCD_ENDPOINTS": ",".join(cluster.endpoints),
                    "POD_NAME": "web-7d9f-x2x", "POD_IP": "10.244.1.17",
-                   "SERVICE_NAME": "web", "SERVICE_PORT": "8080"}
+                   "SERVICE_NAME": "web", "SERVICE_PORT": "8080",
+                   # no app hook calls /prestop here: no reason to linger
+                   "REGISTRAR_CONTROL_LISTEN": f"127.0.0.1:{free_port()}", "REGISTRAR_LINGER": "0s"}
             key = "/services/web/10.244.1.17:8080"
             config = str(ROOT / "config" / "agent-etcd.yaml")
             registrar = [sys.executable, "-m", "registrar"]
