@@ -18,7 +18,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .source import _join, expand
+from .source import _join, expand, parse_listen
 
 __all__ = ["Config", "BackendConfig", "Duration", "StrList", "load", "expand", "json_schema"]
 
@@ -137,20 +137,6 @@ class ControlConfig(Model):
         return value
 
 
-def parse_listen(value: str) -> tuple[str, int] | str:
-    """``"host:port"`` -> (host, port); ``"unix:/path"`` -> "/path"."""
-    if value.startswith("unix:"):
-        path = value[len("unix:"):]
-        if not path.startswith("/"):
-            raise ValueError(f'expected "unix:/absolute/path.sock", got {value!r}')
-        return path
-    host, sep, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f'expected "host:port" or "unix:/path.sock", got {value!r}')
-    return host, int(port)
-
-
 def is_loopback(listen: str) -> bool:
     where = parse_listen(listen)
     if isinstance(where, str):
@@ -180,8 +166,8 @@ class HealthConfig(Model):
         if len(given) != 1:
             raise PydanticCustomError("one_probe", "give exactly one of http, tcp, exec (got {got})",
                                       {"got": ", ".join(given) or "none"})
-        if self.tcp is not None:
-            parse_listen(self.tcp)
+        if self.tcp is not None and isinstance(parse_listen(self.tcp), str):
+            raise ValueError(f'tcp: expected "host:port", got {self.tcp!r}')
         return self
 
 
@@ -252,12 +238,17 @@ def read_token(path: str, field: str) -> str:
     return token
 
 
-def _check_signal(stop: StopConfig) -> None:
+def signal_named(name: str):
+    """The signal.Signals for "SIGTERM", "term", "Term"...; None if unknown."""
     import signal
 
-    name = stop.signal.upper()
-    name = name if name.startswith("SIG") else f"SIG{name}"
-    if not isinstance(getattr(signal, name, None), signal.Signals):
+    name = name.upper()
+    found = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    return found if isinstance(found, signal.Signals) else None
+
+
+def _check_signal(stop: StopConfig) -> None:
+    if signal_named(stop.signal) is None:
         raise ConfigError("stop.signal", f"unknown signal {stop.signal!r} (e.g. SIGTERM, SIGINT, SIGQUIT)")
 
 
@@ -360,7 +351,7 @@ def json_schema() -> dict[str, Any]:
 
     schema = _FileModel.model_json_schema()
     branches = []
-    for name, ep in sorted(available_backends().items()):
+    for _, ep in sorted(available_backends().items()):
         sub = ep.load().Config.model_json_schema()
         schema.setdefault("$defs", {}).update(sub.pop("$defs", {}))
         branches.append(sub)

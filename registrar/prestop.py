@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from .errors import ConfigError
+from .source import parse_listen
 
 DEFAULT_CONTROL = "127.0.0.1:9901"
 DEFAULT_TIMEOUT = 30.0
@@ -34,10 +35,10 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def _connection(control: str, timeout: float) -> http.client.HTTPConnection:
-    if control.startswith("unix:"):
-        return _UnixConnection(control[len("unix:"):], timeout)
-    host, _, port = control.rpartition(":")
-    return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    where = parse_listen(control)
+    if isinstance(where, str):
+        return _UnixConnection(where, timeout)
+    return http.client.HTTPConnection(*where, timeout=timeout)
 
 
 def call(control: str, path: str, token: str | None, timeout: float,

@@ -78,3 +78,17 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str) -> Any:
 
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
+
+
+def parse_listen(value: str) -> tuple[str, int] | str:
+    """``"host:port"`` -> (host, port); ``"unix:/path"`` -> "/path"."""
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not path.startswith("/"):
+            raise ValueError(f'expected "unix:/absolute/path.sock", got {value!r}')
+        return path
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f'expected "host:port" or "unix:/path.sock", got {value!r}')
+    return host, int(port)

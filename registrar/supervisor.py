@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .clock import Deadline
-from .config import Config, HealthConfig, read_token
+from .config import Config, HealthConfig, parse_listen, read_token, signal_named
 from .core import Registrar, StopReport
 from .errors import ConfigError, RegistrarError
 
@@ -238,7 +238,7 @@ class Wrapper:
             server.responses_sent.wait(registry_deadline.cap(0.5))
         if self.app_status is None and self.config.stop.drain_connections:
             self._drain_connections(registry_deadline)
-        stop_signal = _signal(self.config.stop.signal)
+        stop_signal = signal_named(self.config.stop.signal)
         if self.app_status is None:
             log.info("sending %s to the app (%.1fs left for it)", stop_signal.name,
                      deadline.remaining())
@@ -351,17 +351,11 @@ def _probe_http(url: str, timeout: float) -> tuple[bool, str]:
 def _probe_tcp(target: str, timeout: float) -> tuple[bool, str]:
     import socket
 
-    host, _, port = target.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+        with socket.create_connection(parse_listen(target), timeout=timeout):
             return True, "connected"
     except OSError as exc:
         return False, exc.strerror or str(exc)
-
-
-def _signal(name: str) -> signal.Signals:
-    name = name.upper()
-    return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
 
 
 _TCP_ESTABLISHED = "01"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jsonschema
@@ -83,6 +82,9 @@ BROKEN = [
     (with_("health", {"interval": "1s"}), "health: give exactly one of http, tcp, exec (got none)"),
     (with_("health", {"tcp": "x:1", "exec": ["true"]}), "health: give exactly one of http, tcp, exec (got tcp, exec)"),
     (with_("stop.signal", "SIGFOO"), "stop.signal: unknown signal 'SIGFOO'"),
+    (with_("health", {"tcp": "unix:/run/app.sock"}),
+     "health: tcp: expected \"host:port\", got 'unix:/run/app.sock'"),
+    (with_("health", {"tcp": "app"}), "health: expected \"host:port\" or \"unix:/path.sock\", got 'app'"),
 ]
 
 

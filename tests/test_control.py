@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import socket
 import threading

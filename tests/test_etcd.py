@@ -61,7 +61,7 @@ def test_ipv6_addresses_are_bracketed(etcd_cluster):
     inst = Instance("v6", uuid.uuid4().hex[:6], "fd00::5", 80)
     backend = make(etcd_cluster, inst)
     backend.register()
-    value, _ = raw_get(etcd_cluster.endpoints[0], f"/services/v6/[fd00::5]:80")
+    value, _ = raw_get(etcd_cluster.endpoints[0], "/services/v6/[fd00::5]:80")
     assert value["Addr"] == "[fd00::5]:80"
     backend.deregister()
     backend.close()

@@ -1,7 +1,6 @@
 """The etcd backend passes the conformance suite on a real three-member cluster."""
 from __future__ import annotations
 
-import base64
 import json
 import urllib.request
 from urllib.parse import urlsplit
