@@ -18,11 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.servers.common import free_port  # noqa: E402
-from tests.servers.etcd import EtcdCluster  # noqa: E402
+from registrar_testing import free_port
+from registrar_testing.etcd import EtcdCluster
 
 BIN = Path(sys.executable).parent
 

@@ -19,16 +19,14 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from registrar import Instance, Registrar  # noqa: E402
-from registrar.backend import backend_class  # noqa: E402
-from registrar.config import StopConfig  # noqa: E402
+from registrar import Instance, Registrar
+from registrar.discovery import backend_class
+from registrar.config import StopConfig
 
 
 @contextlib.contextmanager
 def etcd_cluster(tmp: Path):
-    from tests.servers.etcd import EtcdCluster
+    from registrar_testing.etcd import EtcdCluster
 
     with EtcdCluster(3, tmp) as cluster:
         yield {"type": "etcd", "endpoints": cluster.endpoints, "ttl": "10s"}
@@ -36,7 +34,7 @@ def etcd_cluster(tmp: Path):
 
 @contextlib.contextmanager
 def zookeeper(tmp: Path):
-    from tests.servers.zookeeper import ZooKeeperEnsemble
+    from registrar_testing.zookeeper import ZooKeeperEnsemble
 
     with ZooKeeperEnsemble(3, tmp) as ensemble:
         yield {"type": "zookeeper", "hosts": ensemble.hosts, "session_timeout": "10s"}
@@ -44,7 +42,7 @@ def zookeeper(tmp: Path):
 
 @contextlib.contextmanager
 def consul(tmp: Path):
-    from tests.servers.consul import ConsulCluster
+    from registrar_testing.consul import ConsulCluster
 
     # The instance registers at the client agent; the three servers observe.
     with ConsulCluster(tmp, servers=3, clients=1) as cluster:
@@ -65,7 +63,7 @@ def percentiles(values: list[float]) -> str:
 
 def run(section: dict, cycles: int) -> dict[str, list[float]]:
     cls = backend_class(section["type"])
-    config = cls.Config.model_validate(section)
+    config = cls.config_model.model_validate(section)
     out: dict[str, list[float]] = {"propagation": [], "deregister": [], "stop": []}
     for i in range(cycles):
         instance = Instance("bench", f"pod-{uuid.uuid4().hex[:8]}", "10.0.0.1", 10000 + i % 50000)

@@ -8,9 +8,9 @@ machine.
         [--min-wait 0] [--hook exec|none] [--grace 30] [--no-member-watch]
 
 What runs (all on 127.0.0.1):
-  * a three-member etcd cluster (tests/servers/etcd.py);
+  * a three-member etcd cluster (registrar_testing.etcd);
   * three pods, each a real process tree played by the kubelet simulator
-    (tests/kubelet.py, terminationGracePeriodSeconds --grace): a wrapper
+    (registrar_testing.kubelet, terminationGracePeriodSeconds --grace): a wrapper
     around bench/apps/webapp.py on a port of its own, registered as
     /services/web/127.0.0.1:PORT in the gRPC naming format;
   * bench/apps/consumer.py, a client-side load balancer: it watches the
@@ -60,14 +60,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import yaml
 
-import yaml  # noqa: E402
-
-from tests.kubelet import Container, EtcdWatch, Exec, Pod, read_events  # noqa: E402
-from tests.servers.common import free_ports  # noqa: E402
-from tests.servers.etcd import EtcdCluster  # noqa: E402
+from registrar_testing import free_ports
+from registrar_testing.etcd import EtcdCluster
+from registrar_testing.kubelet import Container, EtcdWatch, Exec, Pod, read_events
 
 PY = sys.executable
 APPS = Path(__file__).resolve().parent / "apps"

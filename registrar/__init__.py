@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["Instance", "Registrar", "StopReport", "Deadline", "Backend", "Observer",
+__all__ = ["Instance", "Registrar", "StopReport", "Trigger", "Deadline", "Backend", "Observer",
            "RegistrarError", "ConfigError", "RegistryUnavailable", "RegistrationRejected"]
 
-_LAZY = {"Registrar": "core", "StopReport": "core", "Deadline": "clock",
-         "Backend": "backend", "Observer": "backend", "Instance": "instance",
+_LAZY = {"Registrar": "core", "StopReport": "stopping", "Trigger": "stopping", "Deadline": "clock",
+         "Backend": "plugin", "Observer": "plugin", "Instance": "instance",
          "RegistrarError": "errors", "ConfigError": "errors",
          "RegistryUnavailable": "errors", "RegistrationRejected": "errors"}
 
 if TYPE_CHECKING:
-    from .backend import Backend, Observer
     from .clock import Deadline
-    from .core import Registrar, StopReport
+    from .core import Registrar
+    from .plugin import Backend, Observer
+    from .stopping import StopReport, Trigger
     from .errors import ConfigError, RegistrarError, RegistrationRejected, RegistryUnavailable
     from .instance import Instance
 

@@ -130,8 +130,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent import run_agent
     from .core import Registrar
-    from .supervisor import run_agent
 
     registrar = Registrar.from_config(args.config)
     _exit_now(run_agent(registrar, registrar.config))
@@ -139,7 +139,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .core import Registrar
-    from .supervisor import Wrapper
+    from .wrapper import Wrapper
 
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:

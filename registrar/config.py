@@ -10,75 +10,19 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      WithJsonSchema, field_validator, model_validator)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .discovery import available_backends, backend_class
 from .errors import ConfigError
+from .fields import Duration, Model, StrList, format_duration, read_token, show
+from .plugin import BackendConfig
 from .source import _join, expand, parse_listen
 
-__all__ = ["Config", "BackendConfig", "Duration", "StrList", "load", "expand", "json_schema"]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$"
-
-
-def parse_duration(value: Any) -> float:
-    """``"500ms"``, ``"10s"``, ``"1m"``, ``"1h"`` -> seconds; a bare
-    non-negative number is seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNIT[m.group(2)]
-    raise PydanticCustomError("duration", 'expected a duration like "10s", got {got}',
-                              {"got": _show(value)})
-
-
-def format_duration(seconds: float) -> str:
-    if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
-
-
-#: Seconds, written in the file as "500ms", "10s", "1m".
-Duration = Annotated[float, BeforeValidator(parse_duration),
-                     WithJsonSchema({"anyOf": [
-                         {"type": "string", "pattern": DURATION_PATTERN},
-                         {"type": "number", "minimum": 0}],
-                         "description": 'A duration: "500ms", "10s", "1m", "1h", or seconds.',
-                         "examples": ["500ms", "10s", "1m"]})]
-
-
-def _split_commas(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
-#: A list of strings that may also be written "a,b,c" (handy with ${VAR}).
-StrList = Annotated[list[str], BeforeValidator(_split_commas),
-                    WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}},
-                                              {"type": "string"}],
-                                    "description": "A list, or one comma-separated string."})]
-
-
-class Model(BaseModel):
-    """Base of every config section: unknown keys are errors."""
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BackendConfig(Model):
-    """Base of a backend's config section. Each backend subclasses it with
-    ``type: Literal["<name>"]`` and its own keys."""
-    type: str
-    name: str | None = Field(None, description="Name in logs and reports (default: the type).")
-
+__all__ = ["AgentConfig", "ServiceConfig", "HeartbeatConfig", "StopConfig", "ControlConfig",
+           "HealthConfig", "load", "expand", "json_schema", "signal_named"]
 
 class ServiceConfig(Model):
     name: str = Field(min_length=1, description="Service name consumers look up.")
@@ -113,6 +57,17 @@ class StopConfig(Model):
     propagation_timeout: Duration | None = Field(
         None, description="Longest wait for observers (default: all that the grace period "
                           "leaves after safety_margin and min_wait).")
+
+    # The stop budget, computed here and nowhere else.
+    @property
+    def budget(self) -> float:
+        """Seconds from the first trigger to the process's own deadline."""
+        return self.grace_period - self.safety_margin
+
+    @property
+    def app_reserve(self) -> float:
+        """`run` mode: the part of the budget kept for the app's shutdown."""
+        return min(self.app_shutdown, self.budget / 2)
 
 
 class ControlConfig(Model):
@@ -181,9 +136,9 @@ class _FileModel(Model):
 
 
 @dataclass(frozen=True)
-class Config:
-    """A validated configuration: ``backends`` pairs each Backend class with
-    its validated section."""
+class AgentConfig:
+    """A validated configuration file: ``backends`` pairs each Backend class
+    with its validated section."""
     service: ServiceConfig
     backends: tuple[tuple[type, BackendConfig], ...]
     heartbeat: HeartbeatConfig
@@ -193,10 +148,8 @@ class Config:
 
 
 def load(source: str | os.PathLike | Mapping[str, Any],
-         environ: Mapping[str, str] | None = None) -> Config:
+         environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read, interpolate and validate a configuration file or mapping."""
-    from .backend import backend_class  # the backend module imports this one
-
     top = _validate(_FileModel, expand(source, environ), "")
     backends = []
     for i, section in enumerate(top.backends):
@@ -205,13 +158,13 @@ def load(source: str | os.PathLike | Mapping[str, Any],
         if not isinstance(type_name, str) or not type_name:
             raise ConfigError(f"{path}.type", "required: the backend type, e.g. \"etcd\"")
         cls = backend_class(type_name, f"{path}.type")
-        backends.append((cls, _validate(cls.Config, section, path)))
+        backends.append((cls, _validate(cls.config_model, section, path)))
     names = [cfg.name or cfg.type for _, cfg in backends]
     for i, name in enumerate(names):
         if names.index(name) != i:
             raise ConfigError(f"backends[{i}].name",
                               f"two backends are named {name!r}; give each a distinct name")
-    config = Config(top.service, tuple(backends), top.heartbeat, top.stop, top.control, top.health)
+    config = AgentConfig(top.service, tuple(backends), top.heartbeat, top.stop, top.control, top.health)
     _check_budgets(config)
     _check_control(config.control)
     _check_signal(config.stop)
@@ -224,18 +177,6 @@ def _check_control(control: ControlConfig) -> None:
     elif control.listen is not None and not is_loopback(control.listen):
         raise ConfigError("control.token_file", f"required when control.listen is not a "
                                                 f"loopback address (it is {control.listen})")
-
-
-def read_token(path: str, field: str) -> str:
-    """A secret from a file, stripped; ConfigError naming the field (never
-    the content) when unreadable or empty."""
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(field, f"cannot read {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(field, f"{path} is empty")
-    return token
 
 
 def signal_named(name: str):
@@ -252,12 +193,12 @@ def _check_signal(stop: StopConfig) -> None:
         raise ConfigError("stop.signal", f"unknown signal {stop.signal!r} (e.g. SIGTERM, SIGINT, SIGQUIT)")
 
 
-def _check_budgets(config: Config) -> None:
+def _check_budgets(config: AgentConfig) -> None:
     stop = config.stop
     if stop.safety_margin >= stop.grace_period:
         raise ConfigError("stop.safety_margin", f"{format_duration(stop.safety_margin)} leaves "
                           f"nothing of grace_period {format_duration(stop.grace_period)}")
-    budget = stop.grace_period - stop.safety_margin
+    budget = stop.budget
     if (stop.propagation_timeout or 0) + stop.min_wait > budget:
         field = "propagation_timeout" if stop.propagation_timeout is not None else "min_wait"
         raise ConfigError(
@@ -311,7 +252,7 @@ def _config_error(err: Mapping[str, Any], model: type[BaseModel], prefix: str,
     if kind in _BOUNDS and isinstance(given, str):  # a duration: speak in durations
         words, key = _BOUNDS[kind]
         message = f"should be {words} {format_duration(err['ctx'][key])}"
-    return ConfigError(path, f"{message}, got {_show(given)}")
+    return ConfigError(path, f"{message}, got {show(given)}")
 
 
 def _lookup(data: Any, loc: list, default: Any) -> Any:
@@ -339,20 +280,13 @@ def _did_you_mean(model: type[BaseModel], loc: list) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(fields)}"
 
 
-def _show(value: Any) -> str:
-    text = f'"{value}"' if isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of the configuration file, with one branch per
     installed backend."""
-    from .backend import available_backends
-
     schema = _FileModel.model_json_schema()
     branches = []
     for _, ep in sorted(available_backends().items()):
-        sub = ep.load().Config.model_json_schema()
+        sub = ep.load().config_model.model_json_schema()
         schema.setdefault("$defs", {}).update(sub.pop("$defs", {}))
         branches.append(sub)
     schema["properties"]["backends"]["items"] = {"oneOf": branches} if branches else {}

@@ -20,9 +20,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .config import parse_listen
-from .core import Registrar, StopReport
+from .core import Registrar
+from .stopping import StopReport
 from .metrics import Metrics
+from .source import parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def _make_handler(control: ControlServer) -> type[BaseHTTPRequestHandler]:
             if path not in _OPEN and control.token and not self._authorized():
                 return self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"},
                                   {"WWW-Authenticate": "Bearer"})
-            self._drain_body()
+            self._discard_body()
             try:
                 getattr(self, "_" + path[1:])(method)
             except Exception:  # noqa: BLE001 - the server must never die of one request
@@ -151,7 +152,7 @@ def _make_handler(control: ControlServer) -> type[BaseHTTPRequestHandler]:
             expected = f"Bearer {control.token}"
             return hmac.compare_digest(given.encode(), expected.encode())
 
-        def _drain_body(self) -> None:
+        def _discard_body(self) -> None:
             length = self.headers.get("Content-Length")
             if length and length.isdigit() and int(length) <= 65536:
                 self.rfile.read(int(length))

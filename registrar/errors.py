@@ -29,7 +29,3 @@ class RegistryUnavailable(RegistrarError):
 class RegistrationRejected(RegistrarError):
     """The registry answered and refused (bad credentials, permission denied,
     invalid entry). Retrying the same request will not help."""
-
-
-class NotRegistered(RegistrarError):
-    """An operation needs a registration that does not exist (yet)."""

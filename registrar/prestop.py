@@ -114,7 +114,7 @@ def _grace_period(doc: dict[str, Any]) -> float | None:
     value = (doc.get("stop") or {}).get("grace_period")
     if value is None:
         return None
-    from .config import parse_duration  # only when the file sets one
+    from .fields import parse_duration  # only when the file sets one
 
     try:
         return parse_duration(value) + 5  # the agent's own deadline comes first
@@ -125,10 +125,11 @@ def _grace_period(doc: dict[str, Any]) -> float | None:
 def _deregister_directly(config_path: str) -> int:
     from . import logs
     from .core import Registrar
+    from .stopping import Trigger
 
     logs.setup("warning")
     try:
-        report = Registrar.from_config(config_path).stop("preStop (direct)")
+        report = Registrar.from_config(config_path).stop(Trigger.prestop("direct"))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2

@@ -16,11 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from registrar_testing import free_port
+from registrar_testing.etcd import EtcdCluster, kv_get_serializable
 
-from tests.servers.common import free_port  # noqa: E402
-from tests.servers.etcd import EtcdCluster, kv_get_serializable  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def say(text: str) -> None:

@@ -16,9 +16,8 @@ import uuid
 import pytest
 import yaml
 
-from tests.conformance.suite import wait_for
-from tests.servers.common import free_port
-from tests.servers.etcd import kv_get_serializable
+from registrar_testing import free_port, wait_until
+from registrar_testing.etcd import kv_get_serializable
 
 pytest.importorskip("uvicorn")
 
@@ -84,12 +83,12 @@ def test_sigterm_deregisters_before_uvicorn_stops_serving(tmp_path, etcd_cluster
             time.sleep(0.003)
 
     try:
-        wait_for(lambda: all(kv_get_serializable(ep, key)[1] for ep in etcd_cluster.endpoints),
+        wait_until(lambda: all(kv_get_serializable(ep, key)[1] for ep in etcd_cluster.endpoints),
                  15, "every member lists the app")
         threads = [threading.Thread(target=f, daemon=True) for f in (watch_members, poll_app)]
         for t in threads:
             t.start()
-        wait_for(lambda: any(ok for _, ok in served), 5, "the app serves")
+        wait_until(lambda: any(ok for _, ok in served), 5, "the app serves")
         app.send_signal(signal.SIGTERM)
         app.wait(timeout=15)
     finally:

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from registrar import cli, config
+from registrar import cli, config, fields
 from registrar.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def test_dollar_escapes_and_embedded_references():
 @pytest.mark.parametrize("text,seconds", [("500ms", 0.5), ("10s", 10), ("1m", 60), ("1.5h", 5400),
                                           (" 2s ", 2), (3, 3.0), (0.25, 0.25)])
 def test_durations(text, seconds):
-    assert config.parse_duration(text) == seconds
+    assert fields.parse_duration(text) == seconds
 
 
 def test_from_config_builds_the_instance_from_the_downward_api():

@@ -22,10 +22,9 @@ from registrar import Instance, Registrar
 from registrar.config import StopConfig
 from registrar.errors import ConfigError, RegistrationRejected, RegistryUnavailable
 from registrar_consul import ConsulBackend, ConsulConfig
-from tests.conformance.suite import wait_for
-from tests.conformance.test_consul import passing_ids
-from tests.servers.common import free_ports, wait_until
-from tests.servers.consul import ConsulAgent, ConsulCluster, ConsulDev, consul_binary
+from registrar_testing import free_ports, wait_until
+from registrar_testing.consul import (ConsulAgent, ConsulCluster, ConsulDev, consul_binary,
+                                      passing_ids)
 
 
 @pytest.fixture
@@ -87,7 +86,7 @@ def test_registration_carries_the_instance_and_a_ttl_check(consul_cluster, insta
         assert svc["Tags"] == ["grpc", "v2"] and svc["Meta"] == {"zone": "a", "version": "7"}
         check = get(consul_cluster.client_addr, "/v1/agent/checks").json()[backend.check_id]
         assert (check["Type"], check["Status"], check["ServiceID"]) == ("ttl", "passing", instance.id)
-        chk_type = wait_for(lambda: (persisted_check(consul_cluster.clients[0], backend.check_id) or {})
+        chk_type = wait_until(lambda: (persisted_check(consul_cluster.clients[0], backend.check_id) or {})
                             .get("ChkType"), 5, "the agent persisted the check")
         assert chk_type["TTL"] == 2 * 10**9
         assert chk_type["DeregisterCriticalServiceAfter"] == 90 * 10**9
@@ -112,10 +111,10 @@ def test_consul_reaps_a_crashed_instance_after_deregister_critical_after(consul_
             leader_view, f"/v1/health/service/{instance.service}", passing="").json()}
 
     assert passing()
-    wait_for(lambda: not passing(), 2 + 1.5, "the TTL check goes critical")
+    wait_until(lambda: not passing(), 2 + 1.5, "the TTL check goes critical")
     critical = time.monotonic()
     # The agent's reaper runs every 30 s; it removes a service critical for 1m or more.
-    reaped = wait_for(lambda: instance.id not in all_ids(leader_view, instance.service, stale=False)
+    reaped = wait_until(lambda: instance.id not in all_ids(leader_view, instance.service, stale=False)
                       and time.monotonic(), 60 + 30 + 5, "Consul reaps it", interval=0.5)
     print(f"critical after {critical - registered:.1f}s, reaped {reaped - critical:.1f}s later")
     assert 60 <= reaped - critical <= 60 + 30 + 2
@@ -139,9 +138,9 @@ def test_drain_is_maintenance_mode_naming_the_pod(consul_cluster, instance):
         backend.register()  # registering again ends the maintenance
         assert f"_service_maintenance:{instance.id}" not in get(
             consul_cluster.client_addr, "/v1/agent/checks").json()
-        index = backend.deregister()
-        assert isinstance(index, int) and index > 0
-        assert backend.deregister() == index  # idempotent, same answer
+        removal = backend.deregister()
+        assert isinstance(removal.removed_index, int) and removal.removed_index > 0
+        assert backend.deregister() == removal  # idempotent, same answer
         assert instance.id not in all_ids(leader_view, instance.service, stale=False)
     finally:
         backend.close()
@@ -156,7 +155,7 @@ def test_maintenance_drops_it_from_passing_before_the_deregister_call(consul_clu
     registrar = Registrar(instance, [backend], stop=StopConfig(grace_period=10, propagation_timeout=5))
     registrar.start(wait=True, timeout=10)
     for addr in consul_cluster.server_addrs:
-        wait_for(lambda: instance.id in passing_ids(addr, instance.service), 5, "listed")
+        wait_until(lambda: instance.id in passing_ids(addr, instance.service), 5, "listed")
     events: list[tuple[float, str]] = []
     dropped_at: dict[str, int] = {}
     all_dropped = threading.Event()
@@ -197,7 +196,7 @@ def test_maintenance_drops_it_from_passing_before_the_deregister_call(consul_clu
     order = [what for _, what in sorted(events)]
     assert order[0] == "drain called" and order[-1] == "deregister called", order
     assert len(order) == 2 + len(consumers), order
-    removed = report.backends[0].token
+    removed = report.backends[0].position.removed_index
     assert all(index < removed for index in dropped_at.values()), (dropped_at, removed)
 
 
@@ -211,7 +210,7 @@ def test_same_id_on_another_node_does_not_hold_up_confirmation(consul_cluster, i
         other.register()
         assert ours._node != other._node
         ours.deregister()
-        wait_for(lambda: not any(o.sees(instance) for o in ours.observers()), 5, "our entry gone")
+        wait_until(lambda: not any(o.sees(instance) for o in ours.observers()), 5, "our entry gone")
         assert all(instance.id in passing_ids(a, instance.service) for a in consul_cluster.server_addrs)
         assert all(o.sees(instance) for o in other.observers())
     finally:
@@ -223,12 +222,12 @@ def test_health_filter_any_waits_for_the_deregistration(consul_cluster, instance
     backend = on_cluster(consul_cluster, instance, health_filter="any")
     try:
         backend.register()
-        wait_for(lambda: all(o.sees(instance) for o in backend.observers()), 5, "seen")
-        backend.drain()
+        wait_until(lambda: all(o.sees(instance) for o in backend.observers()), 5, "seen")
+        backend.drain("test")
         time.sleep(0.2)  # the maintenance has reached every server by now
         assert all(o.sees(instance) for o in backend.observers()), "maintenance is not removal"
         backend.deregister()
-        wait_for(lambda: not any(o.sees(instance) for o in backend.observers()), 5, "gone")
+        wait_until(lambda: not any(o.sees(instance) for o in backend.observers()), 5, "gone")
         assert not any(instance.id in all_ids(a, instance.service) for a in consul_cluster.server_addrs)
     finally:
         backend.close()
@@ -246,7 +245,7 @@ def test_observer_watcher_stops_when_idle_and_at_close(consul_cluster, instance,
         observer = backend.observers()[0]
         observer.sees(instance)
         assert observer._thread is None  # one question: one plain read
-        wait_for(lambda: observer.sees(instance), 5, "seen")
+        wait_until(lambda: observer.sees(instance), 5, "seen")
         observer.sees(instance)
         thread = observer._thread
         assert thread.is_alive()
@@ -255,7 +254,7 @@ def test_observer_watcher_stops_when_idle_and_at_close(consul_cluster, instance,
         assert observer.sees(instance)  # a fresh read, and no watcher for one question
         assert observer._thread is thread
         backend.deregister()
-        wait_for(lambda: not observer.sees(instance), 5, "gone")
+        wait_until(lambda: not observer.sees(instance), 5, "gone")
         thread = observer._thread
         assert thread.is_alive()
     finally:
@@ -272,7 +271,7 @@ def test_a_dead_observer_is_a_typed_error(tmp_path, instance):
         assert observer.sees(instance)
         dev.agent.kill()
         with pytest.raises(RegistryUnavailable):
-            wait_for(lambda: observer.sees(instance) and None, 5, "the watcher notices")
+            wait_until(lambda: observer.sees(instance) and None, 5, "the watcher notices")
         with pytest.raises(RegistryUnavailable, match="connection refused"):
             backend.heartbeat()
         backend.close()
@@ -317,7 +316,7 @@ def restart(dev, keep_state: bool) -> None:
         for sub in ("services", "checks"):
             shutil.rmtree(dev.agent.process.workdir / "data" / sub, ignore_errors=True)
     dev.agent.process.start()
-    wait_until(dev.agent.ready, 10, "the agent is back")
+    wait_until(dev.agent.ready, 10, "the agent is back", ignore=Exception)
 
 
 def test_agent_restarted_without_its_state_gets_us_back_within_one_heartbeat(dev, instance):
@@ -326,11 +325,11 @@ def test_agent_restarted_without_its_state_gets_us_back_within_one_heartbeat(dev
         assert instance.id in passing_ids(dev.http_addr, instance.service)
         restart(dev, keep_state=False)
         back = time.monotonic()
-        wait_for(lambda: instance.id in passing_ids(dev.http_addr, instance.service),
+        wait_until(lambda: instance.id in passing_ids(dev.http_addr, instance.service),
                  1.0 * 1.1 + 1.0, "re-registered within one heartbeat interval (1s, +10% jitter)")
         took = time.monotonic() - back
         # The core counts the repair once heartbeat() has returned.
-        wait_for(lambda: registrar.status(observe=False)["backends"][0]["repairs"] == 1, 1,
+        wait_until(lambda: registrar.status(observe=False)["backends"][0]["repairs"] == 1, 1,
                  "the repair is counted")
     finally:
         report = registrar.stop()
@@ -345,7 +344,7 @@ def test_agent_restarted_with_its_state_needs_no_repair(dev, instance):
     try:
         restart(dev, keep_state=True)
         # The agent syncs what it reloaded into the (in-memory) catalog.
-        wait_for(lambda: instance.id in passing_ids(dev.http_addr, instance.service), 5, "listed again")
+        wait_until(lambda: instance.id in passing_ids(dev.http_addr, instance.service), 5, "listed again")
         time.sleep(1.2)  # one heartbeat
         assert registrar.status(observe=False)["backends"][0]["repairs"] == 0
     finally:
@@ -381,7 +380,7 @@ def test_frozen_agent_times_out_as_unavailable(dev, instance):
     backend.register()
     dev.agent.freeze()
     try:
-        wait_for(lambda: stopped(dev.agent.process.pid), 5, "the agent is stopped")
+        wait_until(lambda: stopped(dev.agent.process.pid), 5, "the agent is stopped")
         began = time.monotonic()
         with pytest.raises(RegistryUnavailable, match="no answer in time"):
             backend.heartbeat()
@@ -487,14 +486,14 @@ def test_acl_right_token_works_end_to_end(acl, instance, monkeypatch):
     registrar.start(wait=True, timeout=10)
     try:
         for addr in acl.server_addrs:
-            wait_for(lambda: instance.id in passing_ids(addr, instance.service, acl.management_token),
+            wait_until(lambda: instance.id in passing_ids(addr, instance.service, acl.management_token),
                      5, "listed on every server")
         assert backend.heartbeat() is False
         assert backend._node == acl.clients[0].name  # learnt from our check: no agent:read
     finally:
         report = registrar.stop("test")
     assert report.ok, report.summary()
-    assert isinstance(report.backends[0].token, int)
+    assert isinstance(report.backends[0].position.removed_index, int)
     assert not any(instance.id in passing_ids(a, instance.service, acl.management_token)
                    for a in acl.server_addrs)
 
@@ -539,9 +538,10 @@ def test_acl_deregister_and_drain_of_an_unknown_id_succeed(acl, instance):
     backend = make(acl.client_addr, instance, acl.server_addrs,
                    token=service_token(acl, instance.service))
     try:
-        backend.drain()
-        assert isinstance(backend.deregister(), int)
-        assert not any(o.sees(instance) for o in backend.observers())
+        backend.drain("test")
+        removal = backend.deregister()
+        assert isinstance(removal.removed_index, int)
+        assert not any(o.sees(instance, since=removal) for o in backend.observers())
     finally:
         backend.close()
 
@@ -586,7 +586,7 @@ def tls_agent(tmp_path_factory):
     agent = ConsulAgent("consul-tls", d / "agent", argv, http)
     agent.start()
     try:
-        wait_until(agent.ready, 10, "the TLS agent is ready")
+        wait_until(agent.ready, 10, "the TLS agent is ready", ignore=Exception)
         yield d, f"https://127.0.0.1:{https}"
     finally:
         agent.kill()
@@ -601,9 +601,9 @@ def test_tls_with_ca_and_client_certificate(tls_agent, instance):
         backend.register()
         assert backend.observers()[0].sees(instance)
         assert backend.heartbeat() is False
-        backend.drain()
+        backend.drain("test")
         backend.deregister()
-        wait_for(lambda: not backend.observers()[0].sees(instance), 5, "gone")
+        wait_until(lambda: not backend.observers()[0].sees(instance), 5, "gone")
     finally:
         backend.close()
     unverified = make(url, instance, tls={**tls, "ca_file": None})

@@ -13,8 +13,9 @@ from registrar import Instance, Registrar
 from registrar import prestop as prestop_cmd
 from registrar.config import StopConfig
 from registrar.control import ControlServer
-from registrar.supervisor import Lifecycle, established_connections
-from tests.memory import FakeClock, MemoryBackend, MemoryRegistry
+from registrar.connections import established_connections
+from registrar.lifecycle import Lifecycle
+from registrar_testing.memory import FakeClock, MemoryBackend, MemoryRegistry
 
 INSTANCE = Instance("web", "web-0", "10.0.0.5", 8080)
 

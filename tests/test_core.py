@@ -11,7 +11,8 @@ from registrar import Instance, Registrar
 from registrar.clock import Clock, Deadline
 from registrar.config import HeartbeatConfig, StopConfig
 from registrar.errors import RegistrarError, RegistrationRejected, RegistryUnavailable
-from tests.memory import FakeClock, MemoryBackend, MemoryConfig, MemoryRegistry
+from registrar_testing import wait_until
+from registrar_testing.memory import FakeClock, MemoryBackend, MemoryConfig, MemoryRegistry
 
 INSTANCE = Instance("web", "web-0", "10.0.0.5", 8080, tags=["a"], meta={"v": "1"})
 
@@ -23,19 +24,12 @@ def make(registry=None, *, ttl=1.0, stop=None, clock=None, backends=None, **kw):
                      clock=clock, **kw), registry
 
 
-def wait_for(predicate, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.005)
-
-
 def test_start_registers_and_stop_confirms_on_every_member():
     registrar, registry = make(MemoryRegistry(members=3, lag=0.05))
     registrar.start(wait=True, timeout=5)
     assert registrar.registered
     assert registry.committed("web-0") == "up"
-    wait_for(lambda: all(registry.view(m, "web-0") for m in range(3)))
+    wait_until(lambda: all(registry.view(m, "web-0") for m in range(3)), 5, "every member lists web-0")
     report = registrar.stop()
     assert report.ok and report.trigger == "stop"
     (b,) = report.backends
@@ -52,7 +46,7 @@ def test_start_retries_while_registry_unreachable(caplog):
     registrar, registry = make()
     registry.unavailable = True
     registrar.start()
-    wait_for(lambda: registry.count("register") >= 3)
+    wait_until(lambda: registry.count("register") >= 3, 5, "three register calls")
     assert not registrar.registered
     registry.unavailable = False
     registrar.wait_registered(timeout=10)
@@ -83,9 +77,9 @@ def test_rejection_is_not_retried_and_is_fatal():
 def test_heartbeats_run_and_repair():
     registrar, registry = make(ttl=0.3)  # heartbeat every 0.1 s
     registrar.start(wait=True, timeout=5)
-    wait_for(lambda: registry.count("heartbeat") >= 2)
+    wait_until(lambda: registry.count("heartbeat") >= 2, 5, "two heartbeats")
     registry.write("web-0", None)  # the registry forgot us
-    wait_for(lambda: registry.committed("web-0") == "up")
+    wait_until(lambda: registry.committed("web-0") == "up", 5, "web-0 is up")
     assert registrar.status(observe=False)["backends"][0]["repairs"] == 1
     registrar.stop()
 
@@ -94,10 +88,11 @@ def test_failed_heartbeats_are_counted_and_do_not_stop_the_agent():
     registrar, registry = make(ttl=0.3, heartbeat=HeartbeatConfig(interval=0.05))
     registrar.start(wait=True, timeout=5)
     registry.unavailable = True
-    wait_for(lambda: registrar.status(observe=False)["backends"][0]["heartbeat_failures"] >= 1)
+    wait_until(lambda: registrar.status(observe=False)["backends"][0]["heartbeat_failures"] >= 1,
+               5, "a heartbeat failure")
     registry.unavailable = False
     before = registry.count("heartbeat")
-    wait_for(lambda: registry.count("heartbeat") > before + 1)
+    wait_until(lambda: registry.count("heartbeat") > before + 1, 5, "two more heartbeats")
     assert registrar.status(observe=False)["backends"][0]["last_error"] is None
     assert registrar.stop().ok
 
@@ -171,9 +166,9 @@ def test_a_hanging_backend_cannot_hold_stop_past_the_deadline():
 def test_no_heartbeat_lands_after_deregistration():
     registrar, registry = make(ttl=0.3, heartbeat=HeartbeatConfig(interval=0.02))
     registrar.start(wait=True, timeout=5)
-    wait_for(lambda: registry.count("heartbeat") >= 1)
+    wait_until(lambda: registry.count("heartbeat") >= 1, 5, "a heartbeat")
     registry.hang.set()  # the next heartbeat is now in flight, holding the backend
-    wait_for(lambda: registry.calls[-1] == "heartbeat")
+    wait_until(lambda: registry.calls[-1] == "heartbeat", 5, "the last call is a heartbeat")
     stopper = threading.Thread(target=registrar.stop)
     stopper.start()
     time.sleep(0.05)
@@ -227,7 +222,7 @@ def test_backends_are_closed_after_stop():
     registrar, _ = make()
     registrar.start(wait=True, timeout=5)
     registrar.stop()
-    wait_for(lambda: registrar.backends[0].closed)
+    wait_until(lambda: registrar.backends[0].closed, 5, "the backend is closed")
 
 
 def test_context_manager_registers_and_stops():
@@ -266,15 +261,15 @@ def test_pause_takes_the_instance_out_of_rotation_and_resume_puts_it_back():
     registrar, registry = make(ttl=0.3)
     registrar.start(wait=True, timeout=5)
     registrar.pause("health probe failed")
-    wait_for(lambda: registry.committed("web-0") is None)
+    wait_until(lambda: registry.committed("web-0") is None, 5, "web-0 is gone")
     assert not registrar.registered and not registrar.in_rotation
     assert registrar.status(observe=False)["backends"][0]["state"] == "out of rotation"
     beats = registry.count("heartbeat")
     time.sleep(0.25)
     assert registry.count("heartbeat") == beats  # nothing to keep alive meanwhile
     registrar.resume()
-    wait_for(lambda: registrar.registered and registry.committed("web-0") == "up")
-    wait_for(lambda: registry.count("heartbeat") > beats)
+    wait_until(lambda: registrar.registered and registry.committed("web-0") == "up", 5, "registered and up")
+    wait_until(lambda: registry.count("heartbeat") > beats, 5, "another heartbeat")
     assert registrar.stop().ok
 
 
@@ -282,12 +277,13 @@ def test_a_failed_resume_is_retried_by_the_heartbeat():
     registrar, registry = make(ttl=0.3)
     registrar.start(wait=True, timeout=5)
     registrar.pause("unhealthy")
-    wait_for(lambda: registry.committed("web-0") is None)
+    wait_until(lambda: registry.committed("web-0") is None, 5, "web-0 is gone")
     registry.unavailable = True
     registrar.resume()
-    wait_for(lambda: registry.count("register") >= 2)  # the resume's own attempt failed
+    # The resume's own attempt failed.
+    wait_until(lambda: registry.count("register") >= 2, 5, "a second register call")
     registry.unavailable = False
-    wait_for(lambda: registrar.registered, timeout=3)
+    wait_until(lambda: registrar.registered, 3, "registered again")
     registrar.stop()
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from registrar import cli
-from tests.conformance.suite import wait_for
-from tests.conformance.test_consul import passing_ids
+from registrar_testing import wait_until
+from registrar_testing.consul import passing_ids
 
 
 def agent_config(tmp_path, cluster, **stop):
@@ -47,7 +47,7 @@ def test_sigterm_takes_it_out_of_every_server_before_exit(tmp_path, consul_clust
     path, service = agent_config(tmp_path, consul_cluster)
     agent = spawn("agent", "--config", str(path))
     try:
-        wait_for(lambda: all(views(consul_cluster, service)), 15, "every server lists the agent")
+        wait_until(lambda: all(views(consul_cluster, service)), 15, "every server lists the agent")
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=15)
         # Read every server's own view the moment the process is gone: the

@@ -14,9 +14,8 @@ import pytest
 import yaml
 
 from registrar import cli
-from tests.conformance.suite import wait_for
-from tests.servers.common import free_port
-from tests.servers.etcd import kv_get_serializable
+from registrar_testing import free_port, wait_until
+from registrar_testing.etcd import kv_get_serializable
 
 
 def agent_config(tmp_path, endpoints, **stop):
@@ -58,7 +57,7 @@ def test_sigterm_removes_the_key_from_every_member_before_exit(tmp_path, etcd_cl
     path, key = agent_config(tmp_path, etcd_cluster.endpoints)
     agent = spawn("agent", "--config", str(path))
     try:
-        wait_for(lambda: all(views(etcd_cluster.endpoints, key)), 15, "every member lists the agent")
+        wait_until(lambda: all(views(etcd_cluster.endpoints, key)), 15, "every member lists the agent")
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=15)
         # Read every member's own view the moment the process is gone: the
@@ -76,7 +75,7 @@ def test_sigterm_with_the_registry_unreachable_exits_before_the_grace_period(tmp
     agent = spawn("agent", "--config", str(path), "--log-format", "json")
     try:
         # The signal handlers are in place once the control server answers.
-        wait_for(lambda: healthy(control_of(path)), 15, "the agent's control server")
+        wait_until(lambda: healthy(control_of(path)), 15, "the agent's control server")
         began = time.monotonic()
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=10)

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conformance.suite import wait_for
-from tests.conformance.test_zookeeper import ServerViews
-from tests.servers.zookeeper import four_letter
+from registrar_testing import wait_until
+from registrar_testing.zookeeper import ServerViews, four_letter
 
 SESSION_TIMEOUT = 2.0
 
@@ -85,7 +84,7 @@ def test_sigterm_deregisters_and_every_server_has_dropped_it_before_exit(zk_ense
     pod = f"pod-{uuid.uuid4().hex[:8]}"
     path = f"/services/e2e/{pod}"
     agent = agents("agent", agent_config(zk_ensemble, pod))
-    wait_for(lambda: views.exists(path) == [True] * 3 or agent.proc.poll() is not None, 15,
+    wait_until(lambda: views.exists(path) == [True] * 3 or agent.proc.poll() is not None, 15,
              "every server to list the pod")
     assert agent.proc.poll() is None, agent.log
     agent.signal(signal.SIGTERM)
@@ -108,12 +107,12 @@ def test_a_new_incarnation_takes_over_from_a_frozen_one(zk_ensemble, views, agen
     path = f"/services/e2e/{pod}"
     config = agent_config(zk_ensemble, pod)
     old = agents("old", config)
-    wait_for(lambda: all(owners(views, path)), 15, "the old agent's node on every server")
+    wait_until(lambda: all(owners(views, path)), 15, "the old agent's node on every server")
     old_session = owners(views, path)[0]
     old.signal(signal.SIGSTOP)  # its session outlives it, for now
     frozen_at = time.monotonic()
     new = agents("new", config)
-    wait_for(lambda: set(owners(views, path)) - {old_session, None}, 15,
+    wait_until(lambda: set(owners(views, path)) - {old_session, None}, 15,
              "the new agent to own the node")
     new_session = owners(views, path)[0]
     assert owners(views, path) == [new_session] * 3, new.log
@@ -121,7 +120,7 @@ def test_a_new_incarnation_takes_over_from_a_frozen_one(zk_ensemble, views, agen
     # Wait for the old session to expire: the leader counts one session
     # less, and no earlier than the session timeout (plus a tick) allows.
     sessions = _global_sessions(zk_ensemble)
-    wait_for(lambda: time.monotonic() - frozen_at > SESSION_TIMEOUT + 0.5
+    wait_until(lambda: time.monotonic() - frozen_at > SESSION_TIMEOUT + 0.5
              and _global_sessions(zk_ensemble) < sessions, SESSION_TIMEOUT + 5,
              "the frozen agent's session to expire")
     assert owners(views, path) == [new_session] * 3, "the node vanished with the old session"

@@ -13,9 +13,9 @@ import pytest
 
 from registrar import Instance, Registrar
 from registrar_etcd import EtcdBackend, EtcdConfig
-from tests.conformance.suite import wait_for
-from tests.servers.etcd import EtcdCluster, kv_get_serializable
-from tests.servers.faults import Blackhole
+from registrar_testing import wait_until
+from registrar_testing.etcd import EtcdCluster, kv_get_serializable
+from registrar_testing.faults import Blackhole
 
 needs_nft = pytest.mark.skipif(not Blackhole.available(), reason="nftables is not usable here")
 
@@ -70,7 +70,7 @@ def test_ipv6_addresses_are_bracketed(etcd_cluster):
 def test_drain_marks_the_entry_draining(etcd_cluster, instance):
     backend = make(etcd_cluster, instance)
     backend.register()
-    backend.drain()
+    backend.drain("test")
     value, lease = raw_get(etcd_cluster.endpoints[0], backend.key)
     assert value["Metadata"]["status"] == "draining" and lease == backend._lease
     backend.deregister()
@@ -82,11 +82,11 @@ def test_deregister_leaves_an_entry_a_new_incarnation_took_over(etcd_cluster, in
     old, new = make(etcd_cluster, instance), make(etcd_cluster, instance)
     old.register()
     new.register()  # the pod restarted faster than the old lease expired
-    old.deregister()
+    removed = old.deregister()
     value, lease = raw_get(etcd_cluster.endpoints[0], new.key)
     assert lease == new._lease
     # The old one's observers confirm its own removal without waiting forever.
-    assert not any(o.sees(instance) for o in old.observers())
+    assert not any(o.sees(instance, since=removed) for o in old.observers())
     assert new.heartbeat() is False
     new.deregister()
     old.close(), new.close()
@@ -97,7 +97,7 @@ def test_deregister_command_removes_an_entry_registered_elsewhere(etcd_cluster, 
     agent.register()
     other = make(etcd_cluster, instance)  # knows no lease
     other.deregister()
-    wait_for(lambda: not any(kv_get_serializable(ep, agent.key)[1] for ep in etcd_cluster.endpoints),
+    wait_until(lambda: not any(kv_get_serializable(ep, agent.key)[1] for ep in etcd_cluster.endpoints),
              5, "every member dropped the key")
     assert not any(o.sees(instance) for o in other.observers())
     agent.close(), other.close()
@@ -120,7 +120,7 @@ def test_first_endpoint_down_fails_over(etcd_cluster, instance):
                                                endpoints=[dead, *etcd_cluster.endpoints]))
     backend.register()
     assert backend.heartbeat() is False
-    assert backend._current == 1
+    assert backend._cluster.current == 1
     backend.deregister()
     backend.close()
 
@@ -129,12 +129,12 @@ def test_first_endpoint_down_fails_over(etcd_cluster, instance):
 def test_blackholed_member_fails_over_within_the_request_timeout(etcd_cluster, instance):
     backend = make(etcd_cluster, instance, timeout=0.5)
     backend.register()
-    assert backend._current == 0
+    assert backend._cluster.current == 0
     with Blackhole(urlsplit(etcd_cluster.endpoints[0]).port, mode="drop"):
         began = time.monotonic()
         assert backend.heartbeat() is False
         assert time.monotonic() - began < 1.5
-        assert backend._current == 1
+        assert backend._cluster.current == 1
     backend.deregister()
     backend.close()
 
@@ -163,7 +163,7 @@ def present_on(cluster, key, members):
 def test_leader_killed_while_registered(faulty, instance):
     registrar = agent_on(faulty, instance).start(wait=True, timeout=10)
     key = registrar.backends[0].key
-    leader = wait_for(lambda: faulty.leader_index() is not None and (faulty.leader_index(),), 10,
+    leader = wait_until(lambda: faulty.leader_index() is not None and (faulty.leader_index(),), 10,
                       "a leader")[0]
     survivors = [i for i in range(3) if i != leader]
     faulty.members[leader].kill()
@@ -192,7 +192,7 @@ def test_registration_comes_back_after_an_outage_longer_than_its_ttl(faulty, ins
         time.sleep(2 + 1.5)  # the outage itself: TTL plus the expiry sweep
     # etcd's gateway reaches its own member through the client port too, and
     # answers 503 until its connection is back: an error counts as "not yet".
-    wait_for(lambda: _quietly(present_on, faulty, backend.key, range(3)), 10, "the heartbeat repairs it")
+    wait_until(lambda: _quietly(present_on, faulty, backend.key, range(3)), 10, "the heartbeat repairs it")
     status = registrar.status(observe=False)["backends"][0]
     assert status["repairs"] == 1 and status["heartbeat_failures"] >= 1
     assert backend._lease != old_lease

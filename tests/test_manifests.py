@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from registrar import config
-from registrar.config import parse_listen
+from registrar.source import parse_listen
 
 K8S = Path(__file__).resolve().parent.parent / "config" / "k8s"
 ENV = {"POD_NAME": "web-0", "POD_IP": "10.244.0.9",

@@ -15,9 +15,8 @@ import uuid
 
 import yaml
 
-from tests.conformance.suite import wait_for
-from tests.servers.common import free_ports
-from tests.servers.etcd import kv_get_serializable
+from registrar_testing import free_ports, wait_until
+from registrar_testing.etcd import kv_get_serializable
 
 APP = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(60)"
 
@@ -56,22 +55,22 @@ def test_health_gate_registers_only_while_the_probe_passes(tmp_path, etcd_cluste
                                 "--", sys.executable, "-c", APP],
                                env=env, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: readyz(control) == 503, 15, "the control server, not ready")
+        wait_until(lambda: readyz(control) == 503, 15, "the control server, not ready")
         time.sleep(0.5)  # five failing probes: proving a negative takes a while
         assert listed() == [False] * 3  # unhealthy app: never registered
 
         healthy.touch()
-        wait_for(lambda: all(listed()), 5, "registration once healthy")
-        wait_for(lambda: readyz(control) == 200, 5, "ready")
+        wait_until(lambda: all(listed()), 5, "registration once healthy")
+        wait_until(lambda: readyz(control) == 200, 5, "ready")
 
         healthy.unlink()
-        wait_for(lambda: not any(listed()), 5, "out of rotation after 2 failed probes")
+        wait_until(lambda: not any(listed()), 5, "out of rotation after 2 failed probes")
         assert readyz(control) == 503 and wrapper.poll() is None
         assert json.loads(_status(control))["backends"][0]["state"] == "out of rotation"
 
         healthy.touch()
-        wait_for(lambda: all(listed()), 5, "back into rotation")
-        wait_for(lambda: readyz(control) == 200, 5, "ready again")
+        wait_until(lambda: all(listed()), 5, "back into rotation")
+        wait_until(lambda: readyz(control) == 200, 5, "ready again")
 
         wrapper.send_signal(signal.SIGTERM)
         assert wrapper.wait(timeout=10) == 0  # the app's own exit status

@@ -17,15 +17,13 @@ from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandl
 
 from registrar import Instance, Registrar, config
 from registrar.errors import ConfigError, RegistryUnavailable
+from registrar_testing import wait_until
+from registrar_testing.curator import CURATOR_FIELDS, probe_list
+from registrar_testing.faults import Blackhole
+from registrar_testing.zookeeper import ServerViews, ZooKeeperEnsemble, expire_session
 from registrar_zookeeper import (Superseded, ZooKeeperBackend, ZooKeeperConfig, parse_acl,
                                  split_hosts, uri_spec)
 from registrar_zookeeper._kazoo import NUDGE_AFTER, wait
-from tests.conformance.suite import wait_for
-from tests.conformance.test_zookeeper import ServerViews, expire_session
-from tests.infra.test_zookeeper_server import (CURATOR_CLASSPATH, CURATOR_FIELDS, PROBE_SOURCE,
-                                               probe_list)
-from tests.servers.faults import Blackhole
-from tests.servers.zookeeper import ZooKeeperEnsemble
 
 SECRET = "s3cr3t-Pa55"
 
@@ -99,22 +97,12 @@ def test_node_is_an_ephemeral_curator_service_instance(zk_standalone, make, clie
     # Parents are persistent; without auth everyone may do everything.
     assert client.exists(f"/svc/{instance.service}").ephemeralOwner == 0
     assert [(a.perms, a.id.scheme) for a in client.get_acls(path)[0]] == [(31, "world")]
-    backend.drain()
+    backend.drain("test")
     drained = json.loads(client.get(path)[0])
     assert drained["payload"]["status"] == "draining"
     assert drained["registrationTimeUTC"] == doc["registrationTimeUTC"]
     backend.deregister()
     assert client.exists(path) is None
-
-
-@pytest.fixture(scope="module")
-def curator_probe(tmp_path_factory) -> list[str]:
-    out = tmp_path_factory.mktemp("curator-probe")
-    subprocess.run(["javac", "-Xlint:-path", "-cp", CURATOR_CLASSPATH, "-d", str(out),
-                    str(PROBE_SOURCE)], check=True, timeout=120)
-    return ["java", "-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-            "-Xshare:auto", "-Dorg.slf4j.simpleLogger.defaultLogLevel=error",
-            "-cp", f"{CURATOR_CLASSPATH}:{out}", "CuratorProbe"]
 
 
 def test_curator_lists_what_we_register(zk_standalone, make, instance, curator_probe):
@@ -126,7 +114,7 @@ def test_curator_lists_what_we_register(zk_standalone, make, instance, curator_p
                  payload_class="java.util.LinkedHashMap")
     plain.register()
     typed.register()
-    typed.drain()
+    typed.drain("test")
     seen = {i["id"]: i for i in probe_list(curator_probe, zk_standalone.connect_string,
                                            "/services", instance.service)}
     assert set(seen) == {instance.id, typed_instance.id}
@@ -225,7 +213,7 @@ def test_config_parsing():
      'backends[0].session_timeout: should be at least 1s, got "500ms"'),
     ({"base_path": "services"}, "backends[0].base_path: string should match pattern"),
     ({"uri_spec": "{a"}, "backends[0].uri_spec: unbalanced braces"),
-    ({"tls": {"ca": "/ca.pem", "verfy": False}}, "backends[0].tls.verfy: unknown key"),
+    ({"tls": {"verfy": False}}, "backends[0].tls.verfy: unknown key"),
 ])
 def test_config_errors_name_the_field(section, expected):
     with pytest.raises(ConfigError) as err:
@@ -234,12 +222,15 @@ def test_config_errors_name_the_field(section, expected):
     assert str(err.value).startswith(expected), str(err.value)
 
 
-def test_tls_settings_reach_kazoo(instance):
+def test_tls_settings_reach_kazoo(instance, tmp_path):
+    ca, cert, key = (str(tmp_path / name) for name in ("ca.pem", "c.pem", "k.pem"))
+    for path in (ca, cert, key):
+        open(path, "w").close()
     backend = ZooKeeperBackend(instance, ZooKeeperConfig(
-        type="zookeeper", tls={"ca": "/ca.pem", "cert": "/c.pem", "key": "/k.pem"}))
+        type="zookeeper", tls={"ca_file": ca, "cert_file": cert, "key_file": key}))
     client = backend.new_client("127.0.0.1:2281")
     assert (client.use_ssl, client.ca, client.certfile, client.keyfile, client.verify_certs) == (
-        True, "/ca.pem", "/c.pem", "/k.pem", True)
+        True, ca, cert, key, True)
     client.close()
 
 
@@ -308,16 +299,16 @@ def test_forced_session_expiry_is_repaired_within_one_heartbeat(zk_ensemble, ins
         interval = backend.ttl / 3
         expired_at = time.monotonic()
         expire_session(zk_ensemble.connect_string, backend._client)
-        wait_for(lambda: views.stat(0, backend.path) is None, 5, "the session's node to go")
+        wait_until(lambda: views.stat(0, backend.path) is None, 5, "the session's node to go")
 
         def back():
             assert registrar.registered, "the agent reported itself deregistered"
             stat = views.stat(0, backend.path)
             return stat is not None and stat.ephemeralOwner != old
 
-        wait_for(back, interval * 1.1 + 1.0, "the node back with a new session")
+        wait_until(back, interval * 1.1 + 1.0, "the node back with a new session")
         assert time.monotonic() - expired_at <= interval * 1.1 + 1.0
-        wait_for(lambda: registrar.status(observe=False)["backends"][0]["repairs"] == 1, 2,
+        wait_until(lambda: registrar.status(observe=False)["backends"][0]["repairs"] == 1, 2,
                  "the repair counted")
         assert registrar.registered
     finally:
@@ -335,20 +326,20 @@ def test_a_previous_incarnations_node_is_replaced_and_never_fought_over(zk_ensem
         new.register()  # the pod restarted faster than its old session expired
         owner = new._client.client_id[0]
         # Server 0 may not have applied the take-over yet: read until it has.
-        wait_for(lambda: getattr(views.stat(0, new.path), "ephemeralOwner", None) == owner, 5,
+        wait_until(lambda: getattr(views.stat(0, new.path), "ephemeralOwner", None) == owner, 5,
                  "server 0 sees the new owner")
         assert new.heartbeat() is False
         with pytest.raises(Superseded):  # the old one (thawed, say) leaves it alone
             old.heartbeat()
-        old.drain()
-        old.deregister()
-        assert not any(o.sees(instance) for o in old.observers())
+        old.drain("test")
+        removed = old.deregister()
+        assert not any(o.sees(instance, since=removed) for o in old.observers())
         old.close()  # its session ends: the node is not its own
         assert views.stat(0, new.path).ephemeralOwner == owner
         assert new.heartbeat() is False
         assert "status" not in json.loads(views.clients[0].get(new.path)[0])["payload"]
         new.deregister()
-        wait_for(lambda: views.exists(new.path) == [False] * 3, 5, "the node gone everywhere")
+        wait_until(lambda: views.exists(new.path) == [False] * 3, 5, "the node gone everywhere")
     finally:
         views.close()
 
@@ -369,7 +360,7 @@ def test_registered_again_after_a_deregistration(zk_standalone, make, client, in
 def test_deregister_command_removes_a_node_registered_elsewhere(zk_ensemble, make, instance):
     agent, command = make(zk_ensemble.hosts, instance), make(zk_ensemble.hosts, instance)
     agent.register()
-    command.drain()  # knows no node of its own: marks nothing
+    command.drain("test")  # knows no node of its own: marks nothing
     command.deregister()
     assert not any(o.sees(instance) for o in command.observers())
 
@@ -419,7 +410,7 @@ def test_no_session_outlives_close(zk_ensemble, instance):
     for _ in range(5):  # stop() at once races the observers' warm-up after registering
         registrar = agent_on(zk_ensemble.hosts, instance).start(wait=True, timeout=10)
         assert registrar.stop().ok
-    wait_for(lambda: connection_threads() <= before, 5, "every kazoo connection to end")
+    wait_until(lambda: connection_threads() <= before, 5, "every kazoo connection to end")
 
 
 # -- servers killed (an ensemble of this module's own) -------------------------------
@@ -452,7 +443,7 @@ def test_registration_survives_a_killed_server(faulty, instance, role):
         while time.monotonic() < end:
             assert views.exists(backend.path, servers=[0, 1]) == [True, True], "lapsed"
             time.sleep(0.1)
-        wait_for(lambda: len([t for t in beats if t > killed_at]) >= 2, 3,
+        wait_until(lambda: len([t for t in beats if t > killed_at]) >= 2, 3,
                  "two heartbeats after the kill")
         assert backend._client.client_id[0] == session  # the same session: nothing repaired
         status = registrar.status(observe=False)["backends"][0]
@@ -478,7 +469,7 @@ def test_registration_comes_back_after_an_outage_longer_than_the_session(faulty,
         assert registrar.registered
     views = ServerViews(faulty.hosts)
     try:
-        wait_for(lambda: all(views.exists(backend.path)), backend.ttl / 3 + 3,
+        wait_until(lambda: all(views.exists(backend.path)), backend.ttl / 3 + 3,
                  "the heartbeat to write it again with a new session")
         assert views.stat(0, backend.path).ephemeralOwner not in (session, 0)
         assert registrar.status(observe=False)["backends"][0]["repairs"] == 1

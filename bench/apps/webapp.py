@@ -17,7 +17,7 @@ On SIGTERM:
             finished (at most --shutdown-timeout), then exit 0.
   immediate exit at once (status 0): requests in flight are cut.
 
-Events (JSON lines, time.monotonic(), see tests/apps/events.py): ready,
+Events (JSON lines, time.monotonic(), see registrar_testing/events.py): ready,
 sigterm (with the number of requests in flight), listener_closed, drained
 (with what the join left unfinished), exit (with requests served).
 """
@@ -31,10 +31,8 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "apps"))
-from events import Events  # noqa: E402
+from registrar_testing.events import Events
 
 
 class Server(ThreadingHTTPServer):

@@ -25,8 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from events import Events, check_from_env  # noqa: E402
+from registrar_testing.events import Events, check_from_env
 
 
 def main() -> int:

@@ -11,17 +11,14 @@ recorded as ``delivered`` (the kubelet's, then the registrar's re-delivery).
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from events import Events, check_from_env  # noqa: E402
-
-from registrar import Registrar, logs  # noqa: E402
+from registrar import Registrar, logs
+from registrar_testing.events import Events, check_from_env
 
 
 class Hello(BaseHTTPRequestHandler):

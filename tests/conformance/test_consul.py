@@ -7,17 +7,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.conformance.suite import BackendConformance, Harness
-
-
-def passing_ids(addr: str, service: str, token: str | None = None) -> set[str]:
-    """The instance ids a server's own replica lists as passing (what a
-    consumer of ?passing&stale gets from it), read without the backend."""
-    headers = {"X-Consul-Token": token} if token else {}
-    r = requests.get(f"{addr}/v1/health/service/{service}", params={"passing": "", "stale": ""},
-                     headers=headers, timeout=2)
-    r.raise_for_status()
-    return {entry["Service"]["ID"] for entry in r.json()}
+from registrar_testing.conformance import BackendConformance, Harness
+from registrar_testing.consul import passing_ids
 
 
 class ConsulHarness(Harness):

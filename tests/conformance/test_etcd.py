@@ -7,8 +7,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conformance.suite import BackendConformance, Harness
-from tests.servers.etcd import kv_get_serializable
+from registrar_testing.conformance import BackendConformance, Harness
+from registrar_testing.etcd import kv_get_serializable
 
 
 class EtcdHarness(Harness):

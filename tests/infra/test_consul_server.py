@@ -1,4 +1,4 @@
-"""Smoke tests for the real-Consul test infrastructure (tests/servers/consul.py)."""
+"""Smoke tests for the real-Consul launcher (registrar_testing.consul)."""
 from __future__ import annotations
 
 import uuid
@@ -6,8 +6,8 @@ import uuid
 import pytest
 import requests
 
-from tests.servers.common import wait_until
-from tests.servers.consul import ConsulCluster, ConsulDev
+from registrar_testing import wait_until
+from registrar_testing.consul import ConsulCluster, ConsulDev, passing_ids
 
 TIMEOUT = 5  # per HTTP request
 
@@ -43,15 +43,6 @@ def _register_ttl_service(addr: str, name: str, token: str | None = None) -> req
     return r
 
 
-def _passing_ids(server_addr: str, name: str, token: str | None = None) -> set[str]:
-    headers = {"X-Consul-Token": token} if token else {}
-    # stale: each server answers from its own replica instead of the leader's.
-    r = requests.get(f"{server_addr}/v1/health/service/{name}", headers=headers,
-                     params={"passing": "", "stale": ""}, timeout=TIMEOUT)
-    r.raise_for_status()
-    return {entry["Service"]["ID"] for entry in r.json()}
-
-
 def test_dev_agent_has_leader(consul_dev):
     r = requests.get(f"{consul_dev.http_addr}/v1/status/leader", timeout=TIMEOUT)
     assert r.status_code == 200
@@ -74,8 +65,8 @@ def test_ttl_service_at_client_is_passing_on_every_server(cluster):
     r = _register_ttl_service(cluster.client_addr, "smoke-web")
     assert r.status_code == 200, r.text
     for addr in cluster.server_addrs:
-        wait_until(lambda: _passing_ids(addr, "smoke-web"), 10,
-                   f"smoke-web passing on {addr}")
+        wait_until(lambda: passing_ids(addr, "smoke-web"), 10,
+                   f"smoke-web is passing on {addr}", ignore=requests.RequestException)
 
 
 def test_restarted_client_rejoins(cluster):
@@ -87,7 +78,7 @@ def test_restarted_client_rejoins(cluster):
     # The new process's own view: it has joined all the servers again.
     wait_until(lambda: {m["Name"] for m in requests.get(
         f"{client.http_addr}/v1/agent/members", timeout=TIMEOUT).json() if m["Status"] == 1}
-        == names, 10, f"{client.name} to see every member alive")
+        == names, 10, f"{client.name} sees every member alive", ignore=requests.RequestException)
 
 
 def test_acl_anonymous_register_is_denied(acl_cluster):
@@ -101,8 +92,8 @@ def test_acl_management_token_registers_and_mints_tokens(acl_cluster):
     r = _register_ttl_service(acl_cluster.client_addr, "acl-web", token)
     assert r.status_code == 200, r.text
     for addr in acl_cluster.server_addrs:
-        wait_until(lambda: _passing_ids(addr, "acl-web", token), 10,
-                   f"acl-web passing on {addr}")
+        wait_until(lambda: passing_ids(addr, "acl-web", token), 10,
+                   f"acl-web is passing on {addr}", ignore=requests.RequestException)
 
     # A token limited to one service, minted with the management token.
     secret = acl_cluster.create_token('service "minted-web" { policy = "write" }')

@@ -8,9 +8,9 @@ import time
 import pytest
 import requests
 
-from tests.servers.common import wait_until
-from tests.servers.etcd import EtcdCluster, kv_get_serializable
-from tests.servers.faults import Blackhole
+from registrar_testing import wait_until
+from registrar_testing.etcd import EtcdCluster, kv_get_serializable
+from registrar_testing.faults import Blackhole
 
 
 def b64(s: str) -> str:
@@ -30,7 +30,7 @@ def put(endpoint: str, key: str, value: str, lease: int | None = None,
 def wait_leader(cluster: EtcdCluster, timeout: float = 5) -> int:
     found: list[int] = []
     wait_until(lambda: found.append(cluster.leader_index()) or found[-1] is not None,
-               timeout, "an etcd leader")
+               timeout, "an etcd leader is elected")
     return found[-1]
 
 
@@ -61,7 +61,7 @@ def test_three_members_have_a_leader(cluster3):
     rev = int(put(cluster3.endpoints[0], "/svc/three", "v")["header"]["revision"])
     for m in cluster3.members:
         wait_until(lambda m=m: kv_get_serializable(m.endpoint, "/svc/three")[0] >= rev,
-                   5, f"{m.name} to apply revision {rev}")
+                   5, f"{m.name} applies revision {rev}", ignore=OSError)
         assert kv_get_serializable(m.endpoint, "/svc/three")[1]
 
 
@@ -73,7 +73,7 @@ def test_kill_and_restart_member(cluster3):
     rev = int(put(other.endpoint, "/svc/while-down", "v")["header"]["revision"])
     victim.restart(timeout=20)
     wait_until(lambda: kv_get_serializable(victim.endpoint, "/svc/while-down")[0] >= rev,
-               5, f"{victim.name} to catch up")
+               5, f"{victim.name} catches up", ignore=OSError)
     assert kv_get_serializable(victim.endpoint, "/svc/while-down")[1]
 
 
@@ -85,7 +85,7 @@ def test_freeze_makes_member_unresponsive(cluster3):
             requests.get(f"{member.endpoint}/health", timeout=0.5)
     finally:
         member.thaw()
-    wait_until(member.healthy, 10, f"{member.name} healthy after thaw")
+    wait_until(member.healthy, 10, f"{member.name} is healthy after thaw")
 
 
 @pytest.mark.skipif(not Blackhole.available(), reason="nftables needs root and nft")

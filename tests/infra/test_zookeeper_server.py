@@ -7,23 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from kazoo.client import KazooClient
 
-from tests.servers.common import wait_until
-from tests.servers.zookeeper import ZooKeeperEnsemble, four_letter
-
-PROBE_SOURCE = Path(__file__).resolve().parents[1] / "java" / "CuratorProbe.java"
-CURATOR_CLASSPATH = ":".join(f"/usr/share/java/{jar}.jar" for jar in (
-    "curator-x-discovery", "curator-framework", "curator-client", "zookeeper",
-    "zookeeper-jute", "guava", "jackson-databind", "jackson-core",
-    "jackson-annotations", "slf4j-api", "slf4j-simple"))
-# What Curator 5.4's default JsonInstanceSerializer writes: "compatible" mode,
-# so no "enabled" field (readers default it to true).
-CURATOR_FIELDS = {"name", "id", "address", "port", "sslPort", "payload",
-                  "registrationTimeUTC", "serviceType", "uriSpec"}
+from registrar_testing import wait_until
+from registrar_testing.curator import CURATOR_FIELDS, probe_list
+from registrar_testing.zookeeper import ZooKeeperEnsemble, four_letter
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +26,6 @@ def kazoo(connect_string: str) -> KazooClient:
     client = KazooClient(hosts=connect_string, timeout=10.0)
     client.start(timeout=10)
     return client
-
-
-@pytest.fixture(scope="module")
-def curator_probe(tmp_path_factory) -> list[str]:
-    """argv prefix running the compiled CuratorProbe (javac at test time)."""
-    out_dir = tmp_path_factory.mktemp("curator-probe")
-    subprocess.run(["javac", "-Xlint:-path", "-cp", CURATOR_CLASSPATH, "-d", str(out_dir),
-                    str(PROBE_SOURCE)], check=True, timeout=120)
-    return ["java", "-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-            "-Dorg.slf4j.simpleLogger.defaultLogLevel=error",
-            "-cp", f"{CURATOR_CLASSPATH}:{out_dir}", "CuratorProbe"]
-
-
-def probe_list(probe: list[str], connect: str, base: str, service: str) -> list[dict]:
-    out = subprocess.run([*probe, "list", connect, base, service],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return [json.loads(line) for line in out.stdout.splitlines()]
 
 
 def test_standalone_answers_srvr(zk_standalone):
@@ -80,7 +52,7 @@ def test_kazoo_creates_ephemeral_node(ensemble):
         assert data == b"pod-1"
         assert stat.ephemeralOwner == owner.client_id[0]
         owner.stop()
-        wait_until(lambda: observer.exists(path) is None, 10, "ephemeral node to go")
+        wait_until(lambda: observer.exists(path) is None, 10, "the ephemeral node is gone")
     finally:
         for client in (owner, observer):
             client.stop()
@@ -96,7 +68,7 @@ def test_frozen_follower_answers_nothing_then_recovers(ensemble):
         assert time.monotonic() - began < 2
     finally:
         follower.thaw()
-    wait_until(lambda: follower.mode() == "follower", 15, "thawed follower to serve")
+    wait_until(lambda: follower.mode() == "follower", 15, "the thawed follower serves")
 
 
 def test_leader_killed_new_leader_elected(ensemble):
@@ -111,7 +83,8 @@ def test_leader_killed_new_leader_elected(ensemble):
         assert new != old
         assert time.monotonic() - began < 15
         # The session and its ephemeral node survive the leader's death.
-        wait_until(lambda: client.exists(path) is not None, 15, "client to reconnect")
+        wait_until(lambda: client.exists(path) is not None, 15, "the client reconnects",
+                   ignore=Exception)
         assert client.client_id == session
     finally:
         client.stop()

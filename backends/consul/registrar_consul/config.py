@@ -1,14 +1,12 @@
 """The Consul backend's config section, and the address parsing it needs."""
 from __future__ import annotations
 
-import os
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from registrar.config import BackendConfig, Duration, Model, StrList, read_token
-from registrar.errors import ConfigError
+from registrar.plugin import BackendConfig, ConfigError, Duration, StrList, TLSConfig, read_token
 
 
 def parse_address(text: str, https: bool = False) -> tuple[str, str, int]:
@@ -26,29 +24,8 @@ def parse_address(text: str, https: bool = False) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port or (8501 if parts.scheme == "https" else 8500)
 
 
-def _readable(path: str | None) -> str | None:
-    if path is not None and not os.access(path, os.R_OK):
-        raise ValueError(f"cannot read {path}")
-    return path
-
-
-class ConsulTLS(Model):
+class ConsulTLS(TLSConfig):
     """TLS to the agent and the observers (https addresses)."""
-    ca_file: str | None = Field(None, description="CA bundle that signed the agents' certificates.")
-    cert_file: str | None = Field(None, description="Client certificate (verify_incoming agents).")
-    key_file: str | None = Field(None, description="Key of cert_file (if not in cert_file itself).")
-    verify: bool = Field(True, description="Verify the agents' certificates.")
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _files(cls, value: str | None) -> str | None:
-        return _readable(value)
-
-    @model_validator(mode="after")
-    def _pair(self) -> "ConsulTLS":
-        if self.key_file and not self.cert_file:
-            raise ValueError("key_file needs cert_file")
-        return self
 
 
 class ConsulConfig(BackendConfig):

@@ -25,9 +25,8 @@ from kazoo.exceptions import (AuthFailedError, BadArgumentsError, BadVersionErro
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, KeeperState
 
-from registrar.backend import Backend, Observer
-from registrar.errors import ConfigError, RegistrationRejected, RegistryUnavailable
-from registrar.instance import Instance
+from registrar.plugin import (Backend, ConfigError, Instance, Observer, RegistrarError,
+                              RegistrationRejected, RegistryUnavailable, client_errors)
 
 from ._kazoo import new_client, stop_clients, stop_in_background, wait
 from .config import (ZooKeeperAuth, ZooKeeperConfig, ZooKeeperTLS, parse_acl, read_credentials,
@@ -57,7 +56,7 @@ class ZooKeeperBackend(Backend):
     again if not (after a session expiry, say). A node a previous incarnation
     left behind with a session still alive is replaced at registration."""
 
-    Config = ZooKeeperConfig
+    config_model = ZooKeeperConfig
     ttl_field = "session_timeout"
 
     def __init__(self, instance: Instance, config: ZooKeeperConfig):
@@ -71,25 +70,19 @@ class ZooKeeperBackend(Backend):
         self._acl = [parse_acl(e) for e in config.acl or (
             ["auth::all", "world:anyone:r"] if config.auth else ["world:anyone:all"])]
         self._tls = None if config.tls is None else {
-            "use_ssl": True, "ca": config.tls.ca, "certfile": config.tls.cert,
-            "keyfile": config.tls.key, "verify_certs": config.tls.verify,
+            "use_ssl": True, "ca": config.tls.ca_file, "certfile": config.tls.cert_file,
+            "keyfile": config.tls.key_file, "verify_certs": config.tls.verify,
             "check_hostname": config.tls.check_hostname}
         self._lock = threading.Lock()  # guards _client and _closed against close()
         self._client: KazooClient | None = None
         self._live: threading.Event | None = None
         self._closed = False
-        self._registered = False
         # Creation zxid of the node we last wrote or adopted, kept after a
         # deregistration: a node created later is a newer registration's.
         self._czxid: int | None = None
         self._registered_at: int | None = None
         self._removed_zxid: int | None = None
         self._closer: threading.Thread | None = None
-        self._observers: list[ZooKeeperObserver] | None = None
-
-    @property
-    def ttl(self) -> float:
-        return self.config.session_timeout
 
     def document(self, status: str | None = None) -> dict[str, Any]:
         """The Curator ServiceInstance (compatible mode: no "enabled")."""
@@ -122,14 +115,14 @@ class ZooKeeperBackend(Backend):
     def _connected(self, end: float) -> KazooClient:
         with self._lock:
             if self._closed:
-                raise RegistryUnavailable("zookeeper: closed")
+                raise RegistryUnavailable(f"{self.name}: closed")
             if self._client is None:
                 self._start_session()
             client, live = self._client, self._live
         if client.client_state == KeeperState.AUTH_FAILED:
-            raise RegistrationRejected("zookeeper: authentication failed")
+            raise RegistrationRejected(f"{self.name}: authentication failed")
         if not live.wait(max(0.0, end - time.monotonic())):
-            raise RegistryUnavailable(f"zookeeper: no session with {','.join(self.servers)} "
+            raise RegistryUnavailable(f"{self.name}: no session with {','.join(self.servers)} "
                                       f"within {self.config.timeout:g}s")
         return client
 
@@ -144,39 +137,35 @@ class ZooKeeperBackend(Backend):
         if client is not self._client:
             return  # a client we are closing
         if state == KazooState.SUSPENDED:
-            log.warning("zookeeper: connection lost; the session lives on while kazoo reconnects")
+            log.warning("%s: connection lost; the session lives on while kazoo reconnects", self.name)
         elif state == KazooState.LOST:
-            log.warning("zookeeper: session expired; %s will be written again by the next "
-                        "heartbeat once a new session is up", self.path)
+            log.warning("%s: session expired; %s will be written again by the next "
+                        "heartbeat once a new session is up", self.name, self.path)
         else:
-            log.info("zookeeper: connected, session 0x%x", (client.client_id or (0,))[0])
+            log.info("%s: connected, session 0x%x", self.name, (client.client_id or (0,))[0])
 
     def _retry(self, what: str, body: Callable[[KazooClient, float], T]) -> T:
         """Run an idempotent body within ``timeout``, again after a dropped
         connection or an expired session (kazoo fails requests in flight then);
         map what is left of kazoo's exceptions to ours."""
         end = time.monotonic() + self.config.timeout
-        while True:
-            client = self._connected(end)
-            try:
-                return body(client, end)
-            except (ConnectionLoss, SessionExpiredError) as exc:
-                if isinstance(exc, ConnectionClosedError) or time.monotonic() >= end:
-                    raise RegistryUnavailable(f"zookeeper: {what}: {_why(exc)}") from None
-                time.sleep(0.005)  # kazoo clears its "live" flag before failing requests
-            except KazooException as exc:
-                raise _mapped(exc, f"zookeeper: {what}") from None
+        with client_errors(f"{self.name}: {what}", _classify):
+            while True:
+                client = self._connected(end)
+                try:
+                    return body(client, end)
+                except (ConnectionLoss, SessionExpiredError) as exc:
+                    if isinstance(exc, ConnectionClosedError) or time.monotonic() >= end:
+                        raise
+                    time.sleep(0.005)  # kazoo clears its "live" flag before failing requests
 
     # -- the contract -----------------------------------------------------------
 
     def register(self) -> None:
         self._retry("register", self._ensure)
-        self._registered, self._removed_zxid = True, None  # also: back into rotation
+        self.registered, self._removed_zxid = True, None  # also: back into rotation
 
-    def heartbeat(self) -> bool:
-        if not self._registered:
-            self.register()
-            return True
+    def refresh(self) -> bool:
         return self._retry("heartbeat", self._ensure)
 
     def _ensure(self, client: KazooClient, end: float) -> bool:
@@ -186,9 +175,9 @@ class ZooKeeperBackend(Backend):
         for _attempt in range(4):
             stat = _get(client, client.exists_async(self.path), end)
             if stat is None:
-                if self._registered:
-                    log.warning("zookeeper: %s is gone (session expired or node deleted); "
-                                "creating it again", self.path)
+                if self.registered:
+                    log.warning("%s: %s is gone (session expired or node deleted); "
+                                "creating it again", self.name, self.path)
                 try:
                     _, stat = _get(client, client.create_async(
                         self.path, self._data(), self._acl, ephemeral=True, makepath=True,
@@ -201,7 +190,7 @@ class ZooKeeperBackend(Backend):
                 self._czxid = stat.czxid
                 return wrote
             if self._czxid is not None and stat.czxid > self._czxid:
-                raise Superseded(f"zookeeper: {self.path} was taken over by session "
+                raise Superseded(f"{self.name}: {self.path} was taken over by session "
                                  f"0x{stat.ephemeralOwner:x}, a newer registration of this id")
             # Left by a previous incarnation whose session is still alive (or
             # by hand): it would vanish under our feet when that session
@@ -212,16 +201,16 @@ class ZooKeeperBackend(Backend):
             failed = [r for r in _get(client, tx.commit_async(), end)
                       if isinstance(r, Exception) and not isinstance(r, RolledBackError)]
             if any(isinstance(r, _REJECTED) for r in failed):
-                raise _mapped(failed[0], f"zookeeper: replacing {self.path}")
+                raise _mapped(failed[0], f"{self.name}: replacing {self.path}")
             if not failed:
-                log.warning("zookeeper: replaced %s left by session 0x%x (a previous "
-                            "incarnation of this pod?)", self.path, stat.ephemeralOwner)
+                log.warning("%s: replaced %s left by session 0x%x (a previous "
+                            "incarnation of this pod?)", self.name, self.path, stat.ephemeralOwner)
                 wrote = True
-        raise RegistryUnavailable(f"zookeeper: {self.path} kept changing under us")
+        raise RegistryUnavailable(f"{self.name}: {self.path} kept changing under us")
 
-    def drain(self, reason: str = "") -> None:
+    def drain(self, reason: str) -> None:
         self._connect_observers()  # while we drain and deregister
-        if self._registered:
+        if self.registered:
             self._retry("drain", self._mark_draining)
 
     def _mark_draining(self, client: KazooClient, end: float) -> None:
@@ -239,7 +228,7 @@ class ZooKeeperBackend(Backend):
         if self._removed_zxid is not None:
             return self._removed_zxid
         self._removed_zxid = self._retry("deregister", self._remove)
-        self._registered = False
+        self.registered = False
         with self._lock:
             client, self._client = self._client, None
         if client is not None:  # ordered after the delete; nothing waits for it
@@ -253,8 +242,8 @@ class ZooKeeperBackend(Backend):
                 break
             if (stat.ephemeralOwner != _session(client) and self._czxid is not None
                     and stat.czxid > self._czxid):
-                log.info("zookeeper: %s belongs to a newer registration (session 0x%x): "
-                         "leaving it", self.path, stat.ephemeralOwner)
+                log.info("%s: %s belongs to a newer registration (session 0x%x): "
+                         "leaving it", self.name, self.path, stat.ephemeralOwner)
                 break
             # Without a node of ours (the `deregister` command) whatever the
             # path holds goes.
@@ -266,15 +255,13 @@ class ZooKeeperBackend(Backend):
             except BadVersionError:
                 continue
         else:
-            raise RegistryUnavailable(f"zookeeper: {self.path} kept changing under us")
+            raise RegistryUnavailable(f"{self.name}: {self.path} kept changing under us")
         # Every reply carries the zxid its server had applied (kazoo records
         # it before handing the reply over): the removal is at or before it.
         return client.last_zxid
 
-    def observers(self) -> list["ZooKeeperObserver"]:
-        if self._observers is None:
-            self._observers = [ZooKeeperObserver(self, server) for server in self.servers]
-        return self._observers
+    def make_observers(self) -> list["ZooKeeperObserver"]:
+        return [ZooKeeperObserver(self, server) for server in self.servers]
 
     def _connect_observers(self) -> None:
         for observer in self.observers():
@@ -307,7 +294,7 @@ class ZooKeeperObserver(Observer):
     def __init__(self, backend: ZooKeeperBackend, server: str):
         self.backend = backend
         self.server = server
-        self.name = f"zookeeper {server}"
+        self.name = f"{backend.name} {server}"
         self._lock = threading.Lock()
         self._client: KazooClient | None = None
         self._live: threading.Event | None = None
@@ -322,23 +309,20 @@ class ZooKeeperObserver(Observer):
                 self._live = self._client.start_async()
             return self._client, self._live
 
-    def sees(self, instance: Instance) -> bool:
+    def sees(self, instance: Instance, since: int | None = None) -> bool:
         timeout = self.backend.config.timeout
         end = time.monotonic() + timeout
         client, live = self.connect()
         if not live.wait(timeout):
             raise RegistryUnavailable(f"{self.name}: no session within {timeout:g}s")
         path = self.backend.path
-        try:
-            removed = self.backend._removed_zxid
-            if removed is not None:
+        with client_errors(self.name, _classify):
+            if since is not None:
                 _get(client, client.exists_async(path), end)
                 # A node there now, if any, is a newer registration's.
-                return client.last_zxid < removed
+                return client.last_zxid < since
             client.sync_async(path)
             return _get(client, client.exists_async(path), end) is not None
-        except KazooException as exc:
-            raise _mapped(exc, self.name) from None
 
     def _release(self) -> KazooClient | None:
         with self._lock:
@@ -366,9 +350,15 @@ def _get(client: KazooClient, result: Any, end: float) -> Any:
         raise RegistryUnavailable("zookeeper: no answer in time") from None
 
 
+def _classify(exc: BaseException) -> tuple[type[RegistrarError], str] | None:
+    if not isinstance(exc, KazooException):
+        return None
+    return (RegistrationRejected if isinstance(exc, _REJECTED) else RegistryUnavailable), _why(exc)
+
+
 def _mapped(exc: BaseException, what: str) -> Exception:
-    cls = RegistrationRejected if isinstance(exc, _REJECTED) else RegistryUnavailable
-    return cls(f"{what}: {_why(exc)}")
+    kind, reason = _classify(exc)
+    return kind(f"{what}: {reason}")
 
 
 def _why(exc: BaseException) -> str:

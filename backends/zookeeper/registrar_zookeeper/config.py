@@ -8,8 +8,8 @@ from typing import Any, Literal
 from kazoo.security import ACL, Id, Permissions
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from registrar.config import BackendConfig, Duration, Model, StrList, read_token
-from registrar.errors import ConfigError
+from registrar.plugin import (BackendConfig, ConfigError, Duration, Model, StrList, TLSConfig,
+                              read_token)
 
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?$")
 _SCHEMES = ("world", "auth", "digest", "ip", "x509", "sasl")
@@ -77,12 +77,8 @@ class ZooKeeperAuth(Model):
         return self
 
 
-class ZooKeeperTLS(Model):
+class ZooKeeperTLS(TLSConfig):
     """TLS to the servers (their secureClientPort), as kazoo supports it."""
-    ca: str | None = Field(None, description="CA bundle (PEM) to verify the servers with.")
-    cert: str | None = Field(None, description="Client certificate (PEM), for mutual TLS.")
-    key: str | None = Field(None, description="Client private key (PEM), for mutual TLS.")
-    verify: bool = Field(True, description="Verify the servers' certificates.")
     check_hostname: bool = Field(False, description="Check the certificate names the server.")
 
 

@@ -1,53 +1,13 @@
-"""Helpers shared by the server launchers: free ports, waiting, processes."""
+"""A server process with its output in a log file: start, kill, freeze."""
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together so they cannot repeat)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str,
-               interval: float = 0.02) -> object:
-    """Poll predicate until it returns something truthy; raise TimeoutError
-    naming `what` after `timeout` seconds. Exceptions count as "not yet"."""
-    end = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - "not ready yet"
-            last_exc = exc
-        if time.monotonic() >= end:
-            detail = f" (last error: {last_exc!r})" if last_exc else ""
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
-        time.sleep(interval)
+from . import wait_until
 
 
 class ServerProcess:
@@ -109,7 +69,8 @@ class ServerProcess:
         answer for a moment after the signal)."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
-        wait_until(self._all_threads_stopped, 5, f"{self.name} to stop", interval=0.001)
+        wait_until(self._all_threads_stopped, 5, f"every thread of {self.name} stops",
+                   interval=0.001, ignore=OSError)
 
     def _all_threads_stopped(self) -> bool:
         for stat in Path(f"/proc/{self.pid}/task").glob("*/stat"):

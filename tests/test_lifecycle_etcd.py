@@ -1,4 +1,4 @@
-"""End to end: pod deletions played by tests/kubelet.py against real
+"""End to end: pod deletions played by registrar_testing.kubelet against real
 `registrar` processes, sample apps (tests/apps/) and the real three-member
 etcd cluster.
 
@@ -29,11 +29,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from registrar.supervisor import established_connections
-from tests.kubelet import (Container, EtcdWatch, Exec, HttpGet, Pod, app_event, children,
-                           pid_namespaces_available, process_state, read_events)
-from tests.servers.common import free_ports
-from tests.servers.faults import Blackhole
+from registrar.connections import established_connections
+from registrar_testing import free_ports, wait_until
+from registrar_testing.faults import Blackhole
+from registrar_testing.kubelet import (Container, EtcdWatch, Exec, HttpGet, Pod, app_event,
+                                       children, pid_namespaces_available, process_state,
+                                       read_events)
 
 PY = sys.executable
 APPS = Path(__file__).parent / "apps"
@@ -484,8 +485,8 @@ def test_prestop_sigterm_and_prestop_again_make_one_deregistration(pods, setup, 
     log = pod["c"].log()
     assert log.count("stopping after") == 1, log
     assert log.count("/kv/lease/revoke") == 1, log
-    final = [line.split("registrar.core: ", 1)[1] for line in log.splitlines()
-             if "registrar.core: deregistered after" in line]
+    final = [line.split("registrar.stopping: ", 1)[1] for line in log.splitlines()
+             if "registrar.stopping: deregistered after" in line]
     assert len(final) == 1, log
     status, body = results["http"]
     assert status == 200, (body, log)
@@ -522,14 +523,14 @@ def test_wrapper_as_pid1_reaps_orphans_and_forwards_sighup(pods, setup):
     (app,) = children(wrapper)
 
     pod.signal("app", signal.SIGHUP)
-    _until(lambda: app_event(setup.events, "sighup"), 2, "the app got the SIGHUP")
+    wait_until(lambda: app_event(setup.events, "sighup"), 2, "the app got the SIGHUP")
 
     assert _get(f"http://127.0.0.1:{setup.port}/orphan")[0] == 200
     # The grandchild's parent has exited: it is re-parented to PID 1, the wrapper...
-    _until(lambda: len(children(wrapper)) == 2, 2, "the orphan was re-parented to the wrapper")
-    _until(lambda: app_event(setup.events, "orphan_exit"), 2, "the orphan exited")
+    wait_until(lambda: len(children(wrapper)) == 2, 2, "the orphan was re-parented to the wrapper")
+    wait_until(lambda: app_event(setup.events, "orphan_exit"), 2, "the orphan exited")
     # ...which must reap it: no zombie stays behind.
-    _until(lambda: children(wrapper) == [app], 2, "the wrapper reaped the orphan")
+    wait_until(lambda: children(wrapper) == [app], 2, "the wrapper reaped the orphan")
     assert process_state(app) != "Z"
     pod.delete()
     assert_no_sigkill(pod)
@@ -556,17 +557,10 @@ def test_wrapper_survives_a_burst_of_signals(pods, setup):
         pass  # it died under the burst
     time.sleep(0.2)
     assert not pod["app"].exited.is_set(), f"the wrapper died\n{pod.report()}"
-    _until(lambda: app_event(setup.events, "sighup"), 2, "the app got SIGHUPs")
+    wait_until(lambda: app_event(setup.events, "sighup"), 2, "the app got SIGHUPs")
     pod.delete()
     assert_no_sigkill(pod)
     assert pod.exited("app").detail["status"] == 0, pod.report()
-
-
-def _until(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, f"timed out after {timeout}s waiting until {what}"
-        time.sleep(0.01)
 
 
 # -- stop.drain_connections -----------------------------------------------------------------
@@ -580,7 +574,7 @@ def test_drain_connections_holds_the_apps_sigterm_until_the_connection_closes(po
     ]), watch, lambda: setup.ready() and watch.listed_everywhere())
     client = socket.create_connection(("127.0.0.1", setup.port))
     try:
-        _until(lambda: established_connections(setup.port) == 1, 2, "the connection is counted")
+        wait_until(lambda: established_connections(setup.port) == 1, 2, "the connection is counted")
         deleting = threading.Thread(target=pod.delete)
         deleting.start()
         watch.wait(watch.gone_everywhere, 3, "the removal reached every member")
@@ -610,7 +604,7 @@ def test_drain_connections_is_bounded_by_the_deadline(pods, setup):
                   pid_namespace=NAMESPACES),
     ], grace=4), None, setup.ready)
     with socket.create_connection(("127.0.0.1", setup.port)):
-        _until(lambda: established_connections(setup.port) == 1, 2, "the connection is counted")
+        wait_until(lambda: established_connections(setup.port) == 1, 2, "the connection is counted")
         pod.delete()
     figures("drain connections, never closed", pod, None, setup)
     assert_no_sigkill(pod)

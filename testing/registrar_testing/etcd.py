@@ -15,7 +15,8 @@ import urllib.request
 import weakref
 from pathlib import Path
 
-from .common import ServerProcess, free_ports
+from . import free_ports
+from .process import ServerProcess
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,9 @@
 
 The registry has several members that apply writes after an optional lag,
 so propagation is something to wait for, and fault switches: unreachable,
-rejecting, hanging calls. It lives in tests/ on purpose: a registry inside
-the agent's own process is of no use to anyone else.
+rejecting, hanging calls. It lives in the testing kit on purpose, not among
+the backends: a registry inside the agent's own process is of no use in
+production.
 """
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import threading
 import time
 from typing import Literal
 
-from registrar.backend import Backend, Observer
 from registrar.clock import Clock
-from registrar.config import BackendConfig, Duration
+from registrar.plugin import Backend, BackendConfig, Duration, Observer
 from registrar.errors import RegistrationRejected, RegistryUnavailable
 from registrar.instance import Instance
 
@@ -73,7 +73,7 @@ class MemoryConfig(BackendConfig):
 
 
 class MemoryBackend(Backend):
-    Config = MemoryConfig
+    config_model = MemoryConfig
 
     def __init__(self, instance: Instance, config: MemoryConfig | None = None,
                  registry: MemoryRegistry | None = None):
@@ -81,22 +81,19 @@ class MemoryBackend(Backend):
         self.registry = registry or MemoryRegistry()
         self.closed = False
 
-    @property
-    def ttl(self) -> float:
-        return self.config.ttl
-
     def register(self) -> None:
         self.registry.call("register")
         self.registry.write(self.instance.id, "up")
+        self.registered = True
 
-    def heartbeat(self) -> bool:
+    def refresh(self) -> bool:
         self.registry.call("heartbeat")
         if self.registry.committed(self.instance.id) is None:
             self.registry.write(self.instance.id, "up")
             return True
         return False
 
-    def drain(self, reason: str = "") -> None:
+    def drain(self, reason: str) -> None:
         self.registry.call("drain")
         if self.registry.committed(self.instance.id) is not None:
             self.registry.write(self.instance.id, "draining")
@@ -104,9 +101,10 @@ class MemoryBackend(Backend):
     def deregister(self) -> int:
         self.registry.call("deregister")
         self.registry.write(self.instance.id, None)
+        self.registered = False
         return len(self.registry.log)
 
-    def observers(self) -> list[Observer]:
+    def make_observers(self) -> list[Observer]:
         return [MemoryObserver(self.registry, i) for i in range(len(self.registry.lag))]
 
     def close(self) -> None:
@@ -119,7 +117,7 @@ class MemoryObserver(Observer):
         self.member = member
         self.name = f"memory member {member}"
 
-    def sees(self, instance: Instance) -> bool:
+    def sees(self, instance: Instance, since: int | None = None) -> bool:
         if self.registry.unavailable:
             raise RegistryUnavailable(f"{self.name} unreachable")
         return self.registry.view(self.member, instance.id) is not None

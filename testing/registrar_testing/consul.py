@@ -1,5 +1,6 @@
 """Real Consul agents on 127.0.0.1 for tests and benchmarks: one `-dev`
-agent, or a cluster of servers and client agents with optional ACLs."""
+agent, or a cluster of servers and client agents with optional ACLs; and
+passing_ids(), a server's own view of a service."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import requests
 
-from tests.servers.common import ServerProcess, free_ports, wait_until
+from . import free_ports, wait_until
+from .process import ServerProcess
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,16 @@ def consul_binary() -> str:
         return str(cached)
     raise FileNotFoundError(f"no consul binary (not in $CONSUL_BIN, on PATH, nor at {cached}): "
                             f"run scripts/install-consul.sh to fetch Consul {CONSUL_VERSION}")
+
+
+def passing_ids(addr: str, service: str, token: str | None = None) -> set[str]:
+    """The instance ids a server's own replica lists as passing (what a
+    consumer of ?passing&stale gets from it), read without the backend."""
+    headers = {"X-Consul-Token": token} if token else {}
+    r = requests.get(f"{addr}/v1/health/service/{service}", params={"passing": "", "stale": ""},
+                     headers=headers, timeout=2)
+    r.raise_for_status()
+    return {entry["Service"]["ID"] for entry in r.json()}
 
 
 class ConsulAgent:
@@ -90,7 +102,8 @@ class ConsulAgent:
         self.process.kill()
         self.process.start()
         if timeout is not None:
-            wait_until(self.ready, timeout, f"{self.name} ready after restart")
+            wait_until(self.ready, timeout, f"{self.name} is ready after restart",
+                       interval=0.02, ignore=Exception)
 
     def freeze(self) -> None:
         self.process.freeze()
@@ -109,7 +122,8 @@ class _Agents:
             # A crashed agent ends the wait at once instead of at the timeout.
             result = wait_until(
                 lambda: [a.name for a in agents if not a.process.running] or ready(),
-                timeout, f"consul agents {[a.name for a in agents]} ready")
+                timeout, f"consul agents {[a.name for a in agents]} are ready",
+                interval=0.02, ignore=Exception)
             if isinstance(result, list):
                 raise RuntimeError(f"consul agent(s) {result} exited at start")
         except Exception:
@@ -248,7 +262,8 @@ class ConsulCluster(_Agents):
         wait_until(lambda: all(
             requests.get(f"{s.http_addr}/v1/acl/token/self", params={"stale": ""}, timeout=5,
                          headers={"X-Consul-Token": secret}).ok
-            for s in self.servers if s.process.running), timeout, "new ACL token on every server")
+            for s in self.servers if s.process.running),
+            timeout, "every server knows the new ACL token", interval=0.02, ignore=Exception)
         return secret
 
     def _ready(self) -> bool:

@@ -1,5 +1,5 @@
 """A small kubelet for end-to-end tests: starts a pod's containers as real
-processes and plays its deletion the way the kubelet does (DESIGN.md,
+processes and plays its deletion the way the kubelet does (docs/design.md,
 "Kubernetes facts"), recording a timeline on ``time.monotonic()``.
 
 Deletion, per container and all containers in parallel:
@@ -15,7 +15,7 @@ Deletion, per container and all containers in parallel:
 ``EtcdWatch`` polls every etcd member's own view of a key (serializable
 reads) every ~2 ms and records, per member, when it last listed the key and
 when it first stopped listing it. CLOCK_MONOTONIC is system-wide on Linux,
-so the sample apps' own timestamps (tests/apps/) compare with both.
+so the sample apps' own timestamps (registrar_testing.events) compare with both.
 """
 from __future__ import annotations
 
@@ -554,7 +554,7 @@ class EtcdWatch:
 # -- the sample apps' events ----------------------------------------------------
 
 def read_events(path: Path) -> list[dict[str, Any]]:
-    """The JSON-lines events a sample app (tests/apps/) recorded."""
+    """The JSON-lines events a sample app (registrar_testing.events) recorded."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:

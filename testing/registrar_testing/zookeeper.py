@@ -1,4 +1,6 @@
-"""Real ZooKeeper 3.8 servers (standalone or an ensemble) on 127.0.0.1.
+"""Real ZooKeeper 3.8 servers (standalone or an ensemble) on 127.0.0.1, and
+the fault helpers ZooKeeper tests share: per-server views, forced session
+expiry, a simulated crash.
 
 The JVMs are started directly from Debian's jars (scripts/install-zookeeper.sh)
 with small heaps; readiness and roles come from the `srvr` four-letter word.
@@ -11,7 +13,12 @@ import socket
 import time
 from pathlib import Path
 
-from tests.servers.common import ServerProcess, free_ports, wait_until
+from kazoo.client import KazooClient
+from kazoo.exceptions import ConnectionLoss, SessionExpiredError
+from kazoo.handlers.threading import KazooTimeoutError
+
+from . import free_ports, wait_until
+from .process import ServerProcess
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +88,12 @@ class ZooKeeperServer:
         with the log tail, if the JVM exits."""
         def serving() -> str | None:
             if not self.process.running:
-                return "exited"  # wait_until treats exceptions as "not yet"
+                return "exited"  # ends the wait at once; raised below with the log tail
             mode = self.mode(timeout=0.5)
             return mode if mode in SERVING_MODES else None
         try:
-            mode = wait_until(serving, timeout, f"zk{self.sid} to serve", interval=0.05)
+            mode = wait_until(serving, timeout, f"zk{self.sid} serves", interval=0.05,
+                              ignore=OSError)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n--- zk{self.sid} log tail ---\n"
                                f"{self.process.log_tail()}") from None
@@ -217,7 +225,8 @@ class ZooKeeperEnsemble:
             leaders = [i for i, m in enumerate(modes) if m in ("leader", "standalone")]
             serving = sum(m in SERVING_MODES for m in modes)
             return (leaders[0],) if len(leaders) == 1 and serving > self.size // 2 else None
-        return wait_until(settled, timeout, "a single ZooKeeper leader", interval=0.05)[0]
+        return wait_until(settled, timeout, "a single ZooKeeper leader is elected",
+                          interval=0.05, ignore=OSError)[0]
 
     def stop(self) -> None:
         """SIGKILL every server (SIGTERM takes seconds); idempotent."""
@@ -233,3 +242,59 @@ class ZooKeeperEnsemble:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class ServerViews:
+    """One kazoo client per server, each connected to that server alone: a
+    read through it is what a consumer connected there sees (no sync)."""
+
+    def __init__(self, hosts: list[str], auth: str | None = None):
+        self.clients: list[KazooClient] = []
+        try:
+            for host in hosts:
+                client = KazooClient(hosts=host, timeout=10,
+                                     auth_data=[("digest", auth)] if auth else None)
+                client.start(timeout=10)
+                self.clients.append(client)
+        except BaseException:
+            self.close()
+            raise
+
+    def stat(self, index: int, path: str, timeout: float = 5.0):
+        """exists() on one server, riding out a reconnection (bounded)."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                return self.clients[index].exists_async(path).get(timeout=1)
+            except (ConnectionLoss, SessionExpiredError, KazooTimeoutError):
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+
+    def exists(self, path: str, servers=None) -> list[bool]:
+        indexes = range(len(self.clients)) if servers is None else servers
+        return [self.stat(i, path) is not None for i in indexes]
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.stop()
+            client.close()
+
+
+def expire_session(connect_string: str, client: KazooClient) -> None:
+    """Expire a live session the way kazoo's own tests did: a second client
+    joins it with its id and password, then closes it."""
+    other = KazooClient(hosts=connect_string, client_id=client.client_id, timeout=10)
+    other.start(timeout=10)
+    other.stop()
+    other.close()
+
+
+def crash_session(client: KazooClient) -> None:
+    """What SIGKILL leaves behind: the TCP connection closes, no
+    closeSession is sent, and the session lives on in the ensemble until it
+    expires. kazoo has no such call, and its stop() closes the session:
+    flag the client stopped (its connection loop then ends instead of
+    reconnecting) and cut the socket under it."""
+    client._stopped.set()
+    client._connection._socket.shutdown(socket.SHUT_RDWR)

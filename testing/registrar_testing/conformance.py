@@ -2,7 +2,7 @@
 
 A backend joins by subclassing :class:`BackendConformance` in a test module
 and providing a ``harness`` fixture (a :class:`Harness`) bound to a real
-three-member cluster. Checks of what the registry holds go through the
+three-member cluster (see testing/README.md). Checks of what the registry holds go through the
 harness's own client, never through the code under test.
 """
 from __future__ import annotations
@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 
 from registrar import Instance, Registrar
-from registrar.backend import Backend, backend_class
+from registrar.discovery import backend_class
+from registrar.plugin import Backend
 from registrar.clock import Clock, Deadline
 from registrar.errors import RegistryUnavailable
-from tests.servers.faults import Blackhole
+
+from . import wait_until
+from .faults import Blackhole
 
 
 class Harness(abc.ABC):
@@ -56,7 +59,7 @@ class Harness(abc.ABC):
     def backend(self, instance: Instance, **overrides: Any) -> Backend:
         section = self.section(**overrides)
         cls = backend_class(section["type"])
-        return cls(instance, cls.Config.model_validate(section))
+        return cls(instance, cls.config_model.model_validate(section))
 
     def registrar(self, instance: Instance, **stop: Any) -> Registrar:
         return Registrar.from_config({
@@ -65,17 +68,6 @@ class Harness(abc.ABC):
                         "tags": list(instance.tags), "meta": dict(instance.meta)},
             "backends": [self.section()],
             "stop": {"grace_period": "20s", "propagation_timeout": "5s", **stop}})
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.01):
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting until {what}")
-        time.sleep(interval)
 
 
 class BackendConformance:
@@ -99,21 +91,21 @@ class BackendConformance:
 
     def test_registered_entry_is_visible_to_every_member(self, harness, backend, instance):
         backend.register()
-        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
         assert all(o.sees(instance) for o in backend.observers())
         assert len(backend.observers()) == len(harness.views(instance))
 
     def test_register_is_idempotent(self, harness, backend, instance):
         backend.register()
         backend.register()
-        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
         assert backend.heartbeat() is False  # nothing to repair
 
     def test_heartbeats_keep_it_alive_well_past_its_ttl(self, harness, instance):
         registrar = harness.registrar(instance)
         registrar.start(wait=True, timeout=10)
         try:
-            wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+            wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
             end = time.monotonic() + 2.5 * harness.ttl
             while time.monotonic() < end:
                 assert all(harness.views(instance)), "the entry lapsed while heartbeats ran"
@@ -126,41 +118,53 @@ class BackendConformance:
     @pytest.mark.slow
     def test_entry_disappears_within_its_ttl_after_a_crash(self, harness, backend, instance):
         backend.register()
-        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
         crashed_at = time.monotonic()
         harness.crash(backend)
         time.sleep(harness.ttl / 2)
         assert any(harness.views(instance)), "removed long before its TTL: not by expiry"
-        wait_for(lambda: not any(harness.views(instance)),
+        wait_until(lambda: not any(harness.views(instance)),
                  harness.ttl + harness.expiry_slack, "the crashed entry expires")
         assert time.monotonic() - crashed_at <= harness.ttl + harness.expiry_slack
 
     def test_heartbeat_repairs_a_lost_registration(self, harness, backend, instance):
         backend.register()
-        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
         harness.lose_registration(backend)
-        wait_for(lambda: not any(harness.views(instance)), harness.ttl + harness.expiry_slack,
+        wait_until(lambda: not any(harness.views(instance)), harness.ttl + harness.expiry_slack,
                  "the registry lost the entry")
-        assert wait_for(lambda: backend.heartbeat(), 5, "a heartbeat repairs") is True
-        wait_for(lambda: all(harness.views(instance)), 5, "the entry is back on every member")
+        assert wait_until(lambda: backend.heartbeat(), 5, "a heartbeat repairs") is True
+        wait_until(lambda: all(harness.views(instance)), 5, "the entry is back on every member")
         assert backend.heartbeat() is False
 
     def test_deregister_is_idempotent(self, harness, backend, instance):
         backend.register()
-        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
         backend.deregister()
         backend.deregister()
-        wait_for(lambda: not any(harness.views(instance)), 5, "every member dropped it")
+        wait_until(lambda: not any(harness.views(instance)), 5, "every member dropped it")
         fresh = harness.backend(instance)  # never registered anything
         try:
+            fresh.drain("conformance test")
             fresh.deregister()
         finally:
             fresh.close()
 
+    def test_registered_flag_and_observers_follow_the_contract(self, harness, backend, instance):
+        observers = backend.observers()
+        assert observers and [id(o) for o in backend.observers()] == [id(o) for o in observers]
+        assert backend.registered is False
+        backend.register()
+        assert backend.registered is True
+        position = backend.deregister()
+        assert backend.registered is False
+        wait_until(lambda: not any(o.sees(instance, since=position) for o in observers), 5,
+                   "every observer confirms the removal at its position")
+
     def test_removal_is_seen_by_every_member_before_stop_returns(self, harness, instance):
         registrar = harness.registrar(instance)
         registrar.start(wait=True, timeout=10)
-        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
         report = registrar.stop("test")
         # Read at once, before anything could catch up after the fact.
         views = harness.views(instance)
@@ -172,10 +176,10 @@ class BackendConformance:
 
     def test_drain_keeps_the_entry_until_deregister(self, harness, backend, instance):
         backend.register()
-        wait_for(lambda: all(harness.views(instance)), 5, "every member lists the instance")
-        backend.drain()
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        backend.drain("conformance test")
         backend.deregister()
-        wait_for(lambda: not any(harness.views(instance)), 5, "every member dropped it")
+        wait_until(lambda: not any(harness.views(instance)), 5, "every member dropped it")
 
     def test_unreachable_registry_is_a_typed_error(self, harness, instance):
         with Blackhole(harness.member_ports(), mode="reject") if Blackhole.available() else _skip():
@@ -200,7 +204,7 @@ class BackendConformance:
         assert elapsed < 1.5 + 0.3, f"stop() took {elapsed:.2f}s against a 1.5s deadline"
         assert not report.ok
         # The entry expires by itself: never left behind past its TTL.
-        wait_for(lambda: not any(harness.views(instance)),
+        wait_until(lambda: not any(harness.views(instance)),
                  harness.ttl + harness.expiry_slack + 2, "the orphaned entry expires")
 
 

@@ -1,0 +1,87 @@
+"""Helpers every backend needs, exported through registrar.plugin: one way
+to turn a client library's exception into one of ours with a short reason
+that never carries a secret, and one TLS section."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+from pydantic import Field, field_validator, model_validator
+
+from .errors import RegistrarError
+from .fields import Model
+
+#: Causes worth a few words instead of a client library's paragraph.
+KNOWN_CAUSES = (("Connection refused", "connection refused"),
+                ("Name or service not known", "unknown host"),
+                ("Connection reset", "connection reset"),
+                ("Service Unavailable", "service unavailable"),
+                ("CERTIFICATE_VERIFY_FAILED", "TLS: certificate verify failed"),
+                ("SSLError", "TLS handshake failed"))
+
+#: What a secret is replaced with in messages.
+REDACTED = "<token>"
+
+
+def scrub(text: object, secrets: Iterable[str | None] = (), limit: int = 200) -> str:
+    """``text`` on one line, every secret in it replaced, cut to ``limit``."""
+    text = " ".join(str(text).split())
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def short_reason(error: BaseException | str, secrets: Iterable[str | None] = ()) -> str:
+    """A known cause in a few words, else the scrubbed text."""
+    text = str(error)
+    for needle, reason in KNOWN_CAUSES:
+        if needle in text:
+            return reason
+    return scrub(text, secrets)
+
+
+#: Given a client exception: the error kind and the reason to raise it
+#: with, or None when the exception is not the client's to map (re-raised).
+Classifier = Callable[[BaseException], "tuple[type[RegistrarError], str] | None"]
+
+
+@contextlib.contextmanager
+def client_errors(what: str, classify: Classifier,
+                  secrets: Iterable[str | None] = ()) -> Iterator[None]:
+    """Map the client exceptions raised in the block: ``what`` says what was
+    being done (and where), ``classify`` picks the kind and the reason, and
+    every secret is scrubbed from the message. Our own errors pass through."""
+    try:
+        yield
+    except RegistrarError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classify decides; the rest is re-raised
+        mapped = classify(exc)
+        if mapped is None:
+            raise
+        kind, reason = mapped
+        raise kind(f"{what}: {scrub(reason, secrets)}") from None
+
+
+class TLSConfig(Model):
+    """TLS to the registry: the same keys for every backend."""
+    ca_file: str | None = Field(None, description="CA bundle (PEM) that signed the servers' "
+                                                  "certificates.")
+    cert_file: str | None = Field(None, description="Client certificate (PEM), for mutual TLS.")
+    key_file: str | None = Field(None, description="Key of cert_file (if not in cert_file itself).")
+    verify: bool = Field(True, description="Verify the servers' certificates.")
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, path: str | None) -> str | None:
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TLSConfig":
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file needs cert_file")
+        return self

@@ -1,0 +1,47 @@
+"""`registrar agent`: the sidecar daemon. Registers, heartbeats, serves the
+control endpoints, and on SIGTERM or SIGINT runs the stop sequence and
+exits."""
+from __future__ import annotations
+
+import logging
+
+from .clock import Deadline
+from .config import AgentConfig
+from .core import Registrar
+from .lifecycle import Lifecycle, serve_control
+from .signals import STOP_SIGNALS, SignalPipe
+from .stopping import Trigger
+
+log = logging.getLogger(__name__)
+
+
+def run_agent(registrar: Registrar, config: AgentConfig) -> int:
+    """Sidecar: register, heartbeat, serve /prestop; exit on SIGTERM/SIGINT
+    (0 when the removal was confirmed everywhere). After a /prestop the
+    agent stays up, out of every registry, until its own SIGTERM."""
+    pipe = SignalPipe().catch(STOP_SIGNALS)
+    life = Lifecycle(registrar, pipe)
+    fatal: list[Exception] = []
+    registrar.on_fatal = lambda exc: (fatal.append(exc), pipe.wake())
+    server = serve_control(registrar, config, life)
+    registrar.start()
+    log.info("agent started for %s (%s)", registrar.instance.id, registrar.instance.hostport)
+    # A /prestop runs the sequence without ending the agent: it exits on a
+    # signal (the kubelet's SIGTERM follows the hook) or a fatal error.
+    signals: list[int] = []
+    while not (signals or fatal):
+        signals = pipe.wait()
+    if signals:
+        report = life.stop(Trigger.signal(signals[0]))
+    else:
+        report = life.stop(Trigger.fatal(fatal[0]))
+    if server is not None:
+        if signals and not server.responses_sent.is_set():
+            # A regular sidecar gets its SIGTERM the moment the app's preStop
+            # hook starts calling it: keep answering that late caller a while.
+            linger = Deadline(min(life.deadline.at, life.first_at + config.control.linger),
+                              registrar.clock)
+            server.responses_sent.wait(linger.remaining())
+        server.close()
+    pipe.close()
+    return 0 if report.ok and not fatal else 1

@@ -1,0 +1,85 @@
+"""The building blocks of every config section, the core's and the
+backends': the strict base model, durations, comma-separated lists, secrets
+read from files. No registrar module is imported here but the errors, so
+both the core's config and the plugin surface can build on it."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError
+
+__all__ = ["Model", "Duration", "StrList", "parse_duration", "format_duration", "read_token",
+           "show"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$"
+
+
+def parse_duration(value: Any) -> float:
+    """``"500ms"``, ``"10s"``, ``"1m"``, ``"1h"`` -> seconds; a bare
+    non-negative number is seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNIT[m.group(2)]
+    raise PydanticCustomError("duration", 'expected a duration like "10s", got {got}',
+                              {"got": show(value)})
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def show(value: Any) -> str:
+    """A value the user wrote, quoted and cut short, for an error message."""
+    text = f'"{value}"' if isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: Seconds, written in the file as "500ms", "10s", "1m".
+Duration = Annotated[float, BeforeValidator(parse_duration),
+                     WithJsonSchema({"anyOf": [
+                         {"type": "string", "pattern": DURATION_PATTERN},
+                         {"type": "number", "minimum": 0}],
+                         "description": 'A duration: "500ms", "10s", "1m", "1h", or seconds.',
+                         "examples": ["500ms", "10s", "1m"]})]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+#: A list of strings that may also be written "a,b,c" (handy with ${VAR}).
+StrList = Annotated[list[str], BeforeValidator(_split_commas),
+                    WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}},
+                                              {"type": "string"}],
+                                    "description": "A list, or one comma-separated string."})]
+
+
+class Model(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_token(path: str, field: str) -> str:
+    """A secret from a file, stripped; ConfigError naming the field (never
+    the content) when unreadable or empty."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(field, f"cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(field, f"{path} is empty")
+    return token

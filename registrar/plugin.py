@@ -1,0 +1,146 @@
+"""Everything a backend may import: the contract, its config base classes
+and field types, the error types, and the helpers backends share.
+
+A backend is a distribution with an entry point in the group
+``registrar.backends`` (``<type> = "package:BackendClass"``), a subclass of
+:class:`Backend` with a ``config_model`` (a :class:`BackendConfig` with
+``type: Literal["<type>"]``). The core (docs/design.md) serialises every
+call into one backend (never two at once), runs them in worker threads and
+bounds them with its deadline; the backend maps its client's exceptions to
+``RegistryUnavailable`` (transient: the core retries) or
+``RegistrationRejected`` (permanent), and never returns False for failure.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from ._shared import TLSConfig, client_errors, scrub, short_reason
+from .errors import ConfigError, RegistrarError, RegistrationRejected, RegistryUnavailable
+from .fields import Duration, Model, StrList, format_duration, read_token
+from .instance import Instance
+
+__all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Model", "Duration",
+           "StrList", "read_token", "format_duration", "RegistrarError", "ConfigError",
+           "RegistryUnavailable", "RegistrationRejected", "client_errors", "short_reason",
+           "scrub"]
+
+
+class BackendConfig(Model):
+    """Base of a backend's config section: subclass it with
+    ``type: Literal["<type>"]`` and the backend's own keys."""
+    type: str
+    name: str | None = Field(None, description="Name in logs and reports (default: the type).")
+
+
+class Observer(abc.ABC):
+    """One view of the registry the way consumers see it (one etcd member,
+    one ZooKeeper server, one Consul server)."""
+
+    #: Human-readable, e.g. ``etcd http://10.0.0.1:2379``.
+    name: str
+
+    @abc.abstractmethod
+    def sees(self, instance: Instance, since: Any = None) -> bool:
+        """Whether this view lists the instance.
+
+        ``since`` is None before any removal (and when the removal's
+        position is unknown): answer from what the view lists. Otherwise it
+        is what ``deregister()`` returned: answer False once this view has
+        applied the removal (its revision, zxid or index has reached
+        ``since``), whatever it lists by then -- an entry there now is a
+        newer registration's. Raise only ``RegistryUnavailable``: the core
+        asks again until its deadline."""
+
+    def close(self) -> None:
+        """Release what the observer holds (connections). Idempotent."""
+
+
+class Backend(abc.ABC):
+    """One registry, for one instance. Rules the core relies on:
+
+    - ``register()`` and ``deregister()`` are idempotent; ``deregister()``
+      and ``drain()`` also work on a backend that never registered (the
+      ``deregister`` command removes what another process registered).
+    - ``registered`` is True from a successful ``register()`` until
+      ``deregister()``; ``heartbeat()`` registers while it is False, and a
+      backend that learns its entry is gone for good may clear it.
+    - ``observers()`` returns the same objects on every call (their
+      connections are warmed once and reused by the stop sequence).
+    - After ``close()`` nothing may open a connection again.
+    """
+
+    #: The pydantic model of this backend's config section.
+    config_model: ClassVar[type[BackendConfig]]
+    #: The config field that holds the registration's time to live.
+    ttl_field: ClassVar[str] = "ttl"
+
+    def __init__(self, instance: Instance, config: BackendConfig):
+        self.instance = instance
+        self.config = config
+        self.registered = False
+        self._observers: list[Observer] | None = None
+
+    @property
+    def name(self) -> str:
+        """The name used in logs and reports: the section's ``name``, else its type."""
+        return self.config.name or self.config.type
+
+    @property
+    def ttl(self) -> float:
+        """Seconds a registration lives without a heartbeat; the default
+        heartbeat interval is a third of it."""
+        return float(getattr(self.config, self.ttl_field))
+
+    @abc.abstractmethod
+    def register(self) -> None:
+        """Create the entry with its liveness mechanism (lease, TTL check,
+        ephemeral node) and set ``registered``. Idempotent."""
+
+    @abc.abstractmethod
+    def refresh(self) -> bool:
+        """Keep a registered entry alive and repair it: re-create it after a
+        lost session, an expired lease, or a registry that forgot it.
+        Returns True when it had to repair."""
+
+    def heartbeat(self) -> bool:
+        """What the core calls on every tick: ``refresh()``, or
+        ``register()`` while not registered (which counts as a repair)."""
+        if not self.registered:
+            self.register()
+            return True
+        return self.refresh()
+
+    @abc.abstractmethod
+    def drain(self, reason: str) -> None:
+        """Mark the entry not-to-be-used before removal, where the registry
+        has a way to say so; nothing where it has none. ``reason`` names
+        what began the stop (e.g. "SIGTERM", "preStop (/prestop)")."""
+
+    @abc.abstractmethod
+    def deregister(self) -> Any:
+        """Remove the entry and clear ``registered``. Idempotent: an entry
+        already gone is success. Returns the removal's position (revision,
+        zxid, index) for the observers' ``sees(since=...)``, or None."""
+
+    @abc.abstractmethod
+    def make_observers(self) -> list[Observer]:
+        """The views whose confirmation the stop sequence waits for; called
+        once, by ``observers()``."""
+
+    def observers(self) -> list[Observer]:
+        """The observers, made once and then the same objects every call."""
+        if self._observers is None:
+            self._observers = list(self.make_observers())
+        return self._observers
+
+    def close_observers(self) -> None:
+        """Close every observer made so far (for ``close()``)."""
+        for observer in self._observers or ():
+            observer.close()
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections and sessions. Idempotent and final."""

@@ -1,0 +1,200 @@
+"""Getting registered and staying registered: the background registration
+on every backend, the heartbeats that keep the entries alive and repair
+them, and taking the instance out of and back into rotation (the health
+gate). Every call into a backend holds that backend's lock, so a
+heartbeat's repair can never land after the stop sequence's removal."""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from tenacity import (Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set,
+                      wait_exponential, wait_exponential_jitter)
+
+from ._threads import spawn
+from .config import HeartbeatConfig
+from .errors import RegistrarError, RegistryUnavailable
+from .fields import format_duration
+from .instance import Instance
+from .plugin import Backend
+
+log = logging.getLogger(__name__)
+
+
+class BackendState(enum.StrEnum):
+    """Where one backend is, as /status shows it."""
+    NEW = "new"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    REJECTED = "rejected"
+    OUT_OF_ROTATION = "out of rotation"
+    STOPPING = "stopping"
+    DEREGISTERED = "deregistered"
+
+
+class Slot:
+    """The core's bookkeeping for one backend. ``lock`` serialises every
+    call into the backend."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.name = backend.name
+        self.lock = threading.Lock()
+        self.state = BackendState.NEW
+        self.registered = threading.Event()
+        self.last_error: str | None = None
+        self.heartbeat_failures = 0
+        self.repairs = 0
+
+
+class Stopping(Exception):
+    """Raised inside a backend call attempted after stopping began."""
+
+
+class Registration:
+    """Registers on every slot in the background and heartbeats; ``halt()``
+    ends both (the stop sequence takes over)."""
+
+    def __init__(self, instance: Instance, slots: list[Slot], config: HeartbeatConfig,
+                 stopping: threading.Event, on_fatal: Callable[[RegistrarError], None]):
+        self.instance = instance
+        self.slots = slots
+        self.config = config
+        self.stopping = stopping
+        self.on_fatal = on_fatal
+        self.paused = threading.Event()
+        self._scheduler = None
+
+    def start(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self._scheduler = BackgroundScheduler(
+            daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
+                                       "misfire_grace_time": None})
+        self._scheduler.start()
+        for slot in self.slots:
+            spawn(self._register_loop, slot, name=f"register-{slot.name}")
+
+    def halt(self) -> None:
+        """No further heartbeat starts (the caller has set ``stopping``)."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+
+    def call(self, slot: Slot, fn: Callable[[], Any]) -> Any:
+        """Call into a backend under its lock, unless stopping has begun."""
+        with slot.lock:
+            if self.stopping.is_set():
+                raise Stopping()
+            return fn()
+
+    # -- registering ------------------------------------------------------------
+
+    def _register_loop(self, slot: Slot) -> None:
+        slot.state = BackendState.REGISTERING
+        retrying = Retrying(
+            retry=retry_if_exception_type(RegistryUnavailable),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.2),
+            stop=stop_when_event_set(self.stopping),
+            sleep=lambda s: self.stopping.wait(s),
+            before_sleep=lambda rs: self._note_failure(slot, "register", rs),
+            reraise=True)
+        try:
+            retrying(self.call, slot, slot.backend.register)
+        except Stopping:
+            return
+        except RegistryUnavailable:
+            return  # only reached when stopping began during the last attempt
+        except RegistrarError as exc:
+            slot.state, slot.last_error = BackendState.REJECTED, str(exc)
+            log.error("%s: registration rejected: %s", slot.name, exc)
+            self.on_fatal(exc)
+            return
+        slot.state, slot.last_error = BackendState.REGISTERED, None
+        slot.registered.set()
+        log.info("%s: registered %s as %s", slot.name, self.instance.service, self.instance.hostport)
+        interval = self.config.interval or slot.backend.ttl / 3
+        try:
+            self._scheduler.add_job(self._heartbeat, "interval", args=[slot, interval],
+                                    seconds=interval, jitter=min(interval / 10, 1.0),
+                                    id=f"heartbeat-{slot.name}")
+        except Exception:  # noqa: BLE001 - the scheduler was shut down by halt()
+            if not self.stopping.is_set():
+                raise
+        self._warm_observers(slot)  # after scheduling: a slow member must not delay heartbeats
+
+    def _warm_observers(self, slot: Slot) -> None:
+        """Ask every observer once now, so that their connections are open
+        when the stop sequence needs them fast."""
+        try:
+            for observer in slot.backend.observers():
+                observer.sees(self.instance)
+        except Exception as exc:  # noqa: BLE001 - only a warm-up; the stop asks again
+            log.debug("%s: observer warm-up: %s", slot.name, exc)
+
+    def _note_failure(self, slot: Slot, what: str, rs: Any, level: int = logging.WARNING) -> None:
+        exc = rs.outcome.exception()
+        slot.last_error = str(exc)
+        log.log(level, "%s: %s failed (attempt %d), retrying: %s", slot.name, what,
+                rs.attempt_number, exc)
+
+    # -- heartbeats -------------------------------------------------------------
+
+    def _heartbeat(self, slot: Slot, interval: float) -> None:
+        out = slot.state == BackendState.OUT_OF_ROTATION
+        if out or self.paused.is_set():
+            if out != self.paused.is_set():  # a pause()/resume() that failed: again
+                self._sync_rotation(slot)
+            return
+        retrying = Retrying(
+            retry=retry_if_exception_type(RegistryUnavailable),
+            wait=wait_exponential(multiplier=0.1, max=1.0),
+            stop=stop_after_delay(interval / 2) | stop_when_event_set(self.stopping),
+            sleep=lambda s: self.stopping.wait(s),
+            before_sleep=lambda rs: self._note_failure(slot, "heartbeat", rs, logging.DEBUG),
+            reraise=True)
+        try:
+            repaired = retrying(self.call, slot, slot.backend.heartbeat)
+        except Stopping:
+            return
+        except RegistrarError as exc:
+            slot.heartbeat_failures += 1
+            slot.last_error = str(exc)
+            log.warning("%s: heartbeat failed, next try in %s: %s", slot.name,
+                        format_duration(interval), exc)
+            return
+        slot.last_error = None
+        if repaired:
+            slot.repairs += 1
+            log.warning("%s: registration was lost and has been repaired", slot.name)
+
+    # -- out of rotation (the app's health gate) ----------------------------------
+
+    def set_paused(self, paused: bool) -> None:
+        """Bring every backend out of (or back into) rotation, in the background."""
+        (self.paused.set if paused else self.paused.clear)()
+        for slot in self.slots:
+            spawn(self._sync_rotation, slot, name=f"rotation-{slot.name}")
+
+    def _sync_rotation(self, slot: Slot) -> None:
+        """Bring one backend to the wanted state, read under its lock so the
+        last of several pause()/resume() calls wins."""
+        def sync() -> None:
+            if self.paused.is_set() and slot.state != BackendState.OUT_OF_ROTATION:
+                slot.registered.clear()
+                slot.backend.deregister()
+                slot.state = BackendState.OUT_OF_ROTATION
+            elif not self.paused.is_set() and slot.state == BackendState.OUT_OF_ROTATION:
+                slot.backend.register()
+                slot.state = BackendState.REGISTERED
+                slot.registered.set()
+        try:
+            self.call(slot, sync)
+        except Stopping:
+            pass
+        except RegistrarError as exc:  # the heartbeat job tries again
+            slot.last_error = str(exc)
+            log.warning("%s: could not change rotation, retrying at the next heartbeat: %s",
+                        slot.name, exc)

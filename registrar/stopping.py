@@ -1,0 +1,246 @@
+"""The stop sequence (docs/design.md, "The stop sequence") and its report:
+drain and deregister every backend in parallel, wait until every observer
+has seen the removal, then ``min_wait``, all under one Deadline."""
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tenacity import RetryError, Retrying, retry_if_exception_type, wait_exponential
+
+from ._threads import settled, spawn
+from .clock import Clock, Deadline
+from .config import StopConfig
+from .errors import RegistrarError, RegistryUnavailable
+from .instance import Instance
+from .plugin import Observer
+from .registration import BackendState, Slot
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two polls of one observer while waiting for propagation.
+POLL_INTERVAL = 0.002
+#: Past a deadline, how long to wait for worker threads that stop by
+#: themselves at it to hand in their results.
+_HAND_IN = 0.05
+
+
+class Cause(enum.Enum):
+    """What began a stop."""
+    PRESTOP = "preStop"
+    SIGNAL = "signal"
+    APP_EXIT = "app exit"
+    FATAL = "fatal error"
+    CALL = "call"
+
+
+class Trigger(str):
+    """What began the stop: the text operators read (in the report, the
+    logs, Consul's maintenance reason) and its ``cause`` for control flow."""
+
+    cause: Cause
+
+    def __new__(cls, text: str, cause: Cause = Cause.CALL) -> "Trigger":
+        self = super().__new__(cls, text)
+        self.cause = cause
+        return self
+
+    @classmethod
+    def of(cls, trigger: "str | Trigger") -> "Trigger":
+        """A Trigger as it is, or a caller's text as a CALL."""
+        return trigger if isinstance(trigger, Trigger) else cls(trigger)
+
+    @classmethod
+    def prestop(cls, via: str) -> "Trigger":
+        return cls(f"preStop ({via})", Cause.PRESTOP)
+
+    @classmethod
+    def signal(cls, signum: int) -> "Trigger":
+        import signal
+
+        return cls(signal.Signals(signum).name, Cause.SIGNAL)
+
+    @classmethod
+    def app_exit(cls, status: int) -> "Trigger":
+        return cls(f"app exited ({status})", Cause.APP_EXIT)
+
+    @classmethod
+    def fatal(cls, error: BaseException) -> "Trigger":
+        return cls(f"fatal error: {error}", Cause.FATAL)
+
+
+@dataclass
+class BackendReport:
+    """What the stop sequence achieved on one backend."""
+    name: str
+    removed: bool = False
+    confirmed: bool = False
+    position: Any = None  # what deregister() returned: where the removal happened
+    deregister_seconds: float | None = None
+    propagation_seconds: float | None = None  # deregister() start -> last observer
+    observers_confirmed: list[str] = field(default_factory=list)
+    observers_unconfirmed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    cut: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StopReport:
+    """The outcome of the one stop sequence; every caller of stop() gets it."""
+    trigger: str
+    ok: bool
+    seconds: float
+    min_wait_seconds: float
+    backends: list[BackendReport]
+    cut: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["trigger"] = str(self.trigger)
+        return out
+
+    def summary(self) -> str:
+        """One line for logs and the preStop hook's output."""
+        parts = []
+        for b in self.backends:
+            n_ok, n_all = len(b.observers_confirmed), len(b.observers_confirmed) + len(b.observers_unconfirmed)
+            state = "confirmed" if b.confirmed else ("removed, unconfirmed" if b.removed else "NOT removed")
+            prop = f" in {b.propagation_seconds * 1000:.1f}ms" if b.propagation_seconds is not None else ""
+            extra = f" ({'; '.join(b.errors + b.cut)})" if (b.errors or b.cut) else ""
+            parts.append(f"{b.name}: {state} {n_ok}/{n_all} observers{prop}{extra}")
+        head = "deregistered" if self.ok else "stop incomplete"
+        return f"{head} after {self.trigger} in {self.seconds:.3f}s: " + "; ".join(parts)
+
+
+class StopSequence:
+    """Runs the sequence over every slot; the caller has made sure no
+    registration or heartbeat starts any more."""
+
+    def __init__(self, instance: Instance, slots: list[Slot], config: StopConfig, clock: Clock):
+        self.instance = instance
+        self.slots = slots
+        self.config = config
+        self.clock = clock
+
+    def run(self, trigger: Trigger, deadline: Deadline) -> StopReport:
+        start = self.clock.now()
+        log.info("stopping after %s: deregistering %s (budget %.1fs)", trigger,
+                 self.instance.id, deadline.remaining())
+        reports = [BackendReport(s.name) for s in self.slots]
+        futures = [spawn(self._remove, s, r, deadline, trigger, name=f"deregister-{s.name}")
+                   for s, r in zip(self.slots, reports)]
+        cut = []
+        for future, report in zip(futures, reports):
+            if not settled(future, deadline.remaining() + _HAND_IN):
+                report.cut.append("deadline reached before the backend finished")
+        waited = 0.0
+        if self.config.min_wait:
+            waited = deadline.cap(self.config.min_wait)
+            self.clock.sleep(waited)
+            if waited < self.config.min_wait:
+                cut.append(f"min_wait cut to {waited:.3f}s")
+        for slot in self.slots:
+            spawn(_close, slot, name=f"close-{slot.name}")
+        ok = not cut and all(r.confirmed and not r.cut for r in reports)
+        report = StopReport(trigger, ok, self.clock.now() - start, waited, reports, cut)
+        (log.info if ok else log.error)("%s", report.summary())
+        return report
+
+    def _remove(self, slot: Slot, report: BackendReport, deadline: Deadline,
+                trigger: Trigger) -> None:
+        """drain + deregister one backend, then wait for its observers."""
+        slot.registered.clear()
+        slot.state = BackendState.STOPPING
+        # An in-flight heartbeat or registration finishes first (bounded by
+        # the backend's request timeout), so its write cannot follow ours.
+        if not slot.lock.acquire(timeout=deadline.remaining()):
+            report.cut.append("a call in flight held the backend until the deadline")
+            return
+        try:
+            begin = self.clock.now()
+            try:
+                slot.backend.drain(str(trigger))
+            except Exception as exc:  # noqa: BLE001 - a failed drain must not stop removal
+                report.errors.append(f"drain failed: {exc}")
+                log.warning("%s: drain failed, deregistering anyway: %s", slot.name, exc,
+                            exc_info=not isinstance(exc, RegistrarError))
+            dereg_start = self.clock.now()
+            # Retrying past the TTL is pointless: by then the entry has
+            # expired by itself (heartbeats stopped).
+            retry_for = Deadline(min(deadline.at, dereg_start + slot.backend.ttl), self.clock)
+            try:
+                report.position = self._retry_until(retry_for, slot.backend.deregister)
+            except RetryError as exc:
+                report.errors.append(f"deregister failed: {exc.last_attempt.exception()}")
+                report.cut.append("deregister")
+                return
+            except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
+                report.errors.append(f"deregister failed: {exc}")
+                log.error("%s: deregister failed: %s", slot.name, exc,
+                          exc_info=not isinstance(exc, RegistrarError))
+                return
+            report.removed = True
+            report.deregister_seconds = self.clock.now() - begin
+            slot.state = BackendState.DEREGISTERED
+        finally:
+            slot.lock.release()
+        self._confirm(slot, report, deadline, dereg_start)
+
+    def _retry_until(self, deadline: Deadline, fn: Callable[[], Any]) -> Any:
+        return Retrying(retry=retry_if_exception_type(RegistryUnavailable),
+                        wait=wait_exponential(multiplier=0.05, max=0.5),
+                        stop=lambda rs: deadline.remaining() < 0.05,
+                        sleep=lambda s: self.clock.sleep(deadline.cap(s)))(fn)
+
+    def _confirm(self, slot: Slot, report: BackendReport, deadline: Deadline,
+                 since: float) -> None:
+        """Poll every observer until none sees the instance."""
+        try:
+            observers = slot.backend.observers()
+        except RegistrarError as exc:
+            report.errors.append(f"no observers: {exc}")
+            return
+        timeout = self.config.propagation_timeout
+        limit = deadline if timeout is None else Deadline(min(deadline.at, since + timeout), self.clock)
+        futures = [spawn(self._watch_gone, o, report.position, limit, name=f"observe-{o.name}")
+                   for o in observers]
+        last = since
+        for obs, future in zip(observers, futures):
+            seen_gone_at = future.result() if settled(future, limit.remaining() + _HAND_IN / 2) else None
+            if isinstance(seen_gone_at, float):
+                report.observers_confirmed.append(obs.name)
+                last = max(last, seen_gone_at)
+            else:
+                report.observers_unconfirmed.append(obs.name)
+                if isinstance(seen_gone_at, str):
+                    report.errors.append(f"{obs.name}: {seen_gone_at}")
+        if report.observers_unconfirmed:
+            why = "deadline" if limit.at == deadline.at else "propagation_timeout"
+            report.cut.append(f"propagation ({why})")
+        else:
+            report.confirmed = True
+            report.propagation_seconds = last - since
+
+    def _watch_gone(self, observer: Observer, position: Any, limit: Deadline) -> float | str | None:
+        """When the observer stopped seeing the instance, or the last error."""
+        error = None
+        while True:
+            try:
+                if not observer.sees(self.instance, since=position):
+                    return self.clock.now()
+                error = None
+            except Exception as exc:  # noqa: BLE001 - keep asking until the limit
+                error = str(exc)
+            if limit.expired:
+                return error
+            self.clock.sleep(limit.cap(POLL_INTERVAL))
+
+
+def _close(slot: Slot) -> None:
+    """Close a backend once no call is in it: after a deadline cut a
+    removal may still be running, and closing under it would race it."""
+    with slot.lock:
+        slot.backend.close()

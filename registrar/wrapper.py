@@ -1,0 +1,149 @@
+"""`registrar run -- CMD`: PID 1 around the app. Starts it, registers it
+(once healthy, with a health gate), and on SIGTERM/SIGINT or /prestop
+deregisters and waits for propagation *before* signalling the app; reaps
+every zombie; forwards SIGHUP/SIGUSR1/SIGUSR2; exits with the app's status.
+``stop.app_shutdown`` of the budget is kept for the app itself."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+
+from .clock import Deadline
+from .config import AgentConfig, signal_named
+from .connections import established_connections
+from .core import Registrar
+from .health import HealthGate, ProbeProcesses
+from .lifecycle import Lifecycle, serve_control
+from .signals import STOP_SIGNALS, SignalPipe
+from .stopping import Cause, Trigger
+
+log = logging.getLogger(__name__)
+
+FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Wrapper:
+    """The app process, its reaping and its signals, around one Registrar."""
+
+    def __init__(self, registrar: Registrar, config: AgentConfig, argv: Sequence[str]):
+        self.registrar = registrar
+        self.config = config
+        self.argv = list(argv)
+        self.pipe: SignalPipe | None = None
+        self.life: Lifecycle | None = None
+        self.app: subprocess.Popen | None = None
+        self.app_status: int | None = None
+        self._probes = ProbeProcesses()  # the reaper never steals a probe's child
+        self._done = threading.Event()  # the stop sequence has finished
+
+    def run(self) -> int:
+        self.pipe = SignalPipe().catch(STOP_SIGNALS + FORWARDED_SIGNALS + (signal.SIGCHLD,))
+        self.life = Lifecycle(self.registrar, self.pipe,
+                              reserve=self.config.stop.app_reserve)
+        health = self.config.health
+        server = serve_control(self.registrar, self.config, self.life,
+                               ready=lambda: self.registrar.registered and self._app_running())
+        try:
+            self.app = subprocess.Popen(self.argv, process_group=0)
+        except OSError as exc:
+            log.error("cannot start %s: %s", self.argv[0], exc.strerror)
+            return 127
+        log.info("started %s (pid %d)", " ".join(self.argv), self.app.pid)
+        if health is None:
+            self.registrar.start()
+        else:
+            HealthGate(self.registrar, health, self._app_running, self._done, self._probes).start()
+        code = self._main_loop(server)
+        if server is not None:
+            server.close()
+        self.pipe.close()
+        return code
+
+    def _handle(self, signals: list[int]) -> None:
+        """Reap, forward, note stop signals: everything a wake-up may mean."""
+        self._reap()
+        for sig in signals:
+            if sig in FORWARDED_SIGNALS:
+                self._signal_app(sig)
+            elif sig in STOP_SIGNALS:
+                self.life.note(Trigger.signal(sig))
+
+    def _app_running(self) -> bool:
+        return self.app is not None and self.app_status is None
+
+    def _main_loop(self, server) -> int:
+        while True:
+            self._handle(self.pipe.wait())
+            if self.app_status is not None and not self.life.triggered:
+                log.warning("the app exited with status %d: deregistering", self.app_status)
+                self.life.stop(Trigger.app_exit(self.app_status))
+                self._done.set()
+                return self.app_status
+            if self.life.triggered:
+                return self._shutdown(server)
+
+    def _shutdown(self, server) -> int:
+        self.life.stop(self.life.first)
+        self._done.set()
+        self._handle([])
+        registry_deadline, deadline = self.registrar.stop_deadline, self.life.deadline
+        if server is not None and self.life.first.cause is Cause.PRESTOP:
+            # Let the hook's answer leave before the app (and so we) exit.
+            server.responses_sent.wait(registry_deadline.cap(0.5))
+        if self.app_status is None and self.config.stop.drain_connections:
+            self._wait_for_connections(registry_deadline)
+        stop_signal = signal_named(self.config.stop.signal)
+        if self.app_status is None:
+            log.info("sending %s to the app (%.1fs left for it)", stop_signal.name,
+                     deadline.remaining())
+            self._signal_app(stop_signal)
+        while self.app_status is None and not deadline.expired:
+            self._handle(self.pipe.wait(deadline.cap(0.1)))
+        if self.app_status is None:
+            log.error("the app did not exit before the deadline: SIGKILL")
+            self._signal_app(signal.SIGKILL, group=True)
+            while self.app_status is None:
+                self._handle(self.pipe.wait(0.05))
+        return self.app_status
+
+    def _signal_app(self, sig: int, group: bool = False) -> None:
+        if self.app is None or self.app_status is not None:
+            return
+        try:
+            (os.killpg if group else os.kill)(self.app.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self) -> None:
+        """Reap every exited child except the health probes' (their own
+        subprocess call waits for them); note the app's status."""
+        while True:
+            with self._probes.lock:
+                try:
+                    info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                except ChildProcessError:
+                    return
+                if info is None or info.si_pid == 0 or info.si_pid in self._probes.pids:
+                    return
+                pid, status = os.waitpid(info.si_pid, 0)
+            if self.app is not None and pid == self.app.pid:
+                code = os.waitstatus_to_exitcode(status)
+                self.app_status = 128 - code if code < 0 else code
+                self.app.returncode = code  # Popen must not wait for it again
+
+    def _wait_for_connections(self, deadline: Deadline) -> None:
+        """``stop.drain_connections``: wait until the app's port has no
+        ESTABLISHED connection, within the deadline."""
+        port = self.registrar.instance.port
+        count = established_connections(port)
+        if count:
+            log.info("waiting for %d connection(s) to port %d to close", count, port)
+        while count and not deadline.expired:
+            self.registrar.clock.sleep(deadline.cap(0.01))
+            count = established_connections(port)
+        if count:
+            log.warning("%d connection(s) to port %d still open at the deadline", count, port)

@@ -1,0 +1,65 @@
+"""registrar-testing: what registrar's tests, benchmarks and demo share.
+
+Real etcd, ZooKeeper and Consul servers on 127.0.0.1 (:mod:`.etcd`,
+:mod:`.zookeeper`, :mod:`.consul`), network faults (:mod:`.faults`), the
+backend conformance suite (:mod:`.conformance`), an in-memory registry
+(:mod:`.memory`), a kubelet simulator (:mod:`.kubelet`) and pytest fixtures
+(:mod:`.fixtures`). This module stays standard-library only: the sample
+apps import :mod:`.events` and must start fast.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["free_port", "free_ports", "wait_until"]
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.01,
+               ignore: type[BaseException] | tuple[type[BaseException], ...] = ()) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that.
+
+    An exception from ``predicate`` propagates unless it is an instance of
+    ``ignore``: then it counts as "not yet" (a server still starting). After
+    ``timeout`` seconds raise TimeoutError naming ``what`` (and the last
+    ignored exception, if any).
+    """
+    end = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+        except ignore as exc:
+            last_exc = exc
+        else:
+            if value:
+                return value
+        if time.monotonic() >= end:
+            detail = f" (last error: {last_exc!r})" if last_exc else ""
+            raise TimeoutError(f"timed out after {timeout}s waiting until {what}{detail}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (held open together so they cannot repeat)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -1,1 +1,0 @@
-"""Real registry servers for the tests and benchmarks, started on 127.0.0.1."""
