@@ -21,9 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .core import Registrar
-from .stopping import StopReport
 from .metrics import Metrics
 from .source import parse_listen
+from .stopping import StopReport
 
 log = logging.getLogger(__name__)
 

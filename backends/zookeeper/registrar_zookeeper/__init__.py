@@ -343,14 +343,14 @@ def _session(client: KazooClient) -> int:
 
 
 def _get(client: KazooClient, result: Any, end: float) -> Any:
-    """A kazoo async result, waited for until ``end`` at most."""
-    try:
-        return wait(result, end, nudge=lambda: client.connected and client.exists_async("/"))
-    except KazooTimeoutError:
-        raise RegistryUnavailable("zookeeper: no answer in time") from None
+    """A kazoo async result, waited for until ``end`` at most (then
+    KazooTimeoutError, which _classify maps)."""
+    return wait(result, end, nudge=lambda: client.connected and client.exists_async("/"))
 
 
 def _classify(exc: BaseException) -> tuple[type[RegistrarError], str] | None:
+    if isinstance(exc, KazooTimeoutError):
+        return RegistryUnavailable, "no answer in time"
     if not isinstance(exc, KazooException):
         return None
     return (RegistrationRejected if isinstance(exc, _REJECTED) else RegistryUnavailable), _why(exc)
