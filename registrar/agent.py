@@ -1,14 +1,17 @@
-"""`registrar agent`: the sidecar daemon. Registers, heartbeats, serves the
-control endpoints, and on SIGTERM or SIGINT runs the stop sequence and
-exits."""
+"""`registrar agent`: the sidecar daemon. Registers once the app passes its
+health gate (by default: the app's port accepts connections), heartbeats,
+serves the control endpoints; /prestop returns once the pod is out of every
+registry and the app's busy connections are done, so the kubelet's SIGTERM
+reaches an app with nothing in flight. Exits on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import logging
+import threading
 
 from .clock import Deadline
 from .config import AgentConfig
 from .core import Registrar
-from .lifecycle import Lifecycle, serve_control
+from .lifecycle import Lifecycle, make_drain, make_gate, readiness, serve_control, start
 from .signals import STOP_SIGNALS, SignalPipe
 from .stopping import Trigger
 
@@ -20,11 +23,14 @@ def run_agent(registrar: Registrar, config: AgentConfig) -> int:
     (0 when the removal was confirmed everywhere). After a /prestop the
     agent stays up, out of every registry, until its own SIGTERM."""
     pipe = SignalPipe().catch(STOP_SIGNALS)
-    life = Lifecycle(registrar, pipe)
+    life = Lifecycle(registrar, pipe, drain=make_drain(registrar, config),
+                     app_reserve=config.stop.app_reserve)
     fatal: list[Exception] = []
     registrar.on_fatal = lambda exc: (fatal.append(exc), pipe.wake())
-    server = serve_control(registrar, config, life)
-    registrar.start()
+    stopped = threading.Event()
+    gate = make_gate(registrar, config, stopped)
+    server = serve_control(registrar, config, life, ready=lambda: readiness(registrar, gate))
+    start(registrar, gate)
     log.info("agent started for %s (%s)", registrar.instance.id, registrar.instance.hostport)
     # A /prestop runs the sequence without ending the agent: it exits on a
     # signal (the kubelet's SIGTERM follows the hook) or a fatal error.
@@ -35,6 +41,7 @@ def run_agent(registrar: Registrar, config: AgentConfig) -> int:
         report = life.stop(Trigger.signal(signals[0]))
     else:
         report = life.stop(Trigger.fatal(fatal[0]))
+    stopped.set()
     if server is not None:
         if signals and not server.responses_sent.is_set():
             # A regular sidecar gets its SIGTERM the moment the app's preStop

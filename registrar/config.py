@@ -10,7 +10,7 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -48,12 +48,16 @@ class StopConfig(Model):
                                                 "for consumers that cannot be asked.")
     signal: str = Field("SIGTERM", description="`run` mode: the signal that stops the app.")
     app_shutdown: Duration = Field(
-        5.0, description="`run` mode: the part of the grace period kept for the app's own "
-                         "shutdown (at most half of grace_period - safety_margin); the "
-                         "registry steps end this much earlier.")
-    drain_connections: bool = Field(
-        False, description="`run` mode: before signalling the app, wait (within the deadline) "
-                           "until it has no ESTABLISHED TCP connection on service.port.")
+        5.0, description="The part of the grace period kept for the app's own shutdown (at "
+                         "most half of grace_period - safety_margin): the wait for busy "
+                         "connections (and in `run` the registry steps) end this much earlier.")
+    drain_connections: Literal["busy", "all", "none"] = Field(
+        "busy", description="`run` and `agent`: before the app is signalled (`run`) or /prestop "
+                            "returns (`agent`), wait until no connection on service.port is "
+                            "busy (busy), until there is none at all (all, or true), or not at "
+                            "all (none, or false). Within the deadline, less app_shutdown.")
+    drain_quiet: Duration = Field(
+        0.05, description="How long a connection must have moved no data to count as idle.")
     propagation_timeout: Duration | None = Field(
         None, description="Longest wait for observers (default: all that the grace period "
                           "leaves after safety_margin and min_wait).")
@@ -66,8 +70,13 @@ class StopConfig(Model):
 
     @property
     def app_reserve(self) -> float:
-        """`run` mode: the part of the budget kept for the app's shutdown."""
+        """The part of the budget kept for the app's own shutdown."""
         return min(self.app_shutdown, self.budget / 2)
+
+    @field_validator("drain_connections", mode="before")
+    @classmethod
+    def _drain_bool(cls, value: Any) -> Any:
+        return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class ControlConfig(Model):
@@ -106,9 +115,12 @@ def is_loopback(listen: str) -> bool:
 
 
 class HealthConfig(Model):
-    """The app's health gate in `run` mode: register only while it passes."""
+    """The app's health gate in `run` and `agent`: register only once it
+    passes, out of rotation while it fails. With no probe given, the probe
+    is: service.address:service.port accepts a TCP connection."""
     http: str | None = Field(None, description="URL that must answer 2xx/3xx.")
-    tcp: str | None = Field(None, description="host:port that must accept a connection.")
+    tcp: str | None = Field(None, description="host:port that must accept a connection "
+                                              "(default: service.address:service.port).")
     exec: list[str] | None = Field(None, description="Command that must exit 0.")
     interval: Duration = Field(2.0, gt=0)
     timeout: Duration = Field(1.0, gt=0)
@@ -118,9 +130,9 @@ class HealthConfig(Model):
     @model_validator(mode="after")
     def _one_probe(self) -> "HealthConfig":
         given = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise PydanticCustomError("one_probe", "give exactly one of http, tcp, exec (got {got})",
-                                      {"got": ", ".join(given) or "none"})
+        if len(given) > 1:
+            raise PydanticCustomError("one_probe", "give at most one of http, tcp, exec (got {got})",
+                                      {"got": ", ".join(given)})
         if self.tcp is not None and isinstance(parse_listen(self.tcp), str):
             raise ValueError(f'tcp: expected "host:port", got {self.tcp!r}')
         return self
@@ -132,7 +144,9 @@ class _FileModel(Model):
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
     stop: StopConfig = Field(default_factory=StopConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
-    health: HealthConfig | None = None
+    health: HealthConfig | Literal[False] | None = Field(
+        None, description="The gate: register once the app passes its probe (default: "
+                          "service.port accepts a TCP connection); false registers at once.")
 
 
 @dataclass(frozen=True)
@@ -144,6 +158,7 @@ class AgentConfig:
     heartbeat: HeartbeatConfig
     stop: StopConfig
     control: ControlConfig
+    #: The gate; None when the file says ``health: false``.
     health: HealthConfig | None = None
 
 
@@ -164,7 +179,8 @@ def load(source: str | os.PathLike | Mapping[str, Any],
         if names.index(name) != i:
             raise ConfigError(f"backends[{i}].name",
                               f"two backends are named {name!r}; give each a distinct name")
-    config = AgentConfig(top.service, tuple(backends), top.heartbeat, top.stop, top.control, top.health)
+    health = None if top.health is False else (top.health or HealthConfig())
+    config = AgentConfig(top.service, tuple(backends), top.heartbeat, top.stop, top.control, health)
     _check_budgets(config)
     _check_control(config.control)
     _check_signal(config.stop)

@@ -1,7 +1,7 @@
 """The control server of `agent` and `run` modes.
 
 GET /healthz (alive), GET /readyz (200 only while registered and not
-stopping), GET|POST /prestop (runs or joins the stop sequence and blocks
+stopping; the body says why not), GET|POST /prestop (runs or joins the stop sequence and blocks
 until it is done; the kubelet's httpGet preStop hook), GET /status (JSON),
 GET /metrics (Prometheus text). stdlib http.server with a thread per
 connection, so a slow client never blocks the agent or another client.
@@ -43,12 +43,13 @@ class ControlServer:
     and the deadline)."""
 
     def __init__(self, registrar: Registrar, listen: str, prestop: Callable[[], StopReport],
-                 token: str | None = None, ready: Callable[[], bool] | None = None):
+                 token: str | None = None,
+                 ready: Callable[[], tuple[bool, str]] | None = None):
         self.registrar = registrar
         self.listen = listen
         self.prestop = prestop
         self.token = token
-        self.ready = ready or (lambda: registrar.registered)
+        self.ready = ready or registrar.readiness
         self.metrics = Metrics(registrar)
         self.responses_sent = threading.Event()  # set after a /prestop answer went out
         where = parse_listen(listen)
@@ -163,9 +164,9 @@ def _make_handler(control: ControlServer) -> type[BaseHTTPRequestHandler]:
             self._send(HTTPStatus.OK, {"status": "alive"}, head=method == "HEAD")
 
         def _readyz(self, method: str) -> None:
-            ready = control.ready()
+            ready, reason = control.ready()
             self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-                       {"ready": ready}, head=method == "HEAD")
+                       {"ready": ready, "reason": reason}, head=method == "HEAD")
 
         def _prestop(self, method: str) -> None:
             report = control.prestop()

@@ -53,6 +53,7 @@ class Registrar:
                                           self._stopping, self._fatal)
         self._sequence = StopSequence(instance, self._slots, self.stop_config, self.clock)
         self._started = False
+        self._pause_reason = ""
         self._stop_future: Future[StopReport] | None = None
         #: The validated configuration, when built by from_config().
         self.config = None
@@ -129,6 +130,21 @@ class Registrar:
                     raise RegistryUnavailable(
                         f"{slot.name}: not registered after {timeout}s: {slot.last_error}")
 
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the instance is registered everywhere and not stopping,
+        and if not, why: what /readyz answers."""
+        if self._stopping.is_set():
+            return False, "stopping"
+        if not self._started:
+            return False, "not started"
+        if not self.in_rotation:
+            return False, f"out of rotation: {self._pause_reason}"
+        waiting = [f"{s.name}: {s.state}" + (f" ({s.last_error})" if s.last_error else "")
+                   for s in self._slots if not s.registered.is_set()]
+        if waiting:
+            return False, "not registered on " + "; ".join(waiting)
+        return True, "registered"
+
     # -- out of rotation (the app's health gate) -------------------------------
 
     @property
@@ -142,6 +158,7 @@ class Registrar:
         with self._lock:
             if not self.in_rotation or self._stopping.is_set():
                 return
+            self._pause_reason = reason
             self._registration.set_paused(True)
         log.warning("taking %s out of rotation: %s", self.instance.id, reason)
 

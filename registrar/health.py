@@ -1,16 +1,20 @@
-"""The app's health gate in `run` mode: register once the app passes its
-probe (http, tcp or exec), take it out of rotation after
+"""The app's health gate in `run` and `agent`: register only once the app
+passes its probe (by default: service.address:service.port accepts a TCP
+connection; or http, tcp, exec), take it out of rotation after
 ``failure_threshold`` failures in a row, put it back when it passes."""
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 from .config import HealthConfig
 from .core import Registrar
 from .errors import RegistrarError
+from .instance import Instance
 from .source import parse_listen
 
 log = logging.getLogger(__name__)
@@ -26,17 +30,40 @@ class ProbeProcesses:
 
 
 class HealthGate:
-    """Runs the probe every ``interval`` in a thread of its own, until the
-    registrar stops, the app exits, or ``done`` is set."""
+    """Runs the probe in a thread of its own until the registrar stops, the
+    app exits, or ``done`` is set. Until the app first passes, it probes
+    often (from FIRST_INTERVAL, backing off to ``interval``), so that a pod
+    is registered within moments of its app listening."""
 
-    def __init__(self, registrar: Registrar, health: HealthConfig,
-                 app_running: Callable[[], bool], done: threading.Event,
-                 children: ProbeProcesses):
+    FIRST_INTERVAL = 0.02
+    #: Seconds between two reminders that the app has not passed yet.
+    REMIND_EVERY = 30.0
+
+    def __init__(self, registrar: Registrar, health: HealthConfig, done: threading.Event,
+                 app_running: Callable[[], bool] = lambda: True,
+                 children: ProbeProcesses | None = None):
         self.registrar = registrar
         self.health = health
-        self.app_running = app_running
         self.done = done
-        self.children = children
+        self.app_running = app_running
+        self.children = children or ProbeProcesses()
+        #: True once the app passed: registration has begun.
+        self.passed = False
+        self.last_failure = "not probed yet"
+        self._default_target: str | None = None
+
+    @property
+    def target(self) -> str:
+        """What is probed, for people to read."""
+        h = self.health
+        return h.http or (" ".join(h.exec) if h.exec else None) or self._tcp_target()
+
+    def _tcp_target(self) -> str:
+        if self.health.tcp:
+            return self.health.tcp
+        if self._default_target is None:
+            self._default_target = default_target(self.registrar.instance)
+        return self._default_target
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="health", daemon=True).start()
@@ -44,35 +71,45 @@ class HealthGate:
     def _loop(self) -> None:
         health = self.health
         failures = 0
-        started = False
+        wait = self.FIRST_INTERVAL
+        began = remind = time.monotonic()
         while not self.registrar.stopping and self.app_running():
             ok, why = self.probe()
             if ok:
                 failures = 0
-                if not started:
-                    log.info("the app is healthy: registering")
+                if not self.passed:
+                    log.info("the app passes its health probe (%s): registering", self.target)
                     try:
                         self.registrar.start()
                     except RegistrarError:
                         return  # stopping began first
-                    started = True
+                    self.passed = True
                 else:
                     self.registrar.resume()
             else:
                 failures += 1
-                log.debug("health probe failed (%d in a row): %s", failures, why)
-                if started and failures >= health.failure_threshold:
-                    self.registrar.pause(f"health probe failed {failures} times: {why}")
-            if self.done.wait(health.interval):
+                self.last_failure = f"{self.target}: {why}"
+                if self.passed:
+                    log.debug("health probe failed (%d in a row): %s", failures, why)
+                    if failures >= health.failure_threshold:
+                        self.registrar.pause(f"health probe failed {failures} times: {why}")
+                elif failures == 1:
+                    log.info("waiting for the app before registering: %s", self.last_failure)
+                elif time.monotonic() - remind >= self.REMIND_EVERY:
+                    remind = time.monotonic()
+                    log.warning("not registered: the app has failed its health probe for %.0fs: "
+                                "%s", remind - began, self.last_failure)
+            wait = health.interval if self.passed else min(health.interval, wait * 1.5)
+            if self.done.wait(wait):
                 return
 
     def probe(self) -> tuple[bool, str]:
         health = self.health
         if health.http is not None:
             return probe_http(health.http, health.timeout)
-        if health.tcp is not None:
-            return probe_tcp(health.tcp, health.timeout)
-        return self._probe_exec(health.exec, health.timeout)
+        if health.exec is not None:
+            return self._probe_exec(health.exec, health.timeout)
+        return probe_tcp(self._tcp_target(), health.timeout)
 
     def _probe_exec(self, argv: list[str], timeout: float) -> tuple[bool, str]:
         with self.children.lock:
@@ -91,6 +128,21 @@ class HealthGate:
                 self.children.pids.discard(proc.pid)
 
 
+def default_target(instance: Instance) -> str:
+    """The default probe's ``host:port``: the advertised address when it is
+    one of this network namespace's own (the pod IP: what consumers reach),
+    else loopback. The probe never leaves the pod."""
+    family = socket.AF_INET6 if ":" in instance.address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((instance.address, 0))  # only an address of ours can be bound
+        return instance.hostport
+    except OSError:
+        log.info("service.address %s is not an address of this host: the health probe "
+                 "connects to 127.0.0.1:%d", instance.address, instance.port)
+        return f"127.0.0.1:{instance.port}"
+
+
 def probe_http(url: str, timeout: float) -> tuple[bool, str]:
     import urllib.error
     import urllib.request
@@ -105,8 +157,6 @@ def probe_http(url: str, timeout: float) -> tuple[bool, str]:
 
 
 def probe_tcp(target: str, timeout: float) -> tuple[bool, str]:
-    import socket
-
     try:
         with socket.create_connection(parse_listen(target), timeout=timeout):
             return True, "connected"

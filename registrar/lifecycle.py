@@ -1,27 +1,42 @@
 """What `agent` and `run` share: the one grace deadline, counted from the
-first trigger (preStop, a signal, the app's exit), and the control server
-that serves /prestop into it."""
+first trigger (preStop, a signal, the app's exit); after the registry steps,
+the wait for the app's busy connections; the health gate; and the control
+server that serves /prestop into it."""
 from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
 
 from .clock import Deadline
 from .config import AgentConfig
+from .connections import Drain
 from .core import Registrar
 from .errors import ConfigError
 from .fields import read_token
+from .health import HealthGate
 from .signals import SignalPipe
 from .stopping import StopReport, Trigger
+
+log = logging.getLogger(__name__)
 
 
 class Lifecycle:
     """The first trigger fixes the deadline; every trigger joins one stop.
     ``reserve`` seconds of the budget are kept for what comes after the
-    registry steps (the app's own shutdown in `run` mode)."""
+    registry steps (the app's own shutdown in `run` mode). With a ``drain``,
+    the stop then waits for the app's busy connections, until
+    ``app_reserve`` seconds before the deadline (the app's own share)."""
 
-    def __init__(self, registrar: Registrar, pipe: SignalPipe | None = None, reserve: float = 0.0):
+    def __init__(self, registrar: Registrar, pipe: SignalPipe | None = None, reserve: float = 0.0,
+                 drain: Drain | None = None, app_reserve: float = 0.0):
         self.registrar = registrar
         self.pipe = pipe
         self.reserve = reserve
+        self.drain = drain
+        self.app_reserve = app_reserve
         self._triggers: list[tuple[Trigger, float]] = []
+        self._drain_lock = threading.Lock()
 
     def note(self, trigger: str | Trigger) -> None:
         self._triggers.append((Trigger.of(trigger), self.registrar.clock.now()))
@@ -48,10 +63,55 @@ class Lifecycle:
 
     def stop(self, trigger: str | Trigger) -> StopReport:
         """Run or join the stop sequence (the registry steps end ``reserve``
-        seconds before the deadline)."""
+        seconds before the deadline), then the drain; every caller gets the
+        one report."""
         self.note(trigger)
         end = self.deadline
-        return self.registrar.stop(self.first, Deadline(end.at - self.reserve, end.clock))
+        report = self.registrar.stop(self.first, Deadline(end.at - self.reserve, end.clock))
+        if self.drain is not None:
+            with self._drain_lock:
+                if report.drain is None:
+                    report.drain = self.drain.wait(until=end.at - self.app_reserve)
+                    if report.drain.waited_for and not report.drain.cut:
+                        log.info("connections: %s", report.drain.summary())
+        return report
+
+
+def make_drain(registrar: Registrar, config: AgentConfig) -> Drain | None:
+    """The wait for the app's connections that ``stop.drain_connections`` asks for."""
+    stop = config.stop
+    if stop.drain_connections == "none":
+        return None
+    clock = registrar.clock
+    return Drain(registrar.instance.port, stop.drain_connections, stop.drain_quiet,
+                 clock=clock.now, sleep=clock.sleep)
+
+
+def make_gate(registrar: Registrar, config: AgentConfig, done: threading.Event,
+              app_running: Callable[[], bool] = lambda: True, **options) -> HealthGate | None:
+    """The health gate (not started), or None with ``health: false``."""
+    if config.health is None:
+        return None
+    return HealthGate(registrar, config.health, done, app_running, **options)
+
+
+def start(registrar: Registrar, gate: HealthGate | None) -> None:
+    """Register now, or once the app passes the gate's probe."""
+    if gate is None:
+        registrar.start()
+    else:
+        gate.start()
+
+
+def readiness(registrar: Registrar, gate: HealthGate | None = None,
+              app_running: Callable[[], bool] | None = None) -> tuple[bool, str]:
+    """What /readyz answers: ready only while registered everywhere, and
+    otherwise why not."""
+    if app_running is not None and not app_running():
+        return False, "the app is not running"
+    if gate is not None and not gate.passed and not registrar.stopping:
+        return False, f"waiting for the app: {gate.last_failure}"
+    return registrar.readiness()
 
 
 def serve_control(registrar: Registrar, config: AgentConfig, life: Lifecycle, ready=None):

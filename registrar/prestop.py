@@ -34,6 +34,23 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
+def control_address(text: str) -> str:
+    """``http://host:port[/]``, ``host:port``, ``[v6]:port`` or
+    ``unix:/path`` -> the address as parse_listen() takes it; ValueError
+    with a one-line reason otherwise."""
+    address = text.strip()
+    if address.startswith("http://"):
+        address = address[len("http://"):].rstrip("/")
+    try:
+        where = parse_listen(address)
+        if not isinstance(where, str) and ("/" in where[0] or "://" in address):
+            raise ValueError(address)
+    except ValueError:
+        raise ValueError(f"expected host:port, http://host:port or unix:/path, "
+                         f"got {text!r}") from None
+    return address
+
+
 def _connection(control: str, timeout: float) -> http.client.HTTPConnection:
     where = parse_listen(control)
     if isinstance(where, str):
@@ -75,7 +92,11 @@ def main(args: argparse.Namespace) -> int:
         token_file = token_file or section.get("token_file")
         if timeout is None:
             timeout = _grace_period(doc)
-    control = control or DEFAULT_CONTROL
+    try:
+        control = control_address(control or DEFAULT_CONTROL)
+    except ValueError as exc:
+        print(f"registrar prestop: --control: {exc}", file=sys.stderr)
+        return 2
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     token = None
     if token_file:

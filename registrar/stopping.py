@@ -14,6 +14,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, wait_exponen
 from ._threads import settled, spawn
 from .clock import Clock, Deadline
 from .config import StopConfig
+from .connections import DrainReport
 from .errors import RegistrarError, RegistryUnavailable
 from .instance import Instance
 from .plugin import Observer
@@ -96,6 +97,8 @@ class StopReport:
     min_wait_seconds: float
     backends: list[BackendReport]
     cut: list[str] = field(default_factory=list)
+    #: The wait for the app's busy connections that followed (agent, run).
+    drain: DrainReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -12,12 +12,10 @@ import subprocess
 import threading
 from collections.abc import Sequence
 
-from .clock import Deadline
 from .config import AgentConfig, signal_named
-from .connections import established_connections
 from .core import Registrar
-from .health import HealthGate, ProbeProcesses
-from .lifecycle import Lifecycle, serve_control
+from .health import ProbeProcesses
+from .lifecycle import Lifecycle, make_drain, make_gate, readiness, serve_control, start
 from .signals import STOP_SIGNALS, SignalPipe
 from .stopping import Cause, Trigger
 
@@ -42,21 +40,20 @@ class Wrapper:
 
     def run(self) -> int:
         self.pipe = SignalPipe().catch(STOP_SIGNALS + FORWARDED_SIGNALS + (signal.SIGCHLD,))
-        self.life = Lifecycle(self.registrar, self.pipe,
-                              reserve=self.config.stop.app_reserve)
-        health = self.config.health
+        reserve = self.config.stop.app_reserve
+        self.life = Lifecycle(self.registrar, self.pipe, reserve=reserve,
+                              drain=make_drain(self.registrar, self.config), app_reserve=reserve)
+        gate = make_gate(self.registrar, self.config, self._done, self._app_running,
+                         children=self._probes)
         server = serve_control(self.registrar, self.config, self.life,
-                               ready=lambda: self.registrar.registered and self._app_running())
+                               ready=lambda: readiness(self.registrar, gate, self._app_running))
         try:
             self.app = subprocess.Popen(self.argv, process_group=0)
         except OSError as exc:
             log.error("cannot start %s: %s", self.argv[0], exc.strerror)
             return 127
         log.info("started %s (pid %d)", " ".join(self.argv), self.app.pid)
-        if health is None:
-            self.registrar.start()
-        else:
-            HealthGate(self.registrar, health, self._app_running, self._done, self._probes).start()
+        start(self.registrar, gate)
         code = self._main_loop(server)
         if server is not None:
             server.close()
@@ -87,15 +84,13 @@ class Wrapper:
                 return self._shutdown(server)
 
     def _shutdown(self, server) -> int:
-        self.life.stop(self.life.first)
+        self.life.stop(self.life.first)  # the registry steps, then the busy connections
         self._done.set()
         self._handle([])
         registry_deadline, deadline = self.registrar.stop_deadline, self.life.deadline
         if server is not None and self.life.first.cause is Cause.PRESTOP:
             # Let the hook's answer leave before the app (and so we) exit.
             server.responses_sent.wait(registry_deadline.cap(0.5))
-        if self.app_status is None and self.config.stop.drain_connections:
-            self._wait_for_connections(registry_deadline)
         stop_signal = signal_named(self.config.stop.signal)
         if self.app_status is None:
             log.info("sending %s to the app (%.1fs left for it)", stop_signal.name,
@@ -134,16 +129,3 @@ class Wrapper:
                 code = os.waitstatus_to_exitcode(status)
                 self.app_status = 128 - code if code < 0 else code
                 self.app.returncode = code  # Popen must not wait for it again
-
-    def _wait_for_connections(self, deadline: Deadline) -> None:
-        """``stop.drain_connections``: wait until the app's port has no
-        ESTABLISHED connection, within the deadline."""
-        port = self.registrar.instance.port
-        count = established_connections(port)
-        if count:
-            log.info("waiting for %d connection(s) to port %d to close", count, port)
-        while count and not deadline.expired:
-            self.registrar.clock.sleep(deadline.cap(0.01))
-            count = established_connections(port)
-        if count:
-            log.warning("%d connection(s) to port %d still open at the deadline", count, port)

@@ -553,7 +553,8 @@ def test_acl_agent_process_with_a_wrong_token_exits_without_showing_it(acl, tmp_
         "service": {"name": instance.service, "port": 8080},
         "backends": [{"type": "consul", "address": acl.client_addr, "observers": acl.server_addrs,
                       "ttl": "2s", "timeout": "1s"}],
-        "control": {"listen": None}, "stop": {"grace_period": "10s", "safety_margin": "1s"}}))
+        "control": {"listen": None}, "stop": {"grace_period": "10s", "safety_margin": "1s"},
+        "health": False}))  # no app listens here: register at once
     env = {**os.environ, "POD_NAME": instance.id, "POD_IP": "10.1.2.3", "CONSUL_HTTP_TOKEN": wrong}
     proc = subprocess.run([sys.executable, "-m", "registrar", "agent", "--config", str(path),
                            "--log-level", "debug"], env=env, capture_output=True, text=True,

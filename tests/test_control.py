@@ -62,7 +62,7 @@ def request(server_or_addr, method, path, headers=None, timeout=10):
 def test_health_and_readiness(server, registrar):
     time.sleep(0.06)  # the lagging members have seen the registration
     assert request(server, "GET", "/healthz") == (200, {"status": "alive"})
-    assert request(server, "GET", "/readyz") == (200, {"ready": True})
+    assert request(server, "GET", "/readyz") == (200, {"ready": True, "reason": "registered"})
     status, body = request(server, "GET", "/status")
     assert status == 200 and body["state"] == "registered"
     assert [o["sees"] for o in body["backends"][0]["observers"]] == [True, True]
@@ -76,7 +76,7 @@ def test_prestop_blocks_until_confirmed_and_readiness_drops(server, registry):
     assert time.monotonic() - began >= 0.05  # waited for the lagging members
     assert body["summary"].startswith("deregistered after preStop (/prestop)")
     assert body["backends"][0]["observers_confirmed"] == ["memory member 0", "memory member 1"]
-    assert request(server, "GET", "/readyz") == (503, {"ready": False})
+    assert request(server, "GET", "/readyz") == (503, {"ready": False, "reason": "stopping"})
     assert request(server, "GET", "/healthz")[0] == 200  # still alive until SIGTERM
     assert registry.count("deregister") == 1
 
@@ -162,7 +162,7 @@ def test_unix_socket(registrar, tmp_path):
     server = serve(registrar, f"unix:{sock}")
     try:
         assert server.address == f"unix:{sock}"
-        assert request(f"unix:{sock}", "GET", "/readyz") == (200, {"ready": True})
+        assert request(f"unix:{sock}", "GET", "/readyz") == (200, {"ready": True, "reason": "registered"})
     finally:
         server.close()
     assert not sock.exists()
@@ -240,3 +240,18 @@ def test_the_deadline_counts_from_the_first_trigger():
     assert report.trigger == "preStop (/prestop)"
     assert life.deadline.at == 1000 + 28  # from the first trigger, not from SIGTERM
     assert registrar.stop_deadline.at == 1000 + 28 - 5  # the app's share kept aside
+
+
+def test_prestop_command_takes_an_http_url(server, capsys):
+    assert prestop_cmd.main(prestop_args(control=f"http://{server.address}/")) == 0
+    assert capsys.readouterr().out.startswith("deregistered after preStop (/prestop)")
+
+
+@pytest.mark.parametrize("control", ["garbage", "https://127.0.0.1:9901", "http://host",
+                                     "127.0.0.1:99999", "unix:relative.sock", "a/b:1"])
+def test_prestop_command_refuses_an_address_it_cannot_use(control, capsys):
+    assert prestop_cmd.main(prestop_args(control=control)) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (
+        f"registrar prestop: --control: expected host:port, http://host:port or unix:/path, "
+        f"got {control!r}\n")

@@ -26,6 +26,7 @@ def agent_config(tmp_path, cluster, **stop):
                       "observers": cluster.server_addrs, "ttl": "3s", "timeout": "1s"}],
         "control": {"listen": None},
         "stop": {"grace_period": "10s", "safety_margin": "1s", **stop},
+        "health": False,  # no app listens here: register at once
     }))
     return path, service
 

@@ -27,6 +27,7 @@ def agent_config(tmp_path, endpoints, **stop):
         "backends": [{"type": "etcd", "endpoints": endpoints, "ttl": "3s", "timeout": "1s"}],
         "stop": {"grace_period": "10s", "safety_margin": "1s", **stop},
         "control": {"listen": control},
+        "health": False,  # no app listens here: register at once
     }))
     return path, f"/services/{service}/10.20.30.40:8080"
 

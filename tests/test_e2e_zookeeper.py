@@ -72,7 +72,8 @@ def agent_config(ensemble, pod: str) -> dict:
             "backends": [{"type": "zookeeper", "hosts": ensemble.hosts,
                           "session_timeout": f"{SESSION_TIMEOUT}s", "timeout": "1s"}],
             "stop": {"grace_period": "10s", "propagation_timeout": "5s"},
-            "control": {"listen": None}}  # two agents at once: no port to share
+            "control": {"listen": None},  # two agents at once: no port to share
+            "health": False}  # no app listens here: register at once
 
 
 def owners(views: ServerViews, path: str) -> list[int | None]:
@@ -88,7 +89,10 @@ def test_sigterm_deregisters_and_every_server_has_dropped_it_before_exit(zk_ense
              "every server to list the pod")
     assert agent.proc.poll() is None, agent.log
     agent.signal(signal.SIGTERM)
-    code = agent.proc.wait(timeout=15)
+    try:
+        code = agent.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the agent did not exit 15 s after SIGTERM\n{agent.log}") from None
     # At once, each server on its own (no sync): what its consumers read.
     assert views.exists(path) == [False] * 3
     assert code == 0, agent.log

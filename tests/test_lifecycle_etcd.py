@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from registrar.connections import connections as _conns
 from registrar.connections import established_connections
 from registrar_testing import free_ports, wait_until
 from registrar_testing.faults import Blackhole
@@ -67,7 +68,7 @@ class Setup:
             "stop": {"grace_period": f"{grace}s", "safety_margin": "1s", **stop},
             "control": {"listen": self.control if control else None},
         }
-        if health:
+        if health is not None:
             doc["health"] = health
         path = self.tmp / f"registrar-{uuid.uuid4().hex[:6]}.yaml"
         path.write_text(yaml.safe_dump(doc))
@@ -400,7 +401,8 @@ def test_sigterm_while_the_health_gate_holds_registration_back(pods, setup):
 
 def test_sigterm_while_the_registry_cannot_be_reached_yet(pods, setup):
     (dead,) = free_ports(1)
-    cfg = setup.config(grace=5, endpoints=[f"http://127.0.0.1:{dead}"])
+    cfg = setup.config(grace=5, endpoints=[f"http://127.0.0.1:{dead}"],
+                       health=False)  # no app in this pod
     pod = setup.pod([Container("registrar", [*REGISTRAR, "agent", "--config", str(cfg)],
                                pid_namespace=NAMESPACES)])
     start(pods, pod, None, lambda: "register failed (attempt" in pod["registrar"].log())
@@ -450,7 +452,8 @@ def test_app_crash_deregisters_at_once_and_exits_with_its_status(pods, setup, ho
 def test_prestop_sigterm_and_prestop_again_make_one_deregistration(pods, setup, mode):
     # min_wait keeps the sequence open long enough for all three to overlap
     # (the hook command needs ~50 ms to start).
-    cfg = setup.config(grace=5, min_wait="500ms")
+    cfg = setup.config(grace=5, min_wait="500ms",
+                       health=False if mode == "agent" else None)  # agent: no app in the pod
     argv = [*REGISTRAR, mode, "--config", str(cfg), "--log-level", "debug"]
     if mode == "run":
         argv += ["--", *setup.app()]
@@ -613,3 +616,160 @@ def test_drain_connections_is_bounded_by_the_deadline(pods, setup):
     assert sigterm and 1.4 < sigterm["mono"] - pod.deleted_at < 4 - 1, pod.report()
     assert app_event(setup.events, "exit"), pod.report()
     assert pod.exited("app").detail["status"] == 0, pod.report()
+
+
+# -- 9. the defaults: registered once the app listens, busy connections drained ---------
+
+def _not_listed_before_listening(watch: EtcdWatch, setup: Setup) -> None:
+    listening = app_event(setup.events, "listening")
+    assert listening, "the app never listened"
+    first = [m.first_listed for m in watch.members]
+    assert all(t is not None and t > listening["mono"] for t in first), \
+        f"a member listed the pod before the app listened: {first} vs {listening['mono']}"
+
+
+@pytest.mark.parametrize("mode", ["run", "agent"])
+def test_a_new_pod_is_registered_only_once_its_app_listens(pods, setup, mode):
+    """The default gate (no health section): service.port accepts a TCP connection."""
+    cfg = setup.config(grace=5)
+    app = setup.app("--listen-after", "1.0")
+    if mode == "run":
+        containers = [Container("app", [*REGISTRAR, "run", "--config", str(cfg), "--", *app],
+                                pid_namespace=NAMESPACES)]
+    else:
+        containers = [Container("registrar", [*REGISTRAR, "agent", "--config", str(cfg)],
+                                pid_namespace=NAMESPACES), Container("app", app)]
+    watch = setup.watch()
+    pod = start(pods, setup.pod(containers), watch, watch.listed_everywhere)
+    _not_listed_before_listening(watch, setup)
+    assert _get(f"http://{setup.control}/readyz")[0] == 200
+    log = pod["app" if mode == "run" else "registrar"].log()
+    assert "waiting for the app before registering: 127.0.0.1:%d" % setup.port in log, log
+
+
+def test_an_app_that_never_listens_is_never_registered_and_readyz_says_why(pods, setup):
+    cfg = setup.config(grace=5)
+    watch = setup.watch()
+    pod = start(pods, setup.pod([
+        Container("app", [*REGISTRAR, "run", "--config", str(cfg), "--",
+                          *setup.app("--listen-after", "never")], pid_namespace=NAMESPACES),
+    ]), watch, lambda: _get(f"http://{setup.control}/readyz")[0] == 503)
+    time.sleep(1.0)  # proving a negative: a dozen probes fail meanwhile
+    status, body = _get(f"http://{setup.control}/readyz")
+    assert status == 503, body
+    reason = json.loads(body)["reason"]
+    assert reason.startswith(f"waiting for the app: 127.0.0.1:{setup.port}: ") \
+        and "refused" in reason, reason
+    assert all(m.first_listed is None for m in watch.members), watch.describe()
+    pod.delete()
+    assert_no_sigkill(pod)
+
+
+class _KeepAlive:
+    """An HTTP/1.1 client connection that stays open between requests."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.file = self.sock.makefile("rb")
+
+    def get(self, path: str) -> int:
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: app\r\n\r\n".encode())
+        status = int(self.file.readline().split()[1])
+        length = 0
+        while (line := self.file.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        self.file.read(length)
+        return status
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _slow_request(port: int, ms: int, out: dict) -> threading.Thread:
+    def run():
+        client = _KeepAlive(port)
+        try:
+            out["status"] = client.get(f"/slow?ms={ms}")
+        except OSError as exc:
+            out["error"] = repr(exc)
+        finally:
+            out["done"] = time.monotonic()
+            client.close()
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("mode", ["run", "agent"])
+def test_the_stop_waits_for_a_request_in_progress_but_not_for_an_idle_keepalive(pods, setup,
+                                                                                mode):
+    """Default config. An idle keep-alive connection and a request in
+    progress when the pod is deleted: the app gets SIGTERM (run: from the
+    wrapper; agent: from the kubelet, once /prestop returned) right after the
+    request completes, not at the deadline."""
+    cfg = setup.config(grace=10)
+    app = setup.app()
+    if mode == "run":
+        containers = [Container("app", [*REGISTRAR, "run", "--config", str(cfg), "--", *app],
+                                pre_stop=HttpGet(setup.control_port, "/prestop"),
+                                pid_namespace=NAMESPACES)]
+    else:
+        containers = [Container("registrar", [*REGISTRAR, "agent", "--config", str(cfg)],
+                                pid_namespace=NAMESPACES),
+                      Container("app", app, pre_stop=HttpGet(setup.control_port, "/prestop"))]
+    watch = setup.watch()
+    pod = start(pods, setup.pod(containers, grace=10), watch,
+                lambda: setup.ready() and watch.listed_everywhere())
+    idle = _KeepAlive(setup.port)
+    try:
+        assert idle.get("/") == 200
+        time.sleep(0.2)  # idle: silent for longer than drain_quiet (50 ms)
+        slow: dict = {}
+        request = _slow_request(setup.port, 700, slow)
+        wait_until(lambda: len([c for c in _conns(setup.port) if c.busy(0.1)]) >= 1, 2,
+                   "the slow request is busy")
+        pod.delete()
+        request.join(10)
+    finally:
+        idle.close()
+    figures(f"drain busy ({mode})", pod, watch, setup)
+    assert slow.get("status") == 200, slow
+    sigterm = assert_removed_before_sigterm(pod, watch, setup)
+    assert slow["done"] - 0.05 < sigterm < slow["done"] + 0.5, (slow["done"], sigterm, pod.report())
+    assert sigterm - pod.deleted_at < 2.0, pod.report()  # nowhere near the 10 s deadline
+    log = pod.logs()
+    assert f"waiting for 1 busy connection(s) to port {setup.port}: " in log, log
+    assert "request being processed" in log, log
+    assert_no_sigkill(pod)
+
+
+def test_a_streaming_response_holds_the_stop_until_its_share_of_the_deadline(pods, setup):
+    """A response still streaming is busy: the app's SIGTERM waits, but only
+    until the registry's part of the budget ends (grace 4 s - safety margin
+    1 s - app_shutdown, at most half: 1.5 s), and the report says what was cut."""
+    cfg = setup.config(grace=4)
+    pod = start(pods, setup.pod([
+        Container("app", [*REGISTRAR, "run", "--config", str(cfg), "--", *setup.app()],
+                  pre_stop=HttpGet(setup.control_port, "/prestop"), pid_namespace=NAMESPACES),
+    ], grace=4), None, setup.ready)
+    def read_stream():
+        try:
+            _get(f"http://127.0.0.1:{setup.port}/stream?chunks=500&every=10", timeout=10)
+        except Exception:  # noqa: BLE001 - the app's end cuts the stream, as it should
+            pass
+
+    streaming = threading.Thread(target=read_stream)
+    streaming.start()
+    wait_until(lambda: any(c.busy(0.1) for c in _conns(setup.port)), 2, "the stream is busy")
+    pod.delete()
+    streaming.join(10)
+    figures("drain, a stream never ends", pod, None, setup)
+    assert_no_sigkill(pod)
+    sigterm = app_event(setup.events, "sigterm")
+    assert sigterm and 1.4 < sigterm["mono"] - pod.deleted_at < 4 - 1, pod.report()
+    assert f"1 connection(s) to port {setup.port} still busy at the deadline" in pod.logs()
+    hook = pod.timeline.one("hook_end", "app")
+    drain = json.loads(hook.detail["output"])["drain"]
+    assert drain["mode"] == "busy" and len(drain["cut"]) == 1, drain

@@ -2,12 +2,16 @@
 
     httpapp.py --port P --events FILE [--on-term exit|die|ignore]
                [--term-delay S] [--exit-code N] [--health ok|never]
+               [--listen-after S|never]
 
 Events (JSON lines in FILE): ready, sigterm, sigterm_check (every etcd member's view,
 when CHECK_ETCD_ENDPOINTS/CHECK_ETCD_KEY are set), sighup, exit, crash,
 killed, orphan_spawned, orphan_exit.
 
-GET /health answers 200 (or 503 forever with --health never); GET
+It listens at once, or --listen-after S seconds (never: not at all), and
+records "listening" just before. GET /slow?ms=N answers after N ms; GET
+/stream?chunks=N&every=MS sends N chunks MS apart (both record "served"
+when done). GET /health answers 200 (or 503 forever with --health never); GET
 /crash?code=N exits at once with status N; GET /kill?sig=NAME kills the app
 with that signal (KILL, ABRT...: not TERM or HUP, which it handles); GET
 /orphan double-forks a grandchild that outlives its parent by 0.2 s, so
@@ -38,6 +42,8 @@ def main() -> int:
     parser.add_argument("--term-delay", type=float, default=0.0)
     parser.add_argument("--exit-code", type=int, default=0)
     parser.add_argument("--health", choices=["ok", "never"], default="ok")
+    parser.add_argument("--listen-after", default="0",
+                        help="seconds before it listens, or never")
     args = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a killed app leaves no core file
 
@@ -59,6 +65,14 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, lambda *_: events.record("sighup"))
 
+    if args.listen_after != "0":
+        end = None if args.listen_after == "never" else time.monotonic() + float(args.listen_after)
+        while not stopping and (end is None or time.monotonic() < end):
+            time.sleep(0.01)
+        if stopping:
+            events.record("exit", status=args.exit_code)
+            return args.exit_code
+    events.record("listening", port=args.port)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), _handler(events, args.health))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
@@ -95,7 +109,27 @@ def _handler(events: Events, health: str):
             if url.path == "/orphan":
                 _spawn_orphan(events)
                 return self._send(200, "orphan spawned")
+            if url.path == "/slow":
+                time.sleep(int(query.get("ms", "500")) / 1000)
+                self._send(200, "slow")
+                events.record("served", path="/slow")
+                return None
+            if url.path == "/stream":
+                self._stream(int(query.get("chunks", "10")), int(query.get("every", "100")))
+                events.record("served", path="/stream")
+                return None
             return self._send(200, "hello")
+
+        def _stream(self, chunks: int, every_ms: int) -> None:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for _ in range(chunks):
+                self.wfile.write(b"6\r\nchunk\n\r\n")
+                self.wfile.flush()
+                time.sleep(every_ms / 1000)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
 
         def _send(self, status: int, text: str) -> None:
             body = (text + "\n").encode()
