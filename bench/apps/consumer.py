@@ -1,41 +1,43 @@
 #!/usr/bin/env python3
 """The consumer of the rolling-restart bench: a client-side load balancer
-that discovers "web" through etcd, the way a gRPC client with etcd's
-resolver does, and sends it a steady stream of requests.
+that discovers the service by watching ONE member of a registry (its own
+code, registrar_testing.watchers, nothing of registrar's) and sends it a
+steady stream of requests.
 
-    consumer.py --etcd URL --prefix /services/web/ --out FILE
-                [--rate 300] [--timeout 2] [--threads 32] [--max-seconds 300]
+    consumer.py --registry etcd|zookeeper|consul --target ADDR --out FILE
+                [--service web] [--client per-request|keepalive] [--rate 300]
+                [--timeout 2] [--threads 64] [--max-seconds 600]
 
-Discovery: one serializable range of the prefix on the ONE member given,
-then etcd3gw's watch_prefix from the next revision on that member. A PUT
-(re)adds the value's ``Addr`` (a "draining" status in the metadata is not
-looked at: etcd's gRPC resolver does not either); a DELETE removes it.
+--target: an etcd client URL (watch of /services/<service>/), a ZooKeeper
+host:port (ChildrenWatch of /services/<service>), a Consul HTTP address
+(blocking queries on /v1/health/service/<service>?passing&stale).
 
-Traffic: open loop, ``--rate`` requests per second, each a short HTTP/1.1
-``GET /`` with ``Connection: close`` to the next endpoint of the current
-set (round-robin, chosen at send time), run by a pool of ``--threads``.
+Traffic: open loop, --rate requests per second, each a ``GET /`` to the
+next instance of the current set (round-robin, chosen when the request is
+due), run by a pool of --threads; --client says how connections are made
+(bench/apps/http_clients.py). No retries. A request due while no
+instance is known fails as ``no_instance``.
 
-Protocol: JSON lines on stdout, ``time.monotonic()`` timestamps:
-``ready`` (the initial set), ``add``/``del`` (an endpoint, as the balancer
-applied the change), ``done`` (counts; every request is in ``--out``).
+Protocol: JSON lines on stdout, ``time.monotonic()`` timestamps: ``ready``
+(the initial set), ``add``/``del`` (an address, when the balancer applied
+the change), ``count`` (every second: sent and failed so far), ``error``,
+``done``. Every request is written to --out as
+``[t_due, t_start, t_end, addr, outcome, reused_or_connected, detail]``.
 Commands on stdin: ``go`` starts the traffic, ``stop`` (or EOF) ends it,
 waits for the requests in flight and exits. Everything stops by itself
-after ``--max-seconds``.
+after --max-seconds.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import errno
-import http.client
 import json
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
-import etcd3gw
+from http_clients import KeepAlive, PerRequest
+from registrar_testing.watchers import watcher
 
 _print_lock = threading.Lock()
 
@@ -46,39 +48,21 @@ def emit(**fields) -> None:
         sys.stdout.flush()
 
 
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    return prefix[:-1] + bytes([prefix[-1] + 1])
-
-
 class Balancer:
-    """The endpoint set, as the watch keeps it, and round-robin over it."""
+    """Round-robin over the addresses discovery currently lists."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_key: dict[bytes, str] = {}
         self._list: list[str] = []
         self._next = 0
 
-    def put(self, key: bytes, value: bytes) -> str | None:
-        try:
-            addr = json.loads(value)["Addr"]
-        except (ValueError, KeyError, TypeError):
-            return None
+    def changed(self, kind: str, addr: str) -> None:
         with self._lock:
-            new = addr not in self._list
-            self._by_key[key] = addr
-            self._list = sorted(set(self._by_key.values()))
-        return addr if new else None
-
-    def delete(self, key: bytes) -> str | None:
-        with self._lock:
-            addr = self._by_key.pop(key, None)
-            self._list = sorted(set(self._by_key.values()))
-        return addr
+            if kind == "add" and addr not in self._list:
+                self._list = sorted([*self._list, addr])
+            elif kind == "del" and addr in self._list:
+                self._list = [a for a in self._list if a != addr]
+        emit(ev=kind, ep=addr, t=time.monotonic())
 
     def pick(self) -> str | None:
         with self._lock:
@@ -93,97 +77,51 @@ class Balancer:
             return list(self._list)
 
 
-def request(addr: str, timeout: float) -> tuple[str, bool, str]:
-    """(outcome kind, connected?, detail) of one GET / to addr."""
-    host, _, port = addr.rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    connected = False
-    try:
-        conn.connect()
-        connected = True
-        conn.request("GET", "/", headers={"Connection": "close"})
-        resp = conn.getresponse()
-        resp.read()
-        if resp.status >= 500:
-            return "http5xx", connected, str(resp.status)
-        return "ok", connected, ""
-    except ConnectionRefusedError:
-        return "refused", connected, ""
-    except (ConnectionResetError, BrokenPipeError) as exc:  # RemoteDisconnected is one
-        return "reset", connected, type(exc).__name__
-    except TimeoutError:
-        return "timeout", connected, ""
-    except http.client.HTTPException as exc:
-        return "protocol", connected, type(exc).__name__
-    except OSError as exc:
-        return "other", connected, errno.errorcode.get(exc.errno or 0, repr(exc))
-    finally:
-        conn.close()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--etcd", required=True, help="the ONE member this consumer reads")
-    parser.add_argument("--prefix", default="/services/web/")
+    parser.add_argument("--registry", choices=["etcd", "zookeeper", "consul"], required=True)
+    parser.add_argument("--target", required=True, help="the ONE member this consumer reads")
+    parser.add_argument("--service", default="web")
+    parser.add_argument("--client", choices=["per-request", "keepalive"], default="per-request")
     parser.add_argument("--out", required=True)
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--timeout", type=float, default=2.0)
-    parser.add_argument("--threads", type=int, default=32)
-    parser.add_argument("--max-seconds", type=float, default=300.0)
+    parser.add_argument("--threads", type=int, default=64)
+    parser.add_argument("--max-seconds", type=float, default=600.0)
     args = parser.parse_args()
     began = time.monotonic()
 
-    parts = urlsplit(args.etcd)
-    client = etcd3gw.Etcd3Client(host=parts.hostname, port=parts.port, timeout=5)
-    prefix = args.prefix.encode()
     balancer = Balancer()
-    listing = client.post(client.get_url("/kv/range"), json={
-        "key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "serializable": True})
-    for kv in listing.get("kvs", []):
-        balancer.put(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", "")))
-    revision = int(listing["header"]["revision"])
-    events, cancel = client.watch_prefix(prefix, start_revision=revision + 1)
+    discovery = watcher(args.registry, args.target, args.service, balancer.changed,
+                        lambda msg: emit(ev="error", what=msg, t=time.monotonic()))
+    discovery.start()
+    emit(ev="ready", t=time.monotonic(), endpoints=balancer.snapshot())
 
-    def watch() -> None:
-        try:
-            for event in events:
-                kv = event["kv"]
-                if event.get("type") == "DELETE":
-                    addr = balancer.delete(kv["key"])
-                    if addr:
-                        emit(ev="del", ep=addr, t=time.monotonic(),
-                             rev=int(kv.get("mod_revision", 0)))
-                else:
-                    addr = balancer.put(kv["key"], kv.get("value", b""))
-                    if addr:
-                        emit(ev="add", ep=addr, t=time.monotonic(),
-                             rev=int(kv.get("mod_revision", 0)))
-        except Exception as exc:  # noqa: BLE001 - reported; the bench fails on it
-            emit(ev="error", what=f"watch ended: {exc!r}", t=time.monotonic())
-
-    threading.Thread(target=watch, name="watch", daemon=True).start()
-    emit(ev="ready", t=time.monotonic(), endpoints=balancer.snapshot(), revision=revision)
-
-    records: list[tuple] = []  # (t_sched, t_start, t_end, addr, kind, connected, detail)
+    client = PerRequest(args.timeout) if args.client == "per-request" else KeepAlive(args.timeout)
+    records: list[tuple] = []
+    counts = {"sent": 0, "failed": 0}
+    counts_lock = threading.Lock()
     pool = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="req")
     go, stop = threading.Event(), threading.Event()
 
-    def one(t_sched: float) -> None:
+    def one(t_due: float) -> None:
         t_start = time.monotonic()
         addr = balancer.pick()
         if addr is None:
-            records.append((t_sched, t_start, t_start, None, "noendpoint", False, ""))
-            return
-        kind, connected, detail = request(addr, args.timeout)
-        records.append((t_sched, t_start, time.monotonic(), addr, kind, connected, detail))
+            rec = (t_due, t_start, t_start, None, "no_instance", False, "")
+        else:
+            kind, flag, detail = client.request(addr)
+            rec = (t_due, t_start, time.monotonic(), addr, kind, flag, detail)
+        records.append(rec)
+        with counts_lock:
+            counts["failed"] += rec[4] != "ok"
 
     behind = [0]
 
     def dispatch() -> None:
         interval = 1.0 / args.rate
         next_t = time.monotonic()
-        limit = int(args.rate * args.max_seconds) + 1
-        for _ in range(limit):
+        for _ in range(int(args.rate * args.max_seconds) + 1):
             if stop.is_set():
                 return
             now = time.monotonic()
@@ -194,7 +132,14 @@ def main() -> int:
                 behind[0] += 1
                 next_t = now
             pool.submit(one, next_t)
+            with counts_lock:
+                counts["sent"] += 1
             next_t += interval
+
+    def report() -> None:
+        while not stop.wait(1.0):
+            with counts_lock:
+                emit(ev="count", t=time.monotonic(), **counts)
 
     def stdin_reader() -> None:
         for line in sys.stdin:
@@ -207,24 +152,27 @@ def main() -> int:
         go.set()
 
     threading.Thread(target=stdin_reader, name="stdin", daemon=True).start()
-    remaining = args.max_seconds - (time.monotonic() - began)
-    go.wait(max(remaining, 0))
+    go.wait(max(args.max_seconds - (time.monotonic() - began), 0))
     sender = threading.Thread(target=dispatch, name="dispatch", daemon=True)
     if not stop.is_set():
         sender.start()
+        threading.Thread(target=report, name="count", daemon=True).start()
     stop.wait(max(args.max_seconds - (time.monotonic() - began), 0))
     stop.set()
     if sender.is_alive():
         sender.join(1.0)
     pool.shutdown(wait=True)  # each request is bounded by --timeout
-    cancel()
+    discovery.stop()
+    client.close()
     with open(args.out, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in records)
     kinds: dict[str, int] = {}
     for r in records:
         kinds[r[4]] = kinds.get(r[4], 0) + 1
-    emit(ev="done", t=time.monotonic(), sent=len(records), kinds=kinds, fell_behind=behind[0])
+    extra = {"opened": client.opened, "dropped": client.dropped} \
+        if isinstance(client, KeepAlive) else {}
+    emit(ev="done", t=time.monotonic(), sent=len(records), kinds=kinds,
+         fell_behind=behind[0], **extra)
     return 0
 
 

@@ -1,0 +1,102 @@
+"""bench/apps/consumer.py as a subprocess, and its view as it reports it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .pods import APPS, PY
+from .registries import SERVICE, Registry
+
+CLIENTS = ("per-request", "keepalive")
+
+
+class Consumer:
+    def __init__(self, client: str, registry: Registry, out: Path, rate: float,
+                 max_seconds: float):
+        self.client = client
+        self.out = out
+        self.endpoints: set[str] = set()
+        self.errors: list[str] = []
+        self.sent = 0
+        self.failed = 0
+        self.done: dict | None = None
+        self._stop_sent = False
+        self._ready = threading.Event()
+        self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._stderr = open(out.with_suffix(".err"), "w")
+        self.proc = subprocess.Popen(
+            [PY, str(APPS / "consumer.py"), "--registry", registry.name,
+             "--target", registry.consumer_target(), "--service", SERVICE, "--client", client,
+             "--out", str(out), "--rate", f"{rate:g}", "--max-seconds", f"{max_seconds:g}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            text=True, start_new_session=True)
+        threading.Thread(target=self._read, daemon=True, name=f"consumer-{client}").start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            ev = msg.get("ev")
+            with self._lock:
+                if ev == "ready":
+                    self.endpoints = set(msg["endpoints"])
+                    self._ready.set()
+                elif ev == "add":
+                    self.endpoints.add(msg["ep"])
+                elif ev == "del":
+                    self.endpoints.discard(msg["ep"])
+                elif ev == "count":
+                    self.sent, self.failed = msg["sent"], msg["failed"]
+                elif ev == "error":
+                    self.errors.append(msg["what"])
+                elif ev == "done":
+                    self.done = msg
+        self._finished.set()
+
+    def wait_ready(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                err = self.out.with_suffix(".err").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the {self.client} consumer did not start:\n{err}")
+
+    def lists(self, addr: str) -> bool:
+        if self.errors:
+            raise RuntimeError(f"{self.client} consumer: {self.errors[0]}")
+        with self._lock:
+            return addr in self.endpoints
+
+    def request_stop(self) -> None:
+        if not self._stop_sent:
+            self._stop_sent = True
+            self.command("stop")
+
+    def command(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self, timeout: float = 30.0) -> list[list]:
+        """End the traffic (if request_stop() did not already); every request it made."""
+        self.request_stop()
+        if not self._finished.wait(timeout):
+            raise RuntimeError(f"the {self.client} consumer did not finish in time")
+        self.proc.wait(5)
+        return [json.loads(line) for line in self.out.read_text().splitlines()]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            print(f"consumer {self.proc.pid} did not die", file=sys.stderr)
+        self._stderr.close()
