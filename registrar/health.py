@@ -32,10 +32,12 @@ class ProbeProcesses:
 class HealthGate:
     """Runs the probe in a thread of its own until the registrar stops, the
     app exits, or ``done`` is set. Until the app first passes, it probes
-    often (from FIRST_INTERVAL, backing off to ``interval``), so that a pod
-    is registered within moments of its app listening."""
+    often (from FIRST_INTERVAL, backing off to at most UNTIL_PASSED), so
+    that a new pod is registered, and its rollout goes on, within moments of
+    its app listening."""
 
     FIRST_INTERVAL = 0.02
+    UNTIL_PASSED = 0.25
     #: Seconds between two reminders that the app has not passed yet.
     REMIND_EVERY = 30.0
 
@@ -99,7 +101,8 @@ class HealthGate:
                     remind = time.monotonic()
                     log.warning("not registered: the app has failed its health probe for %.0fs: "
                                 "%s", remind - began, self.last_failure)
-            wait = health.interval if self.passed else min(health.interval, wait * 1.5)
+            wait = health.interval if self.passed else \
+                min(health.interval, self.UNTIL_PASSED, wait * 1.5)
             if self.done.wait(wait):
                 return
 
