@@ -17,21 +17,30 @@ __all__ = ["Model", "Duration", "StrList", "parse_duration", "format_duration", 
            "show"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+#: The longest duration anything accepts: a day. Larger values (1e30 s) used
+#: to pass validation and then overflow the clock at the stop.
+MAX_DURATION = 86400.0
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$"
 
 
 def parse_duration(value: Any) -> float:
     """``"500ms"``, ``"10s"``, ``"1m"``, ``"1h"`` -> seconds; a bare
-    non-negative number is seconds."""
+    non-negative number is seconds; at most MAX_DURATION."""
+    seconds = None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _UNIT[m.group(2)]
-    raise PydanticCustomError("duration", 'expected a duration like "10s", got {got}',
-                              {"got": show(value)})
+            seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if seconds is None:
+        raise PydanticCustomError("duration", 'expected a duration like "10s", got {got}',
+                                  {"got": show(value)})
+    if not seconds <= MAX_DURATION:  # also NaN and infinity
+        raise PydanticCustomError("duration", "expected a duration of at most 24h, got {got}",
+                                  {"got": show(value)})
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -50,8 +59,8 @@ def show(value: Any) -> str:
 Duration = Annotated[float, BeforeValidator(parse_duration),
                      WithJsonSchema({"anyOf": [
                          {"type": "string", "pattern": DURATION_PATTERN},
-                         {"type": "number", "minimum": 0}],
-                         "description": 'A duration: "500ms", "10s", "1m", "1h", or seconds.',
+                         {"type": "number", "minimum": 0, "maximum": MAX_DURATION}],
+                         "description": 'A duration: "500ms", "10s", "1m", "1h", or seconds; at most 24h.',
                          "examples": ["500ms", "10s", "1m"]})]
 
 

@@ -187,3 +187,43 @@ def test_schema_rejects_what_the_loader_rejects():
 
 def test_config_error_str_is_the_line():
     assert str(ConfigError("a.b", "bad")) == "a.b: bad"
+
+
+# -- hostile files: one line and exit 2, never a traceback or gigabytes ------------------
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        refs = ", ".join([f"*a{i - 1}"] * 9)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    return "\n".join(lines) + "\nservice: {name: web, port: 8080}\nbackends: [{type: etcd}]\n" \
+        f"meta_bomb: *a{levels - 1}\n"
+
+
+HOSTILE = [
+    ("[" * 5000, "nested deeper than 32 levels (line 1)"),
+    ("".join("  " * i + "a:\n" for i in range(200)) + "  " * 200 + "1\n",
+     "nested deeper than 32 levels"),
+    (_alias_bomb(), "more than 10000 values (YAML aliases expanded)"),
+    ("x: " + "y" * (2 << 20), "larger than 1 MiB"),
+    (b"\xff\xfe\x00garbage", "not UTF-8 text (byte 0)"),
+    (yaml.safe_dump(with_("backends[0].timeout", 1e30)),
+     "backends[0].timeout: expected a duration of at most 24h"),
+    (yaml.safe_dump(with_("backends[0].ttl", 1e308)), "backends[0].ttl: expected a duration of at most 24h"),
+    (yaml.safe_dump(with_("stop.grace_period", "99999999999999999999h")),
+     "stop.grace_period: expected a duration of at most 24h"),
+    (yaml.safe_dump(with_("backends[0].ttl", float("inf"))),
+     "backends[0].ttl: expected a duration of at most 24h"),
+    (yaml.safe_dump(with_("backends[0].ttl", float("nan"))),
+     'backends[0].ttl: expected a duration like "10s"'),
+    (yaml.safe_dump(with_("control.linger", "25h")), "control.linger: expected a duration of at most 24h"),
+]
+
+
+@pytest.mark.parametrize("text,expected", HOSTILE, ids=[e[:30] for _, e in HOSTILE])
+def test_a_hostile_file_is_one_line_and_exit_2(tmp_path, capsys, text, expected):
+    path = tmp_path / "agent.yaml"
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    assert cli.main(["agent", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
