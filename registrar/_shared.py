@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from pydantic import Field, field_validator, model_validator
 
-from .errors import RegistrarError
+from .errors import MemberDown, RegistrarError, RegistryUnavailable
 from .fields import Model
 
 #: Causes worth a few words instead of a client library's paragraph.
@@ -62,7 +62,26 @@ def client_errors(what: str, classify: Classifier,
         if mapped is None:
             raise
         kind, reason = mapped
+        if kind is RegistryUnavailable and refused(exc):
+            kind = MemberDown
         raise kind(f"{what}: {scrub(reason, secrets)}") from None
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a refused TCP connection:
+    requests and urllib3 wrap ConnectionRefusedError several levels deep,
+    sometimes only in the text."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen or not isinstance(item, BaseException):
+            continue
+        seen.add(id(item))
+        if isinstance(item, ConnectionRefusedError) or "Connection refused" in str(item):
+            return True
+        todo.extend([item.__cause__, item.__context__, *item.args])
+    return False
 
 
 class TLSConfig(Model):

@@ -29,3 +29,11 @@ class RegistryUnavailable(RegistrarError):
 class RegistrationRejected(RegistrarError):
     """The registry answered and refused (bad credentials, permission denied,
     invalid entry). Retrying the same request will not help."""
+
+
+class MemberDown(RegistryUnavailable):
+    """The registry member refused the connection: nothing listens there.
+    Such a member serves no consumer either, so once a removal is committed
+    the stop sequence reports it down instead of waiting on it. A member
+    that does not answer in time is a plain RegistryUnavailable: it may
+    still be serving consumers."""

@@ -18,14 +18,15 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from ._shared import TLSConfig, client_errors, scrub, short_reason
-from .errors import ConfigError, RegistrarError, RegistrationRejected, RegistryUnavailable
+from .errors import (ConfigError, MemberDown, RegistrarError, RegistrationRejected,
+                     RegistryUnavailable)
 from .fields import Duration, Model, StrList, format_duration, read_token
 from .instance import Instance
 
 __all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Model", "Duration",
            "StrList", "read_token", "format_duration", "RegistrarError", "ConfigError",
-           "RegistryUnavailable", "RegistrationRejected", "client_errors", "short_reason",
-           "scrub"]
+           "RegistryUnavailable", "RegistrationRejected", "MemberDown", "client_errors",
+           "short_reason", "scrub"]
 
 
 class BackendConfig(Model):
@@ -52,7 +53,10 @@ class Observer(abc.ABC):
         applied the removal (its revision, zxid or index has reached
         ``since``), whatever it lists by then -- an entry there now is a
         newer registration's. Raise only ``RegistryUnavailable``: the core
-        asks again until its deadline."""
+        asks again until its deadline; raise ``MemberDown`` (a subclass)
+        when the member refused the connection (nothing listens there):
+        after a removal the core reports that observer down rather than
+        wait on it (``client_errors`` does this for a refused connection)."""
 
     def close(self) -> None:
         """Release what the observer holds (connections). Idempotent."""
