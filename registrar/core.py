@@ -46,7 +46,7 @@ class Registrar:
         self.stop_config = stop or StopConfig()
         self.clock = clock or Clock()
         self.on_fatal = on_fatal
-        self._slots = [Slot(b) for b in backends]
+        self._slots = [Slot(b, self.clock) for b in backends]
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._registration = Registration(instance, self._slots, self.heartbeat_config,
@@ -94,8 +94,9 @@ class Registrar:
 
     @property
     def registered(self) -> bool:
-        """True while registered on every backend and not stopping."""
-        return not self._stopping.is_set() and all(s.registered.is_set() for s in self._slots)
+        """True while registered on every backend and not stopping (and no
+        registration is presumed lost: see Slot.live())."""
+        return not self._stopping.is_set() and all(s.live() for s in self._slots)
 
     @property
     def stopping(self) -> bool:
@@ -139,8 +140,13 @@ class Registrar:
             return False, "not started"
         if not self.in_rotation:
             return False, f"out of rotation: {self._pause_reason}"
-        waiting = [f"{s.name}: {s.state}" + (f" ({s.last_error})" if s.last_error else "")
-                   for s in self._slots if not s.registered.is_set()]
+        waiting = []
+        for s in self._slots:
+            state = s.current_state()
+            if state == BackendState.LOST:
+                waiting.append(f"{s.name}: lost ({s.lost_reason()})")
+            elif state != BackendState.REGISTERED:
+                waiting.append(f"{s.name}: {state}" + (f" ({s.last_error})" if s.last_error else ""))
         if waiting:
             return False, "not registered on " + "; ".join(waiting)
         return True, "registered"
@@ -213,7 +219,7 @@ class Registrar:
             else "registered" if self.registered else "starting" if self._started else "idle",
             "backends": []}
         for slot in self._slots:
-            entry: dict[str, Any] = {"name": slot.name, "state": str(slot.state),
+            entry: dict[str, Any] = {"name": slot.name, "state": str(slot.current_state()),
                                      "heartbeat_failures": slot.heartbeat_failures,
                                      "repairs": slot.repairs, "last_error": slot.last_error}
             if observe:

@@ -2,7 +2,14 @@
 on every backend, the heartbeats that keep the entries alive and repair
 them, and taking the instance out of and back into rotation (the health
 gate). Every call into a backend holds that backend's lock, so a
-heartbeat's repair can never land after the stop sequence's removal."""
+heartbeat's repair can never land after the stop sequence's removal.
+
+"Registered" is never believed longer than the registry would keep the
+entry without us: each write or heartbeat that lands vouches for the entry
+until its start plus the TTL (the registry counts the TTL from when it
+received the call, never earlier), and past that the slot reads "lost"
+until a heartbeat's repair lands. A backend that learns its entry is gone
+(a ZooKeeper session expired) says so at once by clearing ``registered``."""
 from __future__ import annotations
 
 import enum
@@ -15,6 +22,7 @@ from tenacity import (Retrying, retry_if_exception_type, stop_after_delay, stop_
                       wait_exponential, wait_exponential_jitter)
 
 from ._threads import spawn
+from .clock import Clock
 from .config import HeartbeatConfig
 from .errors import RegistrarError, RegistryUnavailable
 from .fields import format_duration
@@ -29,6 +37,9 @@ class BackendState(enum.StrEnum):
     NEW = "new"
     REGISTERING = "registering"
     REGISTERED = "registered"
+    #: Registered, but nothing has landed within the TTL (or the backend
+    #: knows its entry is gone): consumers may no longer list us.
+    LOST = "lost"
     REJECTED = "rejected"
     OUT_OF_ROTATION = "out of rotation"
     STOPPING = "stopping"
@@ -39,15 +50,43 @@ class Slot:
     """The core's bookkeeping for one backend. ``lock`` serialises every
     call into the backend."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, clock: Clock | None = None):
         self.backend = backend
         self.name = backend.name
+        self.clock = clock or Clock()
         self.lock = threading.Lock()
         self.state = BackendState.NEW
+        #: Set once registered (and while in rotation); see live() for now.
         self.registered = threading.Event()
+        #: Until when (clock.now()) the last write or heartbeat that landed
+        #: vouches for the entry.
+        self.alive_until = float("-inf")
         self.last_error: str | None = None
         self.heartbeat_failures = 0
         self.repairs = 0
+
+    def landed(self, started: float) -> None:
+        """A write or heartbeat begun at ``started`` succeeded."""
+        self.alive_until = started + self.backend.ttl
+
+    def live(self) -> bool:
+        """Whether consumers list the entry, as far as we can know: registered,
+        the backend has not seen it go, and the TTL has not run out."""
+        return (self.state == BackendState.REGISTERED and self.backend.registered
+                and self.clock.now() < self.alive_until)
+
+    def current_state(self) -> BackendState:
+        """``state``, with REGISTERED read as LOST once live() is False."""
+        state = self.state
+        return BackendState.LOST if state == BackendState.REGISTERED and not self.live() else state
+
+    def lost_reason(self) -> str:
+        """Why a REGISTERED slot reads LOST (for /readyz and logs)."""
+        if not self.backend.registered:
+            return "the registry dropped the entry; repairing"
+        ago = self.clock.now() - (self.alive_until - self.backend.ttl)
+        return (f"nothing has landed for {ago:.1f}s (TTL {self.backend.ttl:g}s): the entry "
+                f"may be gone; repairing")
 
 
 class Stopping(Exception):
@@ -90,6 +129,15 @@ class Registration:
                 raise Stopping()
             return fn()
 
+    def _vouched(self, slot: Slot, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` (a register or heartbeat) noting when a call that landed began."""
+        def call() -> Any:
+            started = slot.clock.now()
+            result = fn()
+            slot.landed(started)
+            return result
+        return call
+
     # -- registering ------------------------------------------------------------
 
     def _register_loop(self, slot: Slot) -> None:
@@ -102,7 +150,7 @@ class Registration:
             before_sleep=lambda rs: self._note_failure(slot, "register", rs),
             reraise=True)
         try:
-            retrying(self.call, slot, slot.backend.register)
+            retrying(self.call, slot, self._vouched(slot, slot.backend.register))
         except Stopping:
             return
         except RegistryUnavailable:
@@ -156,14 +204,15 @@ class Registration:
             before_sleep=lambda rs: self._note_failure(slot, "heartbeat", rs, logging.DEBUG),
             reraise=True)
         try:
-            repaired = retrying(self.call, slot, slot.backend.heartbeat)
+            repaired = retrying(self.call, slot, self._vouched(slot, slot.backend.heartbeat))
         except Stopping:
             return
         except RegistrarError as exc:
             slot.heartbeat_failures += 1
             slot.last_error = str(exc)
-            log.warning("%s: heartbeat failed, next try in %s: %s", slot.name,
-                        format_duration(interval), exc)
+            lost = "" if slot.live() else f"; {slot.lost_reason()}"
+            log.warning("%s: heartbeat failed, next try in %s: %s%s", slot.name,
+                        format_duration(interval), exc, lost)
             return
         slot.last_error = None
         if repaired:
@@ -187,7 +236,7 @@ class Registration:
                 slot.backend.deregister()
                 slot.state = BackendState.OUT_OF_ROTATION
             elif not self.paused.is_set() and slot.state == BackendState.OUT_OF_ROTATION:
-                slot.backend.register()
+                self._vouched(slot, slot.backend.register)()
                 slot.state = BackendState.REGISTERED
                 slot.registered.set()
         try:

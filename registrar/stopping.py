@@ -15,7 +15,7 @@ from ._threads import settled, spawn
 from .clock import Clock, Deadline
 from .config import StopConfig
 from .connections import DrainReport
-from .errors import RegistrarError, RegistryUnavailable
+from .errors import MemberDown, RegistrarError, RegistryUnavailable
 from .instance import Instance
 from .plugin import Observer
 from .registration import BackendState, Slot
@@ -27,6 +27,14 @@ POLL_INTERVAL = 0.002
 #: Past a deadline, how long to wait for worker threads that stop by
 #: themselves at it to hand in their results.
 _HAND_IN = 0.05
+#: An observer whose member refuses connections for this long (asked at
+#: least twice) is reported down instead of awaited.
+DOWN_AFTER = 0.02
+
+
+class _Down(str):
+    """What _watch_gone returns for an observer whose member refuses
+    connections: the error, for the report."""
 
 
 class Cause(enum.Enum):
@@ -84,6 +92,9 @@ class BackendReport:
     propagation_seconds: float | None = None  # deregister() start -> last observer
     observers_confirmed: list[str] = field(default_factory=list)
     observers_unconfirmed: list[str] = field(default_factory=list)
+    #: Refused connections after the removal: nothing listens there, so
+    #: no consumer reads from them; not awaited.
+    observers_down: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cut: list[str] = field(default_factory=list)
 
@@ -109,11 +120,15 @@ class StopReport:
         """One line for logs and the preStop hook's output."""
         parts = []
         for b in self.backends:
-            n_ok, n_all = len(b.observers_confirmed), len(b.observers_confirmed) + len(b.observers_unconfirmed)
-            state = "confirmed" if b.confirmed else ("removed, unconfirmed" if b.removed else "NOT removed")
-            prop = f" in {b.propagation_seconds * 1000:.1f}ms" if b.propagation_seconds is not None else ""
+            n_ok = len(b.observers_confirmed)
+            n_all = n_ok + len(b.observers_unconfirmed) + len(b.observers_down)
+            state = ("confirmed" if b.confirmed
+                     else "removed, unconfirmed" if b.removed else "NOT removed")
+            prop = (f" in {b.propagation_seconds * 1000:.1f}ms"
+                    if b.propagation_seconds is not None else "")
+            down = f", {len(b.observers_down)} down" if b.observers_down else ""
             extra = f" ({'; '.join(b.errors + b.cut)})" if (b.errors or b.cut) else ""
-            parts.append(f"{b.name}: {state} {n_ok}/{n_all} observers{prop}{extra}")
+            parts.append(f"{b.name}: {state} {n_ok}/{n_all} observers{down}{prop}{extra}")
         head = "deregistered" if self.ok else "stop incomplete"
         return f"{head} after {self.trigger} in {self.seconds:.3f}s: " + "; ".join(parts)
 
@@ -212,10 +227,16 @@ class StopSequence:
                    for o in observers]
         last = since
         for obs, future in zip(observers, futures):
-            seen_gone_at = future.result() if settled(future, limit.remaining() + _HAND_IN / 2) else None
+            seen_gone_at = (future.result() if settled(future, limit.remaining() + _HAND_IN / 2)
+                            else None)
             if isinstance(seen_gone_at, float):
                 report.observers_confirmed.append(obs.name)
                 last = max(last, seen_gone_at)
+            elif isinstance(seen_gone_at, _Down):
+                report.observers_down.append(obs.name)
+                report.errors.append(f"{obs.name} is down: {seen_gone_at}")
+                log.warning("%s: %s refuses connections: not waiting for it (%s)", slot.name,
+                            obs.name, seen_gone_at)
             else:
                 report.observers_unconfirmed.append(obs.name)
                 if isinstance(seen_gone_at, str):
@@ -223,22 +244,39 @@ class StopSequence:
         if report.observers_unconfirmed:
             why = "deadline" if limit.at == deadline.at else "propagation_timeout"
             report.cut.append(f"propagation ({why})")
+        elif not report.observers_confirmed:
+            report.cut.append("propagation (every observer is down)")
         else:
+            # The removal is committed and every member still up has it; a
+            # member that is down serves nobody until it is back, and then
+            # it catches up from the others before it serves.
             report.confirmed = True
             report.propagation_seconds = last - since
 
-    def _watch_gone(self, observer: Observer, position: Any, limit: Deadline) -> float | str | None:
-        """When the observer stopped seeing the instance, or the last error."""
-        error = None
+    def _watch_gone(self, observer: Observer, position: Any,
+                    limit: Deadline) -> float | str | None:
+        """When the observer stopped seeing the instance, or the last error
+        (a _Down once its member has refused connections for DOWN_AFTER)."""
+        error, refused_since = None, None
         while True:
             try:
                 if not observer.sees(self.instance, since=position):
                     return self.clock.now()
-                error = None
-            except Exception as exc:  # noqa: BLE001 - keep asking until the limit
+                error, refused_since = None, None
+            except MemberDown as exc:
                 error = str(exc)
+                now = self.clock.now()
+                if refused_since is None:
+                    refused_since = now
+                elif now - refused_since >= DOWN_AFTER:
+                    return _Down(error)
+            except Exception as exc:  # noqa: BLE001 - keep asking until the limit
+                error, refused_since = str(exc), None
             if limit.expired:
                 return error
+            if refused_since is not None:
+                self.clock.sleep(limit.cap(DOWN_AFTER))
+                continue
             self.clock.sleep(limit.cap(POLL_INTERVAL))
 
 

@@ -297,3 +297,84 @@ def test_instance_defaults_come_from_the_downward_api():
     with pytest.raises(AttributeError):
         inst.port = 81  # frozen
     assert Instance("a", "b", "c", 1, tags=["t"]) == Instance("a", "b", "c", 1, tags=("t",))
+
+
+# -- the registered state tells the truth (issue 14) -------------------------------------
+
+
+def test_registered_state_is_not_believed_past_the_ttl_without_a_heartbeat():
+    from registrar.metrics import Metrics
+
+    registrar, registry = make(ttl=0.6, heartbeat=HeartbeatConfig(interval=0.1))
+    registrar.start(wait=True, timeout=5)
+    assert registrar.readiness() == (True, "registered")
+    registry.unavailable = True
+    failed_at = time.monotonic()
+    # Nothing lands any more: once the TTL has run out since the last
+    # heartbeat that did, the entry may be gone, and we must say so.
+    wait_until(lambda: not registrar.readiness()[0], 5, "readiness turns false")
+    # ... at the latest a TTL after the last heartbeat that landed began.
+    assert registrar._slots[0].alive_until <= failed_at + 0.6
+    ready, reason = registrar.readiness()
+    assert "lost" in reason and "TTL 0.6s" in reason
+    assert not registrar.registered
+    assert registrar.status(observe=False)["backends"][0]["state"] == "lost"
+    body = Metrics(registrar).render()[0].decode()
+    assert 'registrar_registered{backend="memory"} 0.0' in body
+    registry.unavailable = False
+    wait_until(lambda: registrar.readiness()[0], 5, "ready again once a heartbeat landed")
+    assert registrar.status(observe=False)["backends"][0]["state"] == "registered"
+    assert 'registrar_registered{backend="memory"} 1.0' in Metrics(registrar).render()[0].decode()
+    registrar.stop()
+
+
+def test_a_backend_that_knows_its_entry_is_gone_is_not_ready_until_the_repair():
+    registrar, registry = make(ttl=30, heartbeat=HeartbeatConfig(interval=0.2))
+    registrar.start(wait=True, timeout=5)
+    backend = registrar.backends[0]
+    registry.unavailable = True
+    backend.registered = False  # e.g. ZooKeeper: the session expired
+    assert registrar.readiness()[0] is False
+    assert "the registry dropped the entry" in registrar.readiness()[1]
+    registry.unavailable = False
+    wait_until(lambda: registrar.readiness()[0], 5, "ready once the heartbeat re-registered")
+    assert registrar.status(observe=False)["backends"][0]["repairs"] >= 1
+    registrar.stop()
+
+
+def test_a_member_that_refuses_connections_is_reported_down_not_awaited():
+    registrar, registry = make(MemoryRegistry(members=3),
+                               stop=StopConfig(grace_period=10, safety_margin=1))
+    registrar.start(wait=True, timeout=5)
+    registry.down.add(2)
+    started = time.monotonic()
+    report = registrar.stop()
+    assert time.monotonic() - started < 2  # not the 9 s budget
+    (b,) = report.backends
+    assert report.ok and b.confirmed
+    assert b.observers_down == ["memory member 2"]
+    assert len(b.observers_confirmed) == 2 and not b.observers_unconfirmed
+    assert "1 down" in report.summary() and "connection refused" in report.summary()
+
+
+def test_a_member_that_does_not_answer_is_awaited_until_the_deadline():
+    registrar, registry = make(MemoryRegistry(members=3),
+                               stop=StopConfig(grace_period=2, safety_margin=1))
+    registrar.start(wait=True, timeout=5)
+    registry.freeze(1)  # answers, but still lists us: it may be serving consumers
+    started = time.monotonic()
+    report = registrar.stop()
+    assert time.monotonic() - started >= 0.9
+    (b,) = report.backends
+    assert not report.ok and b.observers_unconfirmed == ["memory member 1"]
+    assert not b.observers_down
+
+
+def test_every_member_down_is_not_a_confirmation():
+    registrar, registry = make(MemoryRegistry(members=2))
+    registrar.start(wait=True, timeout=5)
+    registry.down.update({0, 1})
+    report = registrar.stop()
+    (b,) = report.backends
+    assert b.removed and not b.confirmed and not report.ok
+    assert "every observer is down" in report.summary()

@@ -14,7 +14,7 @@ from typing import Literal
 
 from registrar.clock import Clock
 from registrar.plugin import Backend, BackendConfig, Duration, Observer
-from registrar.errors import RegistrationRejected, RegistryUnavailable
+from registrar.errors import MemberDown, RegistrationRejected, RegistryUnavailable
 from registrar.instance import Instance
 
 
@@ -29,6 +29,7 @@ class MemoryRegistry:
         self.lock = threading.Lock()
         self.unavailable = False
         self.reject = False
+        self.down: set[int] = set()  # members that refuse connections
         self.hang = threading.Event()  # set: calls block until `release` is set
         self.release = threading.Event()
         self.calls: list[str] = []
@@ -118,6 +119,8 @@ class MemoryObserver(Observer):
         self.name = f"memory member {member}"
 
     def sees(self, instance: Instance, since: int | None = None) -> bool:
+        if self.member in self.registry.down:
+            raise MemberDown(f"{self.name}: connection refused")
         if self.registry.unavailable:
             raise RegistryUnavailable(f"{self.name} unreachable")
         return self.registry.view(self.member, instance.id) is not None
