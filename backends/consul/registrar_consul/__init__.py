@@ -267,7 +267,7 @@ class ConsulObserver(Observer):
         self._client = backend._client_for(address)
         self._lock = threading.Lock()
         self._view: tuple[int, list[dict]] = (0, [])
-        self._error: str | None = None
+        self._error: RegistryUnavailable | None = None  # the last read's, if it failed
         self._asked = 0.0
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -283,7 +283,7 @@ class ConsulObserver(Observer):
                                                     name=f"watch-{self.name}")
                     self._thread.start()
             elif self._error is not None:
-                raise RegistryUnavailable(self._error)
+                raise type(self._error)(str(self._error))  # MemberDown stays MemberDown
             index, entries = self._view
         if since is None or since.gone_index is None:
             return self.backend.lists(entries)
@@ -302,10 +302,10 @@ class ConsulObserver(Observer):
                 self._client, b.config.health_filter == "passing", stale=True, index=index),
                 b._token, b._source)
         except RegistrationRejected as exc:  # sees() must raise the transient kind only
-            self._error = str(exc)
-            raise RegistryUnavailable(str(exc)) from None
+            self._error = RegistryUnavailable(str(exc))
+            raise self._error from None
         except RegistryUnavailable as exc:
-            self._error = str(exc)
+            self._error = exc
             raise
         # Taken as it comes, even an index that went backwards (a restored
         # snapshot): the next blocking query then starts from it.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +26,9 @@ from kazoo.exceptions import (AuthFailedError, BadArgumentsError, BadVersionErro
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, KeeperState
 
-from registrar.plugin import (Backend, ConfigError, Instance, Observer, RegistrarError,
-                              RegistrationRejected, RegistryUnavailable, client_errors)
+from registrar.plugin import (Backend, ConfigError, Instance, MemberDown, Observer,
+                              RegistrarError, RegistrationRejected, RegistryUnavailable,
+                              client_errors)
 
 from ._kazoo import new_client, stop_clients, stop_in_background, wait
 from .config import (ZooKeeperAuth, ZooKeeperConfig, ZooKeeperTLS, parse_acl, read_credentials,
@@ -139,6 +141,9 @@ class ZooKeeperBackend(Backend):
         if state == KazooState.SUSPENDED:
             log.warning("%s: connection lost; the session lives on while kazoo reconnects", self.name)
         elif state == KazooState.LOST:
+            # The ephemeral node went with the session: we are not
+            # registered until the next heartbeat writes it again.
+            self.registered = False
             log.warning("%s: session expired; %s will be written again by the next "
                         "heartbeat once a new session is up", self.name, self.path)
         else:
@@ -313,6 +318,8 @@ class ZooKeeperObserver(Observer):
         timeout = self.backend.config.timeout
         end = time.monotonic() + timeout
         client, live = self.connect()
+        if not live.is_set() and _refuses(self.server, timeout):
+            raise MemberDown(f"{self.name}: connection refused")
         if not live.wait(timeout):
             raise RegistryUnavailable(f"{self.name}: no session within {timeout:g}s")
         path = self.backend.path
@@ -333,6 +340,19 @@ class ZooKeeperObserver(Observer):
         client = self._release()
         if client is not None:
             stop_clients([client], self.backend.config.timeout)
+
+
+def _refuses(server: str, timeout: float) -> bool:
+    """Whether ``server`` (host:port) refuses a TCP connection: nothing
+    listens there, so it serves no consumer either. kazoo only retries."""
+    host, _, port = server.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout, 0.25)).close()
+    except ConnectionRefusedError:
+        return True
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _session(client: KazooClient) -> int:
