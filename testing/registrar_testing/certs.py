@@ -57,16 +57,20 @@ class CertificateAuthority:
             usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         return self._issue(name, hosts, usages)
 
-    def client(self, name: str = "client") -> KeyPair:
+    def client(self, name: str = "client", common_name: bool = True) -> KeyPair:
         """A client certificate with common name ``name`` (etcd maps the CN
-        to a user when client-certificate auth is on)."""
-        return self._issue(name, (), [ExtendedKeyUsageOID.CLIENT_AUTH])
+        to a user when client-certificate auth is on). ``common_name=False``:
+        the subject is O=``name`` with no CN (etcd's JSON gateway refuses a
+        client certificate with a CN once auth is enabled)."""
+        return self._issue(name, (), [ExtendedKeyUsageOID.CLIENT_AUTH], common_name)
 
-    def _issue(self, name: str, hosts: tuple[str, ...], usages: list) -> KeyPair:
+    def _issue(self, name: str, hosts: tuple[str, ...], usages: list,
+               common_name: bool = True) -> KeyPair:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        oid = NameOID.COMMON_NAME if common_name else NameOID.ORGANIZATION_NAME
         builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .subject_name(x509.Name([x509.NameAttribute(oid, name)]))
                    .issuer_name(self._cert.subject)
                    .public_key(key.public_key())
                    .serial_number(x509.random_serial_number())

@@ -1,4 +1,6 @@
-"""A real etcd cluster (Debian's etcd 3.4) on 127.0.0.1 for tests and benchmarks."""
+"""A real etcd cluster (Debian's etcd 3.4) on 127.0.0.1 for tests and benchmarks,
+over plain HTTP by default, or over TLS (optionally requiring client
+certificates) with :class:`ServerTLS`."""
 from __future__ import annotations
 
 import atexit
@@ -9,10 +11,13 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.request
 import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import free_ports
@@ -35,19 +40,54 @@ def _supports_no_fsync() -> bool:
     return probe.returncode == 0
 
 
-def _post(endpoint: str, path: str, body: dict, timeout: float = 2.0) -> dict:
-    req = urllib.request.Request(endpoint + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS on the members' client URLs (peers stay plain HTTP on loopback).
+
+    ``cert_file``/``key_file`` is the server's certificate (valid for
+    127.0.0.1), ``ca_file`` the CA that signed it and, with
+    ``client_cert_auth``, every client certificate etcd accepts
+    (``--client-cert-auth --trusted-ca-file``; without, etcd asks for
+    none). ``client_cert_file`` and ``client_key_file`` are what the
+    launcher itself presents (health checks, :meth:`EtcdCluster.call`)
+    when client certificates are required.
+    """
+    ca_file: str
+    cert_file: str
+    key_file: str
+    client_cert_auth: bool = False
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client-side context trusting ``ca_file``, with the launcher's
+        client certificate when one is given."""
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.client_cert_file:
+            ctx.load_cert_chain(self.client_cert_file, self.client_key_file)
+        return ctx
+
+
+def _post(endpoint: str, path: str, body: dict, timeout: float = 2.0,
+          context: ssl.SSLContext | None = None, token: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = token
+    req = urllib.request.Request(endpoint + path, data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
         return json.loads(resp.read())
 
 
-def kv_get_serializable(endpoint: str, key: str | bytes,
-                        timeout: float = 2.0) -> tuple[int, bool, int | None]:
-    """This member's own view of `key`: (header revision, present, lease id or None)."""
+def kv_get_serializable(endpoint: str, key: str | bytes, timeout: float = 2.0, *,
+                        context: ssl.SSLContext | None = None,
+                        token: str | None = None) -> tuple[int, bool, int | None]:
+    """This member's own view of `key`: (header revision, present, lease id or None).
+    ``context`` for an https endpoint, ``token`` (from
+    :meth:`EtcdCluster.authenticate`) once auth is enabled."""
     raw = key.encode() if isinstance(key, str) else key
     resp = _post(endpoint, "/v3/kv/range",
-                 {"key": base64.b64encode(raw).decode(), "serializable": True}, timeout)
+                 {"key": base64.b64encode(raw).decode(), "serializable": True}, timeout,
+                 context, token)
     kvs = resp.get("kvs") or []
     # The JSON gateway omits proto3 zero values and encodes 64-bit ints as strings.
     lease = int(kvs[0].get("lease", 0)) if kvs else 0
@@ -70,7 +110,8 @@ class EtcdMember:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.cluster.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -90,11 +131,18 @@ class EtcdMember:
         ]
         if _supports_no_fsync():
             argv.append("--unsafe-no-fsync")
-        return argv
+        tls = self.cluster.tls
+        if tls:
+            argv += ["--cert-file", tls.cert_file, "--key-file", tls.key_file]
+            if tls.client_cert_auth:
+                # --trusted-ca-file alone already makes etcd demand client certificates.
+                argv += ["--client-cert-auth", "--trusted-ca-file", tls.ca_file]
+        return argv + list(self.cluster.extra_args)
 
     def healthy(self, timeout: float = 0.5) -> bool:
         try:
-            with urllib.request.urlopen(self.endpoint + "/health", timeout=timeout) as resp:
+            with urllib.request.urlopen(self.endpoint + "/health", timeout=timeout,
+                                        context=self.cluster.context) as resp:
                 return json.loads(resp.read()).get("health") == "true"
         except (OSError, ValueError):
             return False
@@ -141,14 +189,21 @@ class EtcdCluster:
     """`size` etcd members on 127.0.0.1 with free ports and data under `base_dir`.
 
     Use as a context manager, or call start() and stop(). stop() SIGKILLs every
-    member: SIGTERM to all at once can hang on leader hand-over.
+    member: SIGTERM to all at once can hang on leader hand-over. ``tls``
+    serves the client URLs over https; ``extra_args`` are added to every
+    member's command line (e.g. ``--auth-token-ttl=2``).
     """
 
-    def __init__(self, size: int, base_dir: Path):
+    def __init__(self, size: int, base_dir: Path, *, tls: ServerTLS | None = None,
+                 extra_args: Sequence[str] = ()):
         if size < 1:
             raise ValueError("size must be >= 1")
         self.size = size
         self.base_dir = Path(base_dir)
+        self.tls = tls
+        self.extra_args = tuple(extra_args)
+        #: The client-side SSL context for the members (None over plain HTTP).
+        self.context = tls.context() if tls else None
         self.token = f"registrar-{os.getpid()}-{next(_cluster_seq)}-{os.urandom(3).hex()}"
         self._layout()
 
@@ -195,12 +250,47 @@ class EtcdCluster:
             if not m.process.running:
                 continue
             try:
-                status = _post(m.endpoint, "/v3/maintenance/status", {}, timeout)
+                status = _post(m.endpoint, "/v3/maintenance/status", {}, timeout, self.context)
             except (OSError, ValueError):
                 continue
             if status.get("leader") and status["leader"] == status["header"].get("member_id"):
                 return i
         return None
+
+    def call(self, path: str, body: dict, member: int = 0, token: str | None = None,
+             timeout: float = 5.0) -> dict:
+        """One JSON gateway call (``/v3/...``) to one member, over the
+        cluster's TLS; ``token`` once auth is enabled."""
+        return _post(self.members[member].endpoint, path, body, timeout, self.context, token)
+
+    def authenticate(self, user: str, password: str, member: int = 0) -> str:
+        """A fresh auth token for ``user`` (``/v3/auth/authenticate``)."""
+        return self.call("/v3/auth/authenticate", {"name": user, "password": password},
+                         member)["token"]
+
+    def enable_auth(self, root_password: str) -> None:
+        """Add the root user (role root) and turn authentication on, as
+        ``etcdctl user add root && etcdctl auth enable`` do."""
+        self.call("/v3/auth/user/add", {"name": "root", "password": root_password})
+        self.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.call("/v3/auth/enable", {})
+
+    def add_user(self, name: str, password: str | None, prefix: str, token: str,
+                 permission: str = "READWRITE") -> None:
+        """A user with a role of the same name that may ``permission`` every
+        key under ``prefix`` (``password`` None: a user for client
+        certificates only). ``token`` is root's."""
+        body: dict = {"name": name, "password": password or ""}
+        if password is None:
+            body["options"] = {"no_password": True}
+        self.call("/v3/auth/user/add", body, token=token)
+        self.call("/v3/auth/role/add", {"name": name}, token=token)
+        start = prefix.encode()
+        end = start[:-1] + bytes([start[-1] + 1])
+        self.call("/v3/auth/role/grant", {"name": name, "perm": {
+            "permType": permission, "key": base64.b64encode(start).decode(),
+            "range_end": base64.b64encode(end).decode()}}, token=token)
+        self.call("/v3/auth/user/grant", {"user": name, "role": name}, token=token)
 
     def stop(self) -> None:
         """SIGKILL and reap every member; safe to call more than once."""
