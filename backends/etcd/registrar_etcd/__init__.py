@@ -4,21 +4,26 @@ Key ``<prefix>/<service>/<address>:<port>``, value
 ``{"Op":0,"Addr":"<address>:<port>","Metadata":{...}}`` attached to a lease,
 so gRPC-go clients using etcd's resolver (``go.etcd.io/etcd/client/v3/naming``)
 find the instance with no code of ours. Talks to etcd's JSON gateway through
-etcd3gw (``_gateway.py``), failing over between endpoints itself.
+etcd3gw (``_gateway.py``), failing over between endpoints itself, over TLS
+(``tls``) and with etcd's auth (``username`` + ``password_file`` or
+``$ETCD_PASSWORD``) where configured; the observers use the same.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+from collections.abc import Mapping
 from typing import Any
 
-from registrar.plugin import Backend, Instance, Observer
+from registrar.plugin import (Backend, Instance, Observer, RegistrationRejected,
+                              RegistryUnavailable)
 
-from ._gateway import Cluster, NotFound, b64, client, post
-from .config import EtcdConfig
+from ._gateway import Cluster, Credentials, Member, NotFound, b64
+from .config import PASSWORD_ENV, EtcdConfig, EtcdTLS, read_password
 
-__all__ = ["EtcdBackend", "EtcdConfig", "EtcdObserver"]
+__all__ = ["EtcdBackend", "EtcdConfig", "EtcdObserver", "EtcdTLS", "PASSWORD_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +34,15 @@ class EtcdBackend(Backend):
 
     config_model = EtcdConfig
 
-    def __init__(self, instance: Instance, config: EtcdConfig):
+    def __init__(self, instance: Instance, config: EtcdConfig,
+                 environ: Mapping[str, str] | None = None):
         super().__init__(instance, config)
         self.key = f"{config.prefix.rstrip('/')}/{instance.service}/{instance.hostport}"
-        self._cluster = Cluster(self.name, config.endpoints, config.timeout)
+        password = read_password(config, os.environ if environ is None else environ)
+        self._credentials = None if password is None else Credentials(
+            config.username or "", *password)
+        self._cluster = Cluster(self.name, config.endpoints, config.timeout, config.tls,
+                                self._credentials)
         self._lease: int | None = None
         self._removed_revision: int | None = None
 
@@ -128,11 +138,15 @@ class EtcdObserver(Observer):
     def __init__(self, backend: EtcdBackend, url: str):
         self.backend = backend
         self.name = f"{backend.name} {url}"
-        self._client = client(url, backend.config.timeout)
+        self._member = Member(url, backend.config.timeout, backend.config.tls,
+                              backend._credentials)
 
     def sees(self, instance: Instance, since: int | None = None) -> bool:
-        result = post(self._client, "/kv/range",
-                      {"key": b64(self.backend.key), "serializable": True, "keys_only": True})
+        try:
+            result = self._member.post("/kv/range", {"key": b64(self.backend.key),
+                                                     "serializable": True, "keys_only": True})
+        except RegistrationRejected as exc:  # the core asks again until its deadline
+            raise RegistryUnavailable(str(exc)) from None
         if since is None:
             return bool(result.get("kvs"))
         # Once this member has applied the removal's revision, whatever the
@@ -140,4 +154,4 @@ class EtcdObserver(Observer):
         return int(result["header"]["revision"]) < since
 
     def close(self) -> None:
-        self._client.session.close()
+        self._member.close()

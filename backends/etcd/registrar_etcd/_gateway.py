@@ -1,92 +1,231 @@
-"""etcd's JSON gateway through etcd3gw: one call to one member, its errors
-mapped to ours, and the failover between members that etcd3gw (which talks
-to one host) leaves to us."""
+"""etcd's JSON gateway through etcd3gw: one member's client with its TLS
+and auth token, its errors mapped to ours, and the failover between
+members that etcd3gw (which talks to one host) leaves to us.
+
+etcd3gw takes TLS files but no user: authentication is ours. A member
+gives a token for user + password (``/v3/auth/authenticate``); every call
+carries it in the ``Authorization`` header. Tokens expire ("simple" tokens
+after --auth-token-ttl, 5 min by default, without use; JWTs at a fixed
+time) and vanish when etcd restarts: on "invalid auth token" the member
+authenticates again once and repeats the call, as etcd's own Go client does.
+"""
 from __future__ import annotations
 
 import base64
 import json
 import logging
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import etcd3gw
+import requests
 from etcd3gw import exceptions as etcd_exc
 
-from registrar.plugin import (RegistrarError, RegistrationRejected, RegistryUnavailable,
+from registrar.plugin import (RegistrarError, RegistrationRejected, RegistryUnavailable, TLSConfig,
                               client_errors, short_reason)
 
 log = logging.getLogger(__name__)
 
 # gRPC status codes etcd puts in its gateway errors.
 _NOT_FOUND = 5
-_TRANSIENT = {1, 2, 4, 8, 10, 13, 14}  # cancelled, unknown, deadline, exhausted, aborted, internal, unavailable
+_PERMISSION_DENIED = 7
+# cancelled, unknown, deadline exceeded, resource exhausted, aborted, internal, unavailable
+_TRANSIENT = {1, 2, 4, 8, 10, 13, 14}
+# What etcd answers when a call needs a (new) token: the token expired or
+# etcd restarted, auth was turned on since, or the auth store changed.
+_TOKEN_ERRORS = ("invalid auth token", "user name is empty", "revision of auth store is old")
+# etcd 3.4+ with --client-cert-auth and auth on: a gateway request whose
+# client certificate has a Common Name gets a plain-text 400 with this.
+_CN_REFUSED = "CommonName of client sending a request against gateway"
 
 
 class NotFound(RegistrationRejected):
     """The lease is gone (expired or revoked)."""
 
 
-def client(url: str, timeout: float) -> etcd3gw.Etcd3Client:
-    parts = urlsplit(url)
-    return etcd3gw.Etcd3Client(host=parts.hostname, port=parts.port, protocol=parts.scheme,
-                               timeout=timeout)
+class TokenRejected(RegistrationRejected):
+    """The call needs a (new) auth token."""
+
+
+class TLSFailed(RegistrationRejected):
+    """The TLS handshake failed: certificates do not mend by retrying, but
+    another member may have a good one (the cluster tries it first)."""
+
+
+class Credentials(NamedTuple):
+    """An etcd user and its password; ``source`` says where the password
+    came from (a file, a variable) for error messages, never what it is."""
+    username: str
+    password: str
+    source: str
 
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def _classify(c: etcd3gw.Etcd3Client):
-    def classify(exc: BaseException) -> tuple[type[RegistrarError], str] | None:
+class _Session(requests.Session):
+    """requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE win over a
+    session's own ``verify`` (psf/requests#3829), so etcd3gw's ``ca_cert``
+    (it sets ``session.verify``) is ignored wherever those are set, as in
+    many images. Here the session's setting wins; with no ``tls.ca_file``
+    (verify True) the environment's bundle still applies."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore
+        return super().merge_environment_settings(
+            url, proxies, stream, self.verify if verify is None else verify, cert)
+
+
+def _session(tls: TLSConfig | None) -> requests.Session:
+    session = _Session()
+    if tls is not None:
+        session.verify = (tls.ca_file or True) if tls.verify else False
+        if tls.cert_file:
+            session.cert = (tls.cert_file, tls.key_file) if tls.key_file else tls.cert_file
+    return session
+
+
+def _tls_reason(text: str) -> str:
+    if "WRONG_VERSION_NUMBER" in text:
+        return "TLS handshake failed: the server does not speak TLS (an http:// endpoint?)"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return ("TLS: certificate verify failed: the server's certificate is not signed by "
+                "the CA in tls.ca_file (or the system's bundle), or does not name this host")
+    if "EOF occurred" in text or "ALERT" in text.upper():
+        return ("TLS handshake failed: the server refused our client certificate (it needs "
+                "tls.cert_file signed by a CA it trusts)")
+    return short_reason(text)
+
+
+class Member:
+    """One member: an etcd3gw client over our session, and its auth token."""
+
+    def __init__(self, url: str, timeout: float, tls: TLSConfig | None = None,
+                 credentials: Credentials | None = None):
+        parts = urlsplit(url)
+        self.url = url
+        self.client = etcd3gw.Etcd3Client(host=parts.hostname, port=parts.port,
+                                          protocol=parts.scheme, timeout=timeout,
+                                          session=_session(tls))
+        self.credentials = credentials
+        self._token: str | None = None
+        self._auth_off = False  # the member said auth is not enabled
+
+    @property
+    def secrets(self) -> list[str | None]:
+        return [self.credentials.password if self.credentials else None, self._token]
+
+    def post(self, path: str, payload: dict) -> dict:
+        """One gateway call, authenticating first (or again once, if the
+        token is rejected) when credentials are configured."""
+        if self.credentials and self._token is None and not self._auth_off:
+            self._authenticate()
+        try:
+            return self._post(path, payload)
+        except TokenRejected as exc:
+            if not self.credentials:
+                raise RegistrationRejected(
+                    f"{self.url}: etcd requires authentication: configure username and "
+                    f"password_file (or $ETCD_PASSWORD)") from None
+            log.debug("%s: %s; authenticating again as %s", self.url, exc,
+                      self.credentials.username)
+            self._auth_off = False
+            self._authenticate()
+            return self._post(path, payload)
+
+    def _post(self, path: str, payload: dict) -> dict:
+        c = self.client
+        with client_errors(c.base_url, self._classify, secrets=self.secrets):
+            return c.post(c.get_url(path), json=payload)
+
+    def _authenticate(self) -> None:
+        assert self.credentials is not None
+        user, password, source = self.credentials
+        self._token = None
+        self.client.session.headers.pop("Authorization", None)
+        try:
+            result = self._post("/auth/authenticate", {"name": user, "password": password})
+        except RegistrationRejected as exc:
+            if "authentication is not enabled" in str(exc):
+                # Credentials given ahead of `etcdctl auth enable`: go on
+                # without a token until etcd asks for one.
+                log.info("%s: auth is not enabled on this member; not sending a token", self.url)
+                self._auth_off = True
+                return
+            if "invalid user ID or password" in str(exc):
+                raise RegistrationRejected(
+                    f"{self.url}: authentication failed for user {user!r}: unknown user or "
+                    f"wrong password (from {source})") from None
+            raise
+        self._token = result["token"]
+        self.client.session.headers["Authorization"] = self._token
+
+    def _classify(self, exc: BaseException) -> tuple[type[RegistrarError], str] | None:
+        c = self.client
         if isinstance(exc, etcd_exc.ConnectionTimeoutError):
             return RegistryUnavailable, f"no answer within {c.timeout}s"
         if isinstance(exc, etcd_exc.ConnectionFailedError):
-            return RegistryUnavailable, short_reason(exc.detail_text or str(exc))
+            text = exc.detail_text or str(exc)
+            if "SSLError" in text or "SSL:" in text:
+                return TLSFailed, _tls_reason(text)
+            return RegistryUnavailable, short_reason(text)
         if not isinstance(exc, etcd_exc.Etcd3Exception):
             return None
+        text = exc.detail_text or str(exc)
+        if _CN_REFUSED in text:
+            return RegistrationRejected, (
+                "etcd's JSON gateway refuses a client certificate with a Common Name while "
+                "auth is enabled: use a certificate without CN and username + password_file")
         try:
-            detail = json.loads(exc.detail_text or "{}")
+            detail = json.loads(text or "{}")
         except ValueError:
             detail = {}
-        code, message = detail.get("code"), detail.get("message") or exc.detail_text or str(exc)
+        code = detail.get("code") if isinstance(detail, dict) else None
+        message = (detail.get("message") if isinstance(detail, dict) else None) or text
+        if any(needle in message for needle in _TOKEN_ERRORS):
+            return TokenRejected, message
         if code == _NOT_FOUND:
             return NotFound, message
+        if code == _PERMISSION_DENIED and self.credentials:
+            return RegistrationRejected, (f"{message} (user {self.credentials.username!r}: "
+                                          f"its roles must allow readwrite on the prefix)")
         if code in _TRANSIENT or code is None:
             return RegistryUnavailable, message
         return RegistrationRejected, message
-    return classify
 
-
-def post(c: etcd3gw.Etcd3Client, path: str, payload: dict) -> dict:
-    """One gateway call to one member, with errors mapped to ours."""
-    with client_errors(c.base_url, _classify(c)):
-        return c.post(c.get_url(path), json=payload)
+    def close(self) -> None:
+        self.client.session.close()
 
 
 class Cluster:
     """Every member's client; a call goes to the member that answered last
     and fails over to the next while one is unreachable."""
 
-    def __init__(self, name: str, endpoints: list[str], timeout: float):
+    def __init__(self, name: str, endpoints: list[str], timeout: float,
+                 tls: TLSConfig | None = None, credentials: Credentials | None = None):
         self.name = name
         self.endpoints = endpoints
-        self.clients = [client(url, timeout) for url in endpoints]
+        self.members = [Member(url, timeout, tls, credentials) for url in endpoints]
         self.current = 0
 
     def call(self, path: str, payload: dict) -> dict:
-        errors = []
-        for step in range(len(self.clients)):
-            index = (self.current + step) % len(self.clients)
+        errors: list[RegistrarError] = []
+        for step in range(len(self.members)):
+            index = (self.current + step) % len(self.members)
             try:
-                result = post(self.clients[index], path, payload)
-            except RegistryUnavailable as exc:
-                errors.append(str(exc))
+                result = self.members[index].post(path, payload)
+            except (RegistryUnavailable, TLSFailed) as exc:
+                errors.append(exc)
                 continue
             if index != self.current:
                 log.info("%s: now using %s", self.name, self.endpoints[index])
                 self.current = index
             return result
-        raise RegistryUnavailable("no etcd endpoint answered: " + "; ".join(errors))
+        if all(isinstance(exc, TLSFailed) for exc in errors):
+            raise errors[0] if len(errors) == 1 else TLSFailed(
+                f"TLS failed with every etcd endpoint: {errors[0]}")
+        raise RegistryUnavailable("no etcd endpoint answered: " + "; ".join(map(str, errors)))
 
     def close(self) -> None:
-        for c in self.clients:
-            c.session.close()
+        for member in self.members:
+            member.close()
