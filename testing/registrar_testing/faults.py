@@ -27,13 +27,17 @@ class Blackhole:
     The rule lives in an nftables table of its own (family inet, chain on the
     `output` hook), deleted again on exit; nothing else in the ruleset is touched.
     mode="drop": connects and requests time out; mode="reject": connection refused/reset.
+    With ``gid``, only sockets of processes running with that group id are
+    cut off (start the process under test with ``Popen(group=gid)``): the
+    test's own reads of the same servers go through.
     """
 
-    def __init__(self, port: int | Iterable[int], mode: str = "drop"):
+    def __init__(self, port: int | Iterable[int], mode: str = "drop", gid: int | None = None):
         if mode not in ("drop", "reject"):
             raise ValueError(f"mode must be 'drop' or 'reject', not {mode!r}")
         self.ports = [port] if isinstance(port, int) else list(port)
         self.mode = mode
+        self.gid = gid
         self.table = f"{_TABLE_PREFIX}{os.getpid()}_{next(_seq)}"
         self.active = False
 
@@ -63,16 +67,18 @@ class Blackhole:
     def add(self) -> None:
         verdict = "drop" if self.mode == "drop" else "reject with tcp reset"
         ports = ", ".join(str(p) for p in self.ports)
+        match = "" if self.gid is None else f"meta skgid {self.gid} "
         res = _nft("-f", "-", stdin=(
             f"table inet {self.table} {{\n"
             f"  chain out {{\n"
             f"    type filter hook output priority 0; policy accept;\n"
-            f"    ip daddr 127.0.0.1 tcp dport {{ {ports} }} {verdict}\n"
+            f"    {match}ip daddr 127.0.0.1 tcp dport {{ {ports} }} {verdict}\n"
             f"  }}\n}}\n"))
         if res.returncode != 0:
             raise RuntimeError(f"nft could not add table {self.table}: {res.stderr.strip()}")
         self.active = True
-        log.info("blackhole %s: %s tcp to 127.0.0.1 port(s) %s", self.table, self.mode, ports)
+        log.info("blackhole %s: %s tcp to 127.0.0.1 port(s) %s%s", self.table, self.mode, ports,
+                 "" if self.gid is None else f" from gid {self.gid}")
 
     def remove(self) -> None:
         if not self.active:
