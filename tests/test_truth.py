@@ -11,77 +11,22 @@ the TTL, and SIGSTOP past the TTL (for ZooKeeper that also expires the
 session: the server drops it while the agent is frozen)."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import pytest
-import yaml
 
 from registrar_testing import free_port, wait_until
-from registrar_testing.consul import passing_ids
-from registrar_testing.etcd import kv_get_serializable
+from registrar_testing.agents import (AGENT_GID, Agent, ReadySampler, Setup, consul_setup,
+                                      etcd_setup, port_of, zookeeper_setup)
 from registrar_testing.faults import Blackhole
 from registrar_testing.zookeeper import ServerViews
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Blackhole.available(), reason="needs nftables as root")]
 
-#: The agent's group id: what the nftables rules match.
-AGENT_GID = 4714
 TTL = 3.0
-POD_IP = "10.20.30.40"
-
-
-def port_of(address: str) -> int:
-    if "://" not in address:
-        address = "tcp://" + address
-    return urlsplit(address).port
-
-
-@dataclass
-class Setup:
-    """One registry as this module uses it: the backend section, the ports
-    the agent talks to, and whether any member lists the entry."""
-    name: str
-    backend: dict
-    ports: list[int]
-    listed: object  # () -> bool
-    members: list[str] = field(default_factory=list)
-
-
-def etcd_setup(cluster, service: str) -> Setup:
-    key = f"/services/{service}/{POD_IP}:8080"
-    return Setup("etcd", {"type": "etcd", "endpoints": cluster.endpoints, "ttl": f"{TTL:g}s",
-                          "timeout": "1s"},
-                 [port_of(e) for e in cluster.endpoints],
-                 lambda: any(kv_get_serializable(e, key, timeout=1)[1] for e in cluster.endpoints),
-                 list(cluster.endpoints))
-
-
-def zookeeper_setup(ensemble, service: str, views: ServerViews) -> Setup:
-    path = f"/services/{service}/truth-pod"
-    return Setup("zookeeper", {"type": "zookeeper", "hosts": ensemble.hosts,
-                               "session_timeout": f"{TTL:g}s", "timeout": "1s"},
-                 [port_of(h) for h in ensemble.hosts],
-                 lambda: any(views.exists(path)), list(ensemble.hosts))
-
-
-def consul_setup(cluster, service: str) -> Setup:
-    return Setup("consul", {"type": "consul", "address": cluster.client_addr,
-                            "observers": cluster.server_addrs, "ttl": f"{TTL:g}s",
-                            "timeout": "1s"},
-                 [port_of(a) for a in [cluster.client_addr, *cluster.server_addrs]],
-                 lambda: any("truth-pod" in passing_ids(a, service) for a in cluster.server_addrs),
-                 list(cluster.server_addrs))
 
 
 @pytest.fixture
@@ -106,103 +51,12 @@ def setup(request, service):
     return consul_setup(request.getfixturevalue("consul_cluster"), service)
 
 
-class Agent:
-    """`registrar agent` under AGENT_GID, its log in a file."""
-
-    def __init__(self, tmp_path, service: str, backend: dict, **stop):
-        self.control = f"127.0.0.1:{free_port()}"
-        config = tmp_path / "agent.yaml"
-        config.write_text(yaml.safe_dump({
-            "service": {"name": service, "port": 8080},
-            "backends": [backend],
-            "stop": {"grace_period": "10s", "safety_margin": "1s", **stop},
-            "control": {"listen": self.control},
-            "health": False,  # no app here: register at once
-        }))
-        self.log_path = tmp_path / "agent.log"
-        env = {**os.environ, "POD_NAME": "truth-pod", "POD_IP": POD_IP}
-        for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN"):
-            env.pop(name, None)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "registrar", "agent", "--config", str(config)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                group=AGENT_GID)
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def readyz(self, timeout: float = 0.3) -> int | None:
-        try:
-            with urllib.request.urlopen(f"http://{self.control}/readyz", timeout=timeout) as r:
-                return r.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return None  # frozen, or not up yet
-
-    def terminate(self, timeout: float = 15) -> float:
-        """SIGTERM; seconds until it exited."""
-        began = time.monotonic()
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=timeout)
-        return time.monotonic() - began
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def agents():
     started: list[Agent] = []
     yield started
     for agent in started:
         agent.kill()
-
-
-class Sampler:
-    """Every 50 ms: listed?, /readyz, listed? A violation is a 200 with no
-    member listing the entry on both sides of it."""
-
-    def __init__(self, agent: Agent, listed):
-        self.agent, self.listed = agent, listed
-        self.samples: list[tuple[float, bool, int | None, bool]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _listed(self) -> bool | None:
-        try:
-            return bool(self.listed())
-        except Exception:  # noqa: BLE001 - a read that failed proves nothing
-            return None
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            before = self._listed()
-            code = self.agent.readyz()
-            after = self._listed()
-            self.samples.append((time.monotonic(), before is not False, code, after is not False))
-
-    def __enter__(self) -> "Sampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def violations(self) -> list:
-        return [s for s in self.samples if s[2] == 200 and not s[1] and not s[3]]
-
-    def saw_unlisted(self) -> bool:
-        """Whether some sample found no member listing the entry (on either
-        side of an answer that was not 200: no answer while frozen counts)."""
-        return any((not s[1] or not s[3]) and s[2] != 200 for s in self.samples)
 
 
 def _start(tmp_path, setup: Setup, service: str, agents: list) -> Agent:
@@ -213,7 +67,7 @@ def _start(tmp_path, setup: Setup, service: str, agents: list) -> Agent:
     return agent
 
 
-def _ride_out(sampler: Sampler, agent: Agent, setup: Setup, fault_seconds: float) -> None:
+def _ride_out(sampler: ReadySampler, agent: Agent, setup: Setup, fault_seconds: float) -> None:
     """After a fault: ready and listed again (the repair landed), and no
     sample ever said ready while nothing listed us."""
     wait_until(lambda: agent.readyz() == 200 and setup.listed(), 20,
@@ -230,7 +84,7 @@ def _ride_out(sampler: Sampler, agent: Agent, setup: Setup, fault_seconds: float
 
 def test_partitioned_from_every_member_past_the_ttl(tmp_path, setup, service, agents):
     agent = _start(tmp_path, setup, service, agents)
-    with Sampler(agent, setup.listed) as sampler:
+    with ReadySampler(agent, setup.listed) as sampler:
         with Blackhole(setup.ports, mode="drop", gid=AGENT_GID):
             began = time.monotonic()
             wait_until(lambda: not setup.listed(), TTL + 10, "the entry expired", interval=0.05)
@@ -244,7 +98,7 @@ def test_partitioned_from_every_member_past_the_ttl(tmp_path, setup, service, ag
 
 def test_frozen_past_the_ttl(tmp_path, setup, service, agents):
     agent = _start(tmp_path, setup, service, agents)
-    with Sampler(agent, setup.listed) as sampler:
+    with ReadySampler(agent, setup.listed) as sampler:
         agent.proc.send_signal(signal.SIGSTOP)
         began = time.monotonic()
         try:
