@@ -608,10 +608,10 @@ def test_tls_with_ca_and_client_certificate(tls_agent, instance):
     finally:
         backend.close()
     unverified = make(url, instance, tls={**tls, "ca_file": None})
-    with pytest.raises(RegistryUnavailable, match="certificate verify failed"):
+    with pytest.raises(RegistrationRejected, match="certificate verify failed"):
         unverified.register()
     unverified.close()
     no_client_cert = make(url, instance, tls={"ca_file": tls["ca_file"]})
-    with pytest.raises(RegistryUnavailable):
+    with pytest.raises(RegistrationRejected, match="refused our client certificate"):
         no_client_cert.register()
     no_client_cert.close()

@@ -1,5 +1,6 @@
 """Real Consul agents on 127.0.0.1 for tests and benchmarks: one `-dev`
-agent, or a cluster of servers and client agents with optional ACLs; and
+agent, or a cluster of servers and client agents with optional ACLs and TLS
+(HTTPS only, client certificates required, RPC verified both ways); and
 passing_ids(), a server's own view of a service."""
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 
 from . import free_ports, wait_until
 from .process import ServerProcess
+
+if TYPE_CHECKING:
+    from .certs import CertificateAuthority
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +44,36 @@ def consul_binary() -> str:
                             f"run scripts/install-consul.sh to fetch Consul {CONSUL_VERSION}")
 
 
-def passing_ids(addr: str, service: str, token: str | None = None) -> set[str]:
+def passing_ids(addr: str, service: str, token: str | None = None, *,
+                verify: bool | str = True, cert: tuple[str, str] | None = None) -> set[str]:
     """The instance ids a server's own replica lists as passing (what a
-    consumer of ?passing&stale gets from it), read without the backend."""
+    consumer of ?passing&stale gets from it), read without the backend.
+    ``verify`` and ``cert`` are requests' (a TLS cluster's ``tls_args``)."""
     headers = {"X-Consul-Token": token} if token else {}
     r = requests.get(f"{addr}/v1/health/service/{service}", params={"passing": "", "stale": ""},
-                     headers=headers, timeout=2)
+                     headers=headers, timeout=2, verify=verify, cert=cert)
     r.raise_for_status()
     return {entry["Service"]["ID"] for entry in r.json()}
 
 
 class ConsulAgent:
     """One consul agent process with its own ports and data dir; `token`
-    (the management token, if ACLs are on) is sent by request()/get()."""
+    (the management token, if ACLs are on) is sent by request()/get().
+    With ``tls`` (requests' ``verify`` and ``cert`` arguments) the port
+    serves HTTPS and `http_addr` is an https:// address."""
 
     def __init__(self, name: str, workdir: Path, argv: list[str], http_port: int,
-                 token: str | None = None):
+                 token: str | None = None, tls: dict | None = None):
         self.name = name
-        self.http_addr = f"http://127.0.0.1:{http_port}"
+        self.tls_args = dict(tls or {})
+        self.http_addr = f"{'https' if tls else 'http'}://127.0.0.1:{http_port}"
         self.process = ServerProcess(name, argv, workdir)
         self.token = token
 
     def request(self, method: str, path: str, **kwargs) -> requests.Response:
         headers = {"X-Consul-Token": self.token} if self.token else {}
-        r = requests.request(method, self.http_addr + path, headers=headers, timeout=5, **kwargs)
+        r = requests.request(method, self.http_addr + path, headers=headers, timeout=5,
+                             **self.tls_args, **kwargs)
         if not r.ok:
             raise requests.HTTPError(f"{method} {self.http_addr}{path}: {r.status_code} "
                                      f"{r.text.strip()[:200]}", response=r)
@@ -87,7 +98,7 @@ class ConsulAgent:
         # and their behaviour do not flip at the same moment: check both.
         if self.get("/v1/agent/self").json()["Member"]["Tags"].get("acls") != "1":
             return False
-        r = requests.get(self.http_addr + "/v1/agent/self", timeout=5)
+        r = requests.get(self.http_addr + "/v1/agent/self", timeout=5, **self.tls_args)
         return r.status_code == 403 and "Permission denied" in r.text
 
     def start(self) -> None:
@@ -168,13 +179,38 @@ class ConsulCluster(_Agents):
     """`servers` Consul servers (-bootstrap-expect=servers) and `clients`
     client agents, each with its own ports and data dir. With acl=True, ACLs
     default to deny, `.management_token` is the master (global-management)
-    token and `.agent_token` the agents' own (node write, service read)."""
+    token and `.agent_token` the agents' own (node write, service read).
+
+    With ``tls`` (a CertificateAuthority), every agent serves its API over
+    HTTPS only (no plain HTTP port), requires a client certificate signed by
+    that CA (verify_incoming), and RPC between agents is TLS verified both
+    ways, server names included (server certificates name
+    ``server.<dc>.consul``). `.ca_file` is the CA, `.tls_args` the
+    ``verify``/``cert`` arguments requests needs (a client certificate of
+    the launcher's own)."""
 
     def __init__(self, base_dir: Path | str, servers: int = 3, clients: int = 1,
-                 acl: bool = False):
+                 acl: bool = False, tls: CertificateAuthority | None = None,
+                 datacenter: str = "dc1"):
         binary = consul_binary()
+        self.datacenter = datacenter
         self.management_token = str(uuid.uuid4()) if acl else None
         self.agent_token = str(uuid.uuid4()) if acl else None
+        self.ca_file: str | None = None
+        self.tls_args: dict = {}
+        tls_files: dict[bool, dict] = {}
+        if tls is not None:
+            self.ca_file = tls.ca_file
+            launcher = tls.client("consul-launcher")
+            self.tls_args = {"verify": tls.ca_file, "cert": (launcher.cert_file, launcher.key_file)}
+            for is_server, role in ((True, "server"), (False, "client")):
+                # One certificate per role, used both ways (HTTPS and RPC).
+                pair = tls.server(f"consul-{role}", hosts=(
+                    "127.0.0.1", "localhost", f"{role}.{datacenter}.consul"))
+                tls_files[is_server] = {
+                    "ca_file": tls.ca_file, "cert_file": pair.cert_file,
+                    "key_file": pair.key_file, "verify_incoming": True,
+                    "verify_outgoing": True, "verify_server_hostname": True}
         names = [(f"consul-server-{i}", True) for i in range(servers)] + \
                 [(f"consul-client-{i}", False) for i in range(clients)]
         ports = iter(free_ports(4 * len(names)))
@@ -186,10 +222,13 @@ class ConsulCluster(_Agents):
         for name, is_server in names:
             workdir = Path(base_dir) / name
             own_lan = f"127.0.0.1:{port_map[name]['serf_lan']}"
+            agent_ports = {**port_map[name], "dns": -1, "grpc": -1, "https": -1}
+            if tls is not None:  # the API on HTTPS only, on the port HTTP had
+                agent_ports["https"], agent_ports["http"] = agent_ports["http"], -1
             config = {
-                "node_name": name, "datacenter": "dc1", "data_dir": str(workdir / "data"),
+                "node_name": name, "datacenter": datacenter, "data_dir": str(workdir / "data"),
                 "server": is_server, "bind_addr": "127.0.0.1", "client_addr": "127.0.0.1",
-                "ports": {**port_map[name], "dns": -1, "grpc": -1, "https": -1},
+                "ports": agent_ports,
                 "retry_join": [a for a in server_lan if a != own_lan],
                 # The default 30 s would stall agents started before their peers listen.
                 "retry_interval": "200ms",
@@ -203,6 +242,7 @@ class ConsulCluster(_Agents):
             }
             if is_server:
                 config["bootstrap_expect"] = servers
+            config.update(tls_files.get(is_server, {}))
             if acl:
                 # Client agents cache token lookups, "not found" included, for
                 # token_ttl (default 30 s): a token revoked, or used before
@@ -215,7 +255,8 @@ class ConsulCluster(_Agents):
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "config.json").write_text(json.dumps(config, indent=2))
             argv = [binary, "agent", f"-config-file={workdir / 'config.json'}"]
-            agent = ConsulAgent(name, workdir, argv, port_map[name]["http"], self.management_token)
+            agent = ConsulAgent(name, workdir, argv, port_map[name]["http"], self.management_token,
+                                self.tls_args or None)
             (self.servers if is_server else self.clients).append(agent)
         self.agents = self.servers + self.clients
 
@@ -261,7 +302,7 @@ class ConsulCluster(_Agents):
         secret = srv.request("PUT", "/v1/acl/token", json=body).json()["SecretID"]
         wait_until(lambda: all(
             requests.get(f"{s.http_addr}/v1/acl/token/self", params={"stale": ""}, timeout=5,
-                         headers={"X-Consul-Token": secret}).ok
+                         headers={"X-Consul-Token": secret}, **self.tls_args).ok
             for s in self.servers if s.process.running),
             timeout, "every server knows the new ACL token", interval=0.02, ignore=Exception)
         return secret

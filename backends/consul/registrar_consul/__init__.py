@@ -14,16 +14,18 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import consul
+from urllib3.exceptions import InsecureRequestWarning
 
 from registrar.plugin import (Backend, ConfigError, Instance, Observer, RegistrarError,
                               RegistrationRejected, RegistryUnavailable, read_token)
 
-from ._client import Forgotten, go_duration, make_client, quote, read_health, request
+from ._client import Forgotten, TLSRejected, go_duration, make_client, quote, read_health, request
 from .config import ConsulConfig, ConsulTLS, parse_address
 
 __all__ = ["ConsulBackend", "ConsulConfig", "ConsulObserver", "ConsulRemoval", "ConsulTLS",
@@ -65,12 +67,22 @@ class ConsulBackend(Backend):
                  environ: Mapping[str, str] | None = None):
         super().__init__(instance, config)
         env = os.environ if environ is None else environ
-        https = env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true")
-        self.address = config.address or env.get("CONSUL_HTTP_ADDR") or "http://127.0.0.1:8500"
+        tls = config.tls
+        with_tls = bool(tls.ca_file or tls.cert_file or not tls.verify)
+        https = with_tls or env.get("CONSUL_HTTP_SSL", "").lower() in ("1", "true")
+        self.address = (config.address or env.get("CONSUL_HTTP_ADDR")
+                        or ("https://127.0.0.1:8501" if https else "http://127.0.0.1:8500"))
         try:
-            parse_address(self.address, https)
+            scheme, _, _ = parse_address(self.address, https)
         except ValueError as exc:  # only the environment's can be wrong here
             raise ConfigError("address", f"$CONSUL_HTTP_ADDR: {exc}") from None
+        if with_tls and scheme == "http":  # else tls would be silently unused
+            raise ConfigError("tls", f"set, but the agent's address {self.address} is http://: "
+                                     f"give its https:// address")
+        if not tls.verify:
+            log.warning("%s: tls.verify is false: nobody checks that %s is the agent",
+                        self.name, self.address)
+            warnings.filterwarnings("ignore", category=InsecureRequestWarning)
         self._https = https
         self._token, source = self._resolve_token(config, env)
         self._source = f" from {source}" if source else ""
@@ -102,7 +114,8 @@ class ConsulBackend(Backend):
                            self._token)
 
     def _call(self, what: str, fn: Callable[[consul.Consul], T]) -> T:
-        return request(self.address, what, lambda: fn(self._agent), self._token, self._source)
+        return request(self.address, what, lambda: fn(self._agent), self._token, self._source,
+                       self._agent)
 
     # -- the contract ---------------------------------------------------------
 
@@ -188,6 +201,8 @@ class ConsulBackend(Backend):
         that the agent is in the configured datacenter."""
         try:
             config = self._call("read the agent's config", lambda c: c.agent.self())["Config"]
+        except TLSRejected:
+            raise
         except RegistrationRejected:  # the token may not read the agent (agent:read)
             return
         dc = self.config.datacenter
@@ -300,7 +315,7 @@ class ConsulObserver(Observer):
         try:
             view = request(self.address, "read the health view", lambda: b._read(
                 self._client, b.config.health_filter == "passing", stale=True, index=index),
-                b._token, b._source)
+                b._token, b._source, self._client)
         except RegistrationRejected as exc:  # sees() must raise the transient kind only
             self._error = RegistryUnavailable(str(exc))
             raise self._error from None

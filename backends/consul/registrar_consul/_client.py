@@ -4,6 +4,8 @@ py-consul's own health.service() cannot make (no ``stale``)."""
 from __future__ import annotations
 
 import re
+import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,14 +26,29 @@ T = TypeVar("T")
 #: service" even for deregister), a 404 from newer agents (py-consul: False).
 _FORGOTTEN = re.compile(r"does not have associated TTL|Unknown check|Unknown service", re.I)
 
+#: OpenSSL's reason in an SSLError's text: "[SSL: CODE] reason (_ssl.c:NNN)".
+_SSL_REASON = re.compile(r"\[(?:SSL|X509): ([A-Z0-9_]+)\] ([^(]*?)\s*\(_ssl")
+#: Alerts by which the agent refuses our client certificate (or its absence):
+#: Go answers bad_certificate to both under TLS 1.3.
+_CERT_REFUSED = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REQUIRED", "ALERT_UNKNOWN_CA",
+                 "ALERT_CERTIFICATE_UNKNOWN", "ALERT_UNSUPPORTED_CERTIFICATE")
+
 
 class Forgotten(RegistryUnavailable):
     """The agent does not know our check or service (it restarted, or we are
     gone). Handled where it means something; transient if it escapes."""
 
 
+class TLSRejected(RegistrationRejected):
+    """The TLS configuration cannot work with this agent (its certificate
+    fails verification, or it refuses ours): unlike an ACL refusal of one
+    call, nothing else will work either."""
+
+
 def go_duration(seconds: float) -> str:
-    return f"{seconds:g}s"
+    """Seconds as a Go duration, to the millisecond: "3s", "2.5s",
+    "12345.678s" (``:g`` would round 12345.678 to "12345.7s")."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 def quote(text: str) -> str:
@@ -56,17 +73,30 @@ def make_client(address: str, https: bool, tls: TLSConfig, timeout: float,
 
 
 def request(where: str, what: str, fn: Callable[[], T], token: str | None = None,
-            source: str = "") -> T:
+            source: str = "", client: consul.Consul | None = None) -> T:
     """One py-consul call, its exceptions mapped to ours. Messages name where
     the token came from (``source``), never the token: it is scrubbed even
-    from Consul's own text, to be sure."""
-    with client_errors(f"{what} at {where}", _classifier(token, source), secrets=[token]):
+    from Consul's own text, to be sure. ``client`` (the one ``fn`` uses)
+    lets a TLS connection cut short be diagnosed."""
+    with client_errors(f"{what} at {where}", _classifier(token, source, client),
+                       secrets=[token]):
         return fn()
 
 
-def _classifier(token: str | None, source: str):
+#: How a TLS connection that the agent cut short shows (see cert_refusal()).
+_CUT = ("EOF occurred in violation of protocol", "UNEXPECTED_EOF", "Connection reset",
+        "Connection aborted", "RemoteDisconnected")
+
+
+def _classifier(token: str | None, source: str, client: consul.Consul | None = None):
     def classify(exc: BaseException) -> tuple[type[RegistrarError], str] | None:
         text = scrub(exc, [token])
+        if (client is not None and client.http.scheme == "https"
+                and isinstance(exc, requests.ConnectionError)
+                and any(cut in str(exc) for cut in _CUT)):
+            alert = cert_refusal(client)
+            if alert:
+                return _cert_refused(alert.lower().replace("_", " "))
         if isinstance(exc, consul_exc.ACLPermissionDenied):  # a subclass: before ConsulException
             if "ACL not found" in text:
                 cause = f"Consul does not know the ACL token{source} (ACL not found)" if token else \
@@ -81,12 +111,71 @@ def _classifier(token: str | None, source: str):
             return (RegistryUnavailable if str(exc)[:3] == "429" else RegistrationRejected), text
         if isinstance(exc, consul_exc.ConsulException):  # 5xx: no leader, rpc errors, or forgotten
             return (Forgotten if _FORGOTTEN.search(str(exc)) else RegistryUnavailable), text
+        if isinstance(exc, requests.exceptions.SSLError):
+            return tls_error(str(exc))
         if isinstance(exc, requests.Timeout):
             return RegistryUnavailable, "no answer in time"
         if isinstance(exc, requests.RequestException):
             return RegistryUnavailable, short_reason(exc, [token])
         return None
     return classify
+
+
+def cert_refusal(client: consul.Consul) -> str | None:
+    """The alert by which the agent refuses our client certificate (or its
+    absence), e.g. "SSLV3_ALERT_BAD_CERTIFICATE"; None if it accepts it.
+
+    Under TLS 1.3 the server checks the client's certificate after the
+    client has finished its handshake and sent the request; its alert then
+    races the close of a connection with that request unread (a reset), so
+    a request often fails with a bare EOF or reset. A handshake that sends
+    nothing reads the alert for sure: the server has nothing unread when it
+    closes. Only called on that failure path."""
+    http = client.http
+    verify, cert = http.verify, http.cert
+    host = http.host.strip("[]")
+    context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    if verify is False:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    timeout = min(client.http.connections_timeout or 1.0, 1.0)
+    try:
+        if cert:
+            context.load_cert_chain(*((cert,) if isinstance(cert, str) else cert))
+        with socket.create_connection((host, http.port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as conn:
+            conn.recv(1)  # the server sends nothing unless it refuses us
+    except ssl.SSLError as exc:
+        code = _SSL_REASON.search(str(exc))
+        if code and code.group(1).endswith(_CERT_REFUSED):
+            return code.group(1)
+    except OSError:  # timed out (accepted: it waits for a request), refused, reset
+        pass
+    return None
+
+
+def tls_error(text: str) -> tuple[type[RegistrarError], str]:
+    """An SSLError as one line naming what to fix. What the configuration
+    decides (the CA, the client certificate, TLS on a plain port) is
+    permanent: retrying cannot help, and `registrar agent` exits 1."""
+    match = _SSL_REASON.search(text)
+    code, reason = match.groups() if match else ("", "")
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0].strip()
+        return TLSRejected, (f"TLS: certificate verify failed ({detail or 'no detail'}): "
+                             f"tls.ca_file must be the CA that signed the agent's certificate, "
+                             f"which must name this host")
+    if code.endswith(_CERT_REFUSED):
+        return _cert_refused(reason)
+    if code == "WRONG_VERSION_NUMBER":
+        return TLSRejected, ("TLS: the address does not speak TLS (wrong version number): give "
+                             "the agent's https port, or an http:// address without tls")
+    return RegistryUnavailable, f"TLS handshake failed ({reason or scrub(text)})"
+
+
+def _cert_refused(reason: str) -> tuple[type[RegistrarError], str]:
+    return TLSRejected, (f"TLS: the agent refused our client certificate ({reason}): it "
+                         f"requires one (verify_incoming) signed by a CA it trusts; give it as "
+                         f"tls.cert_file and tls.key_file")
 
 
 def read_health(c: consul.Consul, service: str, instance_id: str, passing: bool, stale: bool,

@@ -1,6 +1,7 @@
 """The Consul backend's config section, and the address parsing it needs."""
 from __future__ import annotations
 
+import ssl
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -27,12 +28,37 @@ def parse_address(text: str, https: bool = False) -> tuple[str, str, int]:
 class ConsulTLS(TLSConfig):
     """TLS to the agent and the observers (https addresses)."""
 
+    @model_validator(mode="after")
+    def _loadable(self) -> "ConsulTLS":
+        """Load the files the way every request will, so that a file that is
+        not what it should be is a config error naming it, not a failed
+        handshake later (and never OpenSSL's password prompt: an encrypted
+        key is refused)."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"ca_file {self.ca_file}: no PEM CA certificate in it "
+                             f"({_ssl_reason(exc)})") from None
+        if self.cert_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file, password=lambda: b"")
+            except (ssl.SSLError, OSError) as exc:
+                key = self.key_file or "the key in it"
+                raise ValueError(f"cert_file {self.cert_file} with {key}: not a PEM certificate "
+                                 f"and its unencrypted private key ({_ssl_reason(exc)})") from None
+        return self
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text.split("]", 1)[-1].split("(_ssl", 1)[0].strip() or text
+
 
 class ConsulConfig(BackendConfig):
     type: Literal["consul"]
     address: str | None = Field(
         None, description="The local Consul agent (default: $CONSUL_HTTP_ADDR, else "
-                          "http://127.0.0.1:8500).")
+                          "http://127.0.0.1:8500, or https://127.0.0.1:8501 with tls).")
     token: SecretStr | None = Field(
         None, description="ACL token (default: token_file, else $CONSUL_HTTP_TOKEN, else "
                           "$CONSUL_HTTP_TOKEN_FILE). Never logged.")
