@@ -196,10 +196,15 @@ class Registration:
             if out != self.paused.is_set():  # a pause()/resume() that failed: again
                 self._sync_rotation(slot)
             return
+        # While the entry may be gone, retry closer together and for most of
+        # the interval: the repair lands within moments of the registry's
+        # return instead of at the next tick.
+        live = slot.live()
         retrying = Retrying(
             retry=retry_if_exception_type(RegistryUnavailable),
-            wait=wait_exponential(multiplier=0.1, max=1.0),
-            stop=stop_after_delay(interval / 2) | stop_when_event_set(self.stopping),
+            wait=wait_exponential(multiplier=0.1, max=1.0 if live else 0.25),
+            stop=stop_after_delay(interval * (0.5 if live else 0.9))
+            | stop_when_event_set(self.stopping),
             sleep=lambda s: self.stopping.wait(s),
             before_sleep=lambda rs: self._note_failure(slot, "heartbeat", rs, logging.DEBUG),
             reraise=True)
