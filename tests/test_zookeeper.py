@@ -223,9 +223,11 @@ def test_config_errors_name_the_field(section, expected):
 
 
 def test_tls_settings_reach_kazoo(instance, tmp_path):
-    ca, cert, key = (str(tmp_path / name) for name in ("ca.pem", "c.pem", "k.pem"))
-    for path in (ca, cert, key):
-        open(path, "w").close()
+    from registrar_testing.certs import CertificateAuthority  # files the backend can load
+
+    authority = CertificateAuthority(tmp_path)
+    pair = authority.client()
+    ca, cert, key = authority.ca_file, pair.cert_file, pair.key_file
     backend = ZooKeeperBackend(instance, ZooKeeperConfig(
         type="zookeeper", tls={"ca_file": ca, "cert_file": cert, "key_file": key}))
     client = backend.new_client("127.0.0.1:2281")

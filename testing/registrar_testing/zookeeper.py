@@ -11,6 +11,7 @@ import logging
 import re
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kazoo.client import KazooClient
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 ZK_JAR = "/usr/share/java/zookeeper.jar"
 # Debian's zookeeper.jar has no SLF4J binding: without one the server logs nothing.
 ZK_CLASSPATH = f"{ZK_JAR}:/usr/share/java/slf4j-simple.jar"
+# The jar's manifest lists netty-handler/-transport/-buffer/-common but not
+# what they need for TLS (SslHandler is a netty-codec decoder; the transport
+# needs the resolver): all from Debian's libnetty-java.
+NETTY_JARS = [f"/usr/share/java/netty-{name}.jar" for name in ("codec", "resolver")]
 JVM_ARGS = ["-Xms16m", "-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
             "-Dorg.slf4j.simpleLogger.showDateTime=true",
             "-Dorg.slf4j.simpleLogger.dateTimeFormat=HH:mm:ss.SSS"]
@@ -54,25 +59,60 @@ def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0) -> str:
             chunks.append(data)
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS on each server's ``secureClientPort`` (Netty), from PKCS#12 files
+    such as registrar_testing.certs.CertificateAuthority writes.
+    ``client_auth``: "need" (mutual TLS), "want" or "none"."""
+    keystore: str
+    truststore: str
+    password: str = "changeit"
+    client_auth: str = "need"
+
+    def config(self) -> dict[str, str]:
+        return {"serverCnxnFactory": "org.apache.zookeeper.server.NettyServerCnxnFactory",
+                "ssl.keyStore.location": self.keystore, "ssl.keyStore.password": self.password,
+                "ssl.keyStore.type": "PKCS12",
+                "ssl.trustStore.location": self.truststore,
+                "ssl.trustStore.password": self.password, "ssl.trustStore.type": "PKCS12",
+                "ssl.clientAuth": self.client_auth}
+
+
 class ZooKeeperServer:
-    """One server of a ZooKeeperEnsemble: its ports, its JVM, its role."""
+    """One server of a ZooKeeperEnsemble: its ports, its JVM, its role.
+    With TLS, ``secure_port`` is its secureClientPort; ``client_port`` stays
+    plaintext (four-letter words, ServerViews)."""
 
     def __init__(self, sid: int, client_port: int, quorum_port: int,
-                 election_port: int, workdir: Path):
+                 election_port: int, workdir: Path, secure_port: int | None = None):
         self.sid = sid
         self.client_port = client_port
         self.quorum_port = quorum_port
         self.election_port = election_port
+        self.secure_port = secure_port
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.config_path = workdir / "zoo.cfg"
+        classpath = ":".join([ZK_CLASSPATH, *NETTY_JARS]) if secure_port else ZK_CLASSPATH
         self.process = ServerProcess(
-            f"zk{sid}", ["java", *JVM_ARGS, "-cp", ZK_CLASSPATH, MAIN_CLASS,
+            f"zk{sid}", ["java", *JVM_ARGS, "-cp", classpath, MAIN_CLASS,
                          str(self.config_path)], workdir)
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def secure_host(self) -> str:
+        if self.secure_port is None:
+            raise RuntimeError(f"zk{self.sid} has no TLS port (ZooKeeperEnsemble(tls=...))")
+        return f"127.0.0.1:{self.secure_port}"
+
+    def connections(self, timeout: float = 1.0) -> list[int]:
+        """Session ids (as ints) of the clients connected to this server
+        now, from the `cons` four-letter word."""
+        text = four_letter("127.0.0.1", self.client_port, "cons", timeout)
+        return [int(m, 16) for m in re.findall(r"\bsid=0x([0-9a-f]+)", text)]
 
     def mode(self, timeout: float = 1.0) -> str | None:
         """"standalone"/"leader"/"follower"/…, or None if not serving (down,
@@ -132,15 +172,18 @@ class ZooKeeperEnsemble:
     """`size` ZooKeeper servers on loopback (size 1: standalone), each with its
     config, data and log under `base_dir/zk<sid>/`.
 
-    `extra_config` adds or overrides zoo.cfg keys on every server.
+    `extra_config` adds or overrides zoo.cfg keys on every server; `tls`
+    adds a secureClientPort to each (see `secure_hosts`).
     """
 
-    def __init__(self, size: int, base_dir: Path, extra_config: dict[str, str] | None = None):
+    def __init__(self, size: int, base_dir: Path, extra_config: dict[str, str] | None = None,
+                 tls: ServerTLS | None = None):
         if size < 1:
             raise ValueError("size must be >= 1")
         self.size = size
         self.base_dir = Path(base_dir)
         self.extra_config = dict(extra_config or {})
+        self.tls = tls
         self.servers: list[ZooKeeperServer] = []
 
     @property
@@ -148,13 +191,20 @@ class ZooKeeperEnsemble:
         return [s.host for s in self.servers]
 
     @property
+    def secure_hosts(self) -> list[str]:
+        """host:port of every server's TLS port."""
+        return [s.secure_host for s in self.servers]
+
+    @property
     def connect_string(self) -> str:
         return ",".join(self.hosts)
 
     def _write_configs(self) -> None:
-        ports = free_ports(3 * self.size)
+        per = 4 if self.tls else 3
+        ports = free_ports(per * self.size)
         self.servers = [
-            ZooKeeperServer(i + 1, *ports[3 * i:3 * i + 3], self.base_dir / f"zk{i + 1}")
+            ZooKeeperServer(i + 1, *ports[per * i:per * i + 3], self.base_dir / f"zk{i + 1}",
+                            secure_port=ports[per * i + 3] if self.tls else None)
             for i in range(self.size)]
         peers = [f"server.{s.sid}=127.0.0.1:{s.quorum_port}:{s.election_port}"
                  for s in self.servers] if self.size > 1 else []
@@ -165,10 +215,13 @@ class ZooKeeperEnsemble:
                 "tickTime": "500", "initLimit": "10", "syncLimit": "5",
                 "dataDir": str(s.data_dir), "clientPort": str(s.client_port),
                 "clientPortAddress": "127.0.0.1", "admin.enableServer": "false",
-                "4lw.commands.whitelist": "srvr,ruok,mntr",
+                "4lw.commands.whitelist": "srvr,ruok,mntr,cons",
                 # The default cap is 20 ticks (10 s here): clients asking for
                 # longer sessions would be silently cut down to 10 s.
                 "maxSessionTimeout": "60000",
+                **({"secureClientPort": str(s.secure_port),
+                    "secureClientPortAddress": "127.0.0.1", **self.tls.config()}
+                   if self.tls else {}),
                 **self.extra_config}
             s.config_path.write_text(
                 "".join(f"{k}={v}\n" for k, v in config.items()) + "".join(f"{p}\n" for p in peers))

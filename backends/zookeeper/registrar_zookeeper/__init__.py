@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,8 @@ from registrar.plugin import (Backend, ConfigError, Instance, MemberDown, Observ
                               RegistrarError, RegistrationRejected, RegistryUnavailable,
                               client_errors)
 
-from ._kazoo import new_client, stop_clients, stop_in_background, wait
+from ._kazoo import (new_client, stop_clients, stop_in_background, tls_context, tls_failure,
+                     wait)
 from .config import (ZooKeeperAuth, ZooKeeperConfig, ZooKeeperTLS, parse_acl, read_credentials,
                      split_hosts, uri_spec)
 
@@ -71,10 +73,17 @@ class ZooKeeperBackend(Backend):
         self._credentials = read_credentials(config.auth)
         self._acl = [parse_acl(e) for e in config.acl or (
             ["auth::all", "world:anyone:r"] if config.auth else ["world:anyone:all"])]
-        self._tls = None if config.tls is None else {
-            "use_ssl": True, "ca": config.tls.ca_file, "certfile": config.tls.cert_file,
-            "keyfile": config.tls.key_file, "verify_certs": config.tls.verify,
-            "check_hostname": config.tls.check_hostname}
+        self._tls, self._tls_context = None, None
+        if config.tls is not None:
+            tls = config.tls
+            self._tls = {"use_ssl": True, "ca": tls.ca_file, "certfile": tls.cert_file,
+                         "keyfile": tls.key_file or tls.cert_file, "verify_certs": tls.verify,
+                         "check_hostname": tls.check_hostname}
+            try:
+                self._tls_context = tls_context(tls.ca_file, tls.cert_file, tls.key_file,
+                                                tls.verify, tls.check_hostname)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError("tls", f"cannot use these files: {exc}") from None
         self._lock = threading.Lock()  # guards _client and _closed against close()
         self._client: KazooClient | None = None
         self._live: threading.Event | None = None
@@ -110,7 +119,7 @@ class ZooKeeperBackend(Backend):
         """A client (not started) with this backend's timeouts, auth and TLS."""
         return new_client(hosts, session_timeout=self.config.session_timeout,
                           connect_timeout=self.config.timeout, credentials=self._credentials,
-                          tls=self._tls)
+                          tls=self._tls, tls_context=self._tls_context)
 
     # -- the session ----------------------------------------------------------
 
@@ -123,9 +132,11 @@ class ZooKeeperBackend(Backend):
             client, live = self._client, self._live
         if client.client_state == KeeperState.AUTH_FAILED:
             raise RegistrationRejected(f"{self.name}: authentication failed")
-        if not live.wait(max(0.0, end - time.monotonic())):
-            raise RegistryUnavailable(f"{self.name}: no session with {','.join(self.servers)} "
-                                      f"within {self.config.timeout:g}s")
+        # A refused TLS handshake seen already needs no second wait (the
+        # stop sequence's deregister after a rejected registration).
+        if (not live.is_set() and tls_failure(client)
+                or not live.wait(max(0.0, end - time.monotonic()))):
+            _no_session(self.name, client, ",".join(self.servers), self.config.timeout)
         return client
 
     def _start_session(self) -> None:
@@ -353,6 +364,16 @@ def _refuses(server: str, timeout: float) -> bool:
     except (OSError, ValueError):
         pass
     return False
+
+
+def _no_session(name: str, client: KazooClient, servers: str, timeout: float) -> None:
+    """Raise why no session came up in time: a TLS handshake refused (by
+    us or by the server) before any session is a setting to fix, not worth
+    retrying forever."""
+    tls = tls_failure(client)
+    if tls:
+        raise RegistrationRejected(f"{name}: TLS handshake with {servers} failed: {tls}")
+    raise RegistryUnavailable(f"{name}: no session with {servers} within {timeout:g}s")
 
 
 def _session(client: KazooClient) -> int:

@@ -81,6 +81,12 @@ class ZooKeeperTLS(TLSConfig):
     """TLS to the servers (their secureClientPort), as kazoo supports it."""
     check_hostname: bool = Field(False, description="Check the certificate names the server.")
 
+    @model_validator(mode="after")
+    def _hostname_needs_verify(self) -> "ZooKeeperTLS":
+        if self.check_hostname and not self.verify:
+            raise ValueError("check_hostname needs verify")
+        return self
+
 
 class ZooKeeperConfig(BackendConfig):
     type: Literal["zookeeper"]
