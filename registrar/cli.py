@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from . import __version__
@@ -14,6 +15,16 @@ from .errors import ConfigError, RegistrarError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+#: The commands that need a configuration file (prestop only falls back on one).
+NEEDS_CONFIG = ("agent", "run", "register", "deregister", "status", "check")
+
+
+class UsageError(Exception):
+    """A command line or an environment variable that does not parse: one
+    line on stderr and exit 2."""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -21,14 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_CONFIG
-    if args.command != "prestop":  # the hook prints; it need not pay for logging
-        from . import logs
-
-        logs.setup(args.log_level, args.log_format)
     try:
+        _resolve(args, os.environ)
+        if args.command != "prestop":  # the hook prints; it need not pay for logging
+            from . import logs
+
+            logs.setup(args.log_level, args.log_format)
         return args.func(args)
+    except UsageError as exc:
+        print(f"registrar {args.command}: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(f"config error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except RegistrarError as exc:
         import logging
@@ -37,22 +52,128 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=os.environ.get("REGISTRAR_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"],
-                        help="log level (default: $REGISTRAR_LOG_LEVEL or info)")
-    common.add_argument("--log-format", default=os.environ.get("REGISTRAR_LOG_FORMAT", "text"),
-                        choices=["text", "json"],
-                        help="log format (default: $REGISTRAR_LOG_FORMAT or text)")
-    with_config = argparse.ArgumentParser(add_help=False, parents=[common])
-    with_config.add_argument("--config", "-c", default=os.environ.get("REGISTRAR_CONFIG"),
-                             required="REGISTRAR_CONFIG" not in os.environ,
-                             help="agent configuration file (default: $REGISTRAR_CONFIG)")
+def _one_line(text: str) -> str:
+    from .text import printable
 
-    parser = argparse.ArgumentParser(
-        prog="registrar", parents=[common],
-        description="Register a pod in service registries and take it out gracefully.")
+    return printable(text)
+
+
+def _from_env(env: Mapping[str, str], name: str) -> str | None:
+    """A variable's value; an empty (or blank) one counts as unset, like a
+    manifest's ``value: ""``."""
+    value = env.get(name)
+    return value if value and value.strip() else None
+
+
+def _resolve(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    """Fill in what the command line left out from the REGISTRAR_* variables,
+    checking them as strictly as the options they stand for."""
+    from .text import show
+
+    for option, name, choices, default in (("log_level", "REGISTRAR_LOG_LEVEL", LOG_LEVELS, "info"),
+                                           ("log_format", "REGISTRAR_LOG_FORMAT", LOG_FORMATS,
+                                            "text")):
+        value = _from_env(env, name)
+        if value is not None and value.strip().lower() not in choices:
+            # Checked even when the option is given: the variable is wrong either way.
+            raise UsageError(f"{name}: expected one of {', '.join(choices)}, got {show(value)}")
+        if getattr(args, option, None) is None:
+            setattr(args, option, value.strip().lower() if value else default)
+    if getattr(args, "config", None) is None:
+        args.config = _from_env(env, "REGISTRAR_CONFIG")
+    if args.command in NEEDS_CONFIG and args.config is None:
+        raise UsageError("give the configuration file with --config FILE (or set "
+                         "REGISTRAR_CONFIG)")
+    if args.command == "prestop":
+        _resolve_control(args, env)
+
+
+def _resolve_control(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    """`prestop`: the control address from --control, $REGISTRAR_CONTROL,
+    the config's control.listen or the default, checked here so that a bad
+    one is one line naming where it came from."""
+    from .prestop import DEFAULT_CONTROL, control_address
+
+    if args.control is not None:
+        where, value = "--control", args.control
+    elif _from_env(env, "REGISTRAR_CONTROL") is not None:
+        where, value = "REGISTRAR_CONTROL", _from_env(env, "REGISTRAR_CONTROL")
+    else:
+        where, value = "control.listen", _config_control(args.config)
+    if value is None:
+        where, value = "default", DEFAULT_CONTROL
+    try:
+        args.control = control_address(value)
+    except ValueError as exc:
+        if where == "control.listen":
+            raise ConfigError(where, str(exc)) from None
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def _config_control(path: str | None) -> Any:
+    """control.listen of the configuration, after checking the shape of
+    what `prestop` reads from it (control.token_file, stop.grace_period)."""
+    if path is None:
+        return None
+    from .source import expand
+    from .text import show
+
+    doc = expand(path)
+    for section in ("control", "stop"):
+        if not isinstance(doc.get(section) or {}, Mapping):
+            raise ConfigError(section, f"expected a mapping, got {show(doc[section])}")
+    control = doc.get("control") or {}
+    token_file = control.get("token_file")
+    if token_file is not None and (not isinstance(token_file, str) or not token_file.isprintable()):
+        raise ConfigError("control.token_file", f"expected a file name, got {show(token_file)}")
+    return control.get("listen")
+
+
+def _seconds(text: str) -> float:
+    """A --timeout: seconds, more than 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86400:  # also NaN and infinity
+        raise argparse.ArgumentTypeError(f"expected seconds, more than 0 and at most 86400, "
+                                         f"got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _global_options(parser: argparse.ArgumentParser, default: Any,
+                    config_help: str | None = None) -> None:
+    """The options every command takes, before or after its name: on the
+    top-level parser with real defaults (None: resolved later), on each
+    command's with SUPPRESS, so that an option not repeated after the
+    command keeps what was given before it."""
+    parser.add_argument("--log-level", default=default, type=str.lower, choices=LOG_LEVELS,
+                        help="log level (default: $REGISTRAR_LOG_LEVEL, else info)")
+    parser.add_argument("--log-format", default=default, type=str.lower, choices=LOG_FORMATS,
+                        help="log format (default: $REGISTRAR_LOG_FORMAT, else text)")
+    if config_help is not None:
+        parser.add_argument("--config", "-c", default=default, metavar="FILE", help=config_help)
+
+
+def _parser() -> argparse.ArgumentParser:
+    config_help = "agent configuration file (default: $REGISTRAR_CONFIG)"
+    common = _Parser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
+    with_config = _Parser(add_help=False)
+    _global_options(with_config, argparse.SUPPRESS, config_help)
+
+    parser = _Parser(
+        prog="registrar",
+        description="Register a pod in service registries and take it out gracefully.",
+        epilog="--log-level, --log-format and --config may come before or after the command.")
+    _global_options(parser, None, config_help)
     parser.add_argument("--version", action="version", version=f"registrar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -83,16 +204,16 @@ def _parser() -> argparse.ArgumentParser:
                                    "ended without that (exit 1). With --config and no agent "
                                    "answering, deregister directly.")
     p.add_argument("--control", default=None,
-                   help="the agent's control address, host:port or unix:/path (default: "
-                        "$REGISTRAR_CONTROL, else control.listen of --config, else "
-                        "127.0.0.1:9901)")
-    p.add_argument("--config", "-c", default=os.environ.get("REGISTRAR_CONFIG"),
+                   help="the agent's control address, host:port, http://host:port or "
+                        "unix:/path.sock (default: $REGISTRAR_CONTROL, else control.listen of "
+                        "--config, else 127.0.0.1:9901)")
+    p.add_argument("--config", "-c", default=argparse.SUPPRESS, metavar="FILE",
                    help="agent configuration (default: $REGISTRAR_CONFIG); also the "
                         "fallback when no agent answers")
     p.add_argument("--token-file", default=None,
                    help="bearer token for the control server (default: "
                         "$REGISTRAR_CONTROL_TOKEN_FILE, else control.token_file of --config)")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=_seconds, default=None,
                    help="seconds to wait for the agent (default: the config's grace period, "
                         "else 30)")
     p.set_defaults(func=cmd_prestop)
@@ -103,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "instance. No heartbeats follow: the entry lives until its "
                                    "TTL ends (etcd, Consul) or with the session (ZooKeeper). "
                                    "Use `agent` for a registration that lives.")
-    p.add_argument("--timeout", type=float, default=30.0,
+    p.add_argument("--timeout", type=_seconds, default=30.0,
                    help="seconds to keep trying (default: 30)")
     p.set_defaults(func=cmd_register)
 
@@ -120,6 +241,15 @@ def _parser() -> argparse.ArgumentParser:
                                    "when every observer lists the instance, 1 otherwise.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("check", parents=[with_config],
+                       help="validate the configuration and the environment; contact nothing",
+                       description="Read and validate the configuration (with its ${VAR} "
+                                   "references, the secrets it names and the REGISTRAR_* "
+                                   "variables) as `agent` and `run` would, without contacting "
+                                   "any registry: exit 0 and one line when valid, exit 2 and "
+                                   "one line naming the field otherwise.")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("schema", parents=[common],
                        help="print the JSON Schema of the configuration file",
@@ -205,6 +335,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             backend.close()
     _print_status(status, as_json=args.json)
     return EXIT_OK if _all_seen(status) else EXIT_FAILED
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .core import Registrar
+
+    registrar = Registrar.from_config(args.config)  # builds the backends; connects nowhere
+    for backend in registrar.backends:
+        backend.close()
+    inst = registrar.instance
+    print(f"{args.config}: valid: {inst.service}/{inst.id} at {inst.hostport} on "
+          f"{', '.join(b.name for b in registrar.backends)}")
+    return EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

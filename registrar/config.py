@@ -17,7 +17,8 @@ from pydantic_core import PydanticCustomError
 
 from .discovery import available_backends, backend_class
 from .errors import ConfigError
-from .fields import Duration, Model, StrList, format_duration, read_token, show
+from .fields import (MAX_DURATION, Duration, Integer, Model, StrList, format_duration,
+                     parse_duration, printable, read_token, show)
 from .plugin import BackendConfig
 from .source import _join, expand, parse_listen
 
@@ -31,14 +32,51 @@ class ServiceConfig(Model):
     address: str | None = Field(None, min_length=1,
                                 description="Address to advertise (default: $POD_IP, else the "
                                             "first non-loopback IPv4 address).")
-    port: int = Field(ge=1, le=65535)
+    port: Integer = Field(ge=1, le=65535)
     tags: StrList = Field(default_factory=list)
     meta: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name", "id", "tags")
+    @classmethod
+    def _printable(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # A newline or a NUL in a name ends up in a registry key or path.
+        for text in [value] if isinstance(value, str) else value or ():
+            if not text.isprintable():
+                raise ValueError(f"expected printable text, got {show(text)}")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not is_host(value):
+            raise ValueError(f"expected an IP address or a host name, got {show(value)}")
+        return value
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?")
+
+
+def is_host(text: str) -> bool:
+    """An IP address (v6 without brackets) or a DNS host name."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.fullmatch(text))
 
 
 class HeartbeatConfig(Model):
     interval: Duration | None = Field(
-        None, description="Heartbeat interval (default: a third of each backend's ttl).")
+        None, description="Heartbeat interval, at least 10ms (default: a third of each "
+                          "backend's ttl).")
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: float | None) -> float | None:
+        if value is not None and value < 0.01:  # 0 used to mean "the default" silently
+            raise ValueError(f"should be from 10ms to 24h, got {format_duration(value)}")
+        return value
 
 
 class StopConfig(Model):
@@ -73,6 +111,14 @@ class StopConfig(Model):
         """The part of the budget kept for the app's own shutdown."""
         return min(self.app_shutdown, self.budget / 2)
 
+    @field_validator("propagation_timeout")
+    @classmethod
+    def _propagation_timeout(cls, value: float | None) -> float | None:
+        if value == 0:  # no confirmation could ever come
+            raise ValueError("should be more than 0s and at most 24h (leave it out to wait as "
+                             "long as the grace period allows), got 0s")
+        return value
+
     @field_validator("drain_connections", mode="before")
     @classmethod
     def _drain_bool(cls, value: Any) -> Any:
@@ -97,7 +143,7 @@ class ControlConfig(Model):
     @classmethod
     def _listen(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_listen(value)
+            parse_listen(value, any_port=False)  # 0 would be a port nobody knows
         return value
 
 
@@ -121,21 +167,52 @@ class HealthConfig(Model):
     http: str | None = Field(None, description="URL that must answer 2xx/3xx.")
     tcp: str | None = Field(None, description="host:port that must accept a connection "
                                               "(default: service.address:service.port).")
-    exec: list[str] | None = Field(None, description="Command that must exit 0.")
-    interval: Duration = Field(2.0, gt=0)
+    exec: list[str] | None = Field(None, min_length=1, description="Command that must exit 0.")
+    interval: Duration = Field(2.0, ge=0.01)
     timeout: Duration = Field(1.0, gt=0)
-    failure_threshold: int = Field(3, ge=1, description="Failures in a row that take the "
-                                                        "instance out of rotation.")
+    failure_threshold: Integer = Field(3, ge=1, le=1000,
+                                       description="Failures in a row that take the instance "
+                                                   "out of rotation.")
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None:
+            from urllib.parse import urlsplit
+
+            try:
+                parts = urlsplit(value)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname) and \
+                    value.isprintable() and (parts.port is None or parts.port > 0)
+            except ValueError:  # a bad port or IPv6 literal
+                ok = False
+            if not ok:
+                raise ValueError(f"expected a URL like http://127.0.0.1:8080/healthz "
+                                 f"(port 1..65535), got {show(value)}")
+        return value
+
+    @field_validator("exec")
+    @classmethod
+    def _exec(cls, argv: list[str] | None) -> list[str] | None:
+        if argv is not None and (not argv[0] or any("\0" in arg for arg in argv)):
+            raise ValueError(f"expected a command and its arguments (no NUL), got {show(argv)}")
+        return argv
 
     @model_validator(mode="after")
     def _one_probe(self) -> "HealthConfig":
         given = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise PydanticCustomError("one_probe", "give at most one of http, tcp, exec (got {got})",
+            raise PydanticCustomError("one_probe",
+                                      "give at most one of http, tcp, exec (got {got})",
                                       {"got": ", ".join(given)})
-        if self.tcp is not None and isinstance(parse_listen(self.tcp), str):
-            raise ValueError(f'tcp: expected "host:port", got {self.tcp!r}')
         return self
+
+    @field_validator("tcp")
+    @classmethod
+    def _tcp(cls, value: str | None) -> str | None:
+        if value is not None and isinstance(parse_listen(value, any_port=False), str):
+            raise ValueError(f'expected "host:port" (port 1..65535), got {show(value)}')
+        return value
 
 
 class _FileModel(Model):
@@ -164,7 +241,18 @@ class AgentConfig:
 
 def load(source: str | os.PathLike | Mapping[str, Any],
          environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """Read, interpolate and validate a configuration file or mapping."""
+    """Read, interpolate and validate a configuration file or mapping.
+    Raises ConfigError only, its text one line."""
+    try:
+        return _load(source, environ)
+    except ConfigError as exc:
+        if str(exc).isprintable():
+            raise
+        raise type(exc)(printable(exc.path), printable(exc.message)) from None
+
+
+def _load(source: str | os.PathLike | Mapping[str, Any],
+          environ: Mapping[str, str] | None = None) -> AgentConfig:
     top = _validate(_FileModel, expand(source, environ), "")
     backends = []
     for i, section in enumerate(top.backends):
@@ -206,15 +294,28 @@ def signal_named(name: str):
 
 def _check_signal(stop: StopConfig) -> None:
     if signal_named(stop.signal) is None:
-        raise ConfigError("stop.signal", f"unknown signal {stop.signal!r} (e.g. SIGTERM, SIGINT, SIGQUIT)")
+        raise ConfigError("stop.signal", f"unknown signal {stop.signal!r} "
+                                         "(e.g. SIGTERM, SIGINT, SIGQUIT)")
+
+
+#: The least stop budget (grace_period - safety_margin) a configuration may
+#: leave: below it a deregistration barely has the time for one request.
+MIN_BUDGET = 1.0
 
 
 def _check_budgets(config: AgentConfig) -> None:
+    """Combinations each valid alone that would make the stop skip or cut
+    the removal."""
     stop = config.stop
     if stop.safety_margin >= stop.grace_period:
         raise ConfigError("stop.safety_margin", f"{format_duration(stop.safety_margin)} leaves "
                           f"nothing of grace_period {format_duration(stop.grace_period)}")
     budget = stop.budget
+    if budget < MIN_BUDGET:
+        raise ConfigError("stop.safety_margin", f"{format_duration(stop.safety_margin)} leaves "
+                          f"{format_duration(budget)} of grace_period "
+                          f"{format_duration(stop.grace_period)}; the stop needs at least "
+                          f"{format_duration(MIN_BUDGET)}")
     if (stop.propagation_timeout or 0) + stop.min_wait > budget:
         field = "propagation_timeout" if stop.propagation_timeout is not None else "min_wait"
         raise ConfigError(
@@ -230,6 +331,19 @@ def _check_budgets(config: AgentConfig) -> None:
             raise ConfigError("heartbeat.interval", f"{format_duration(interval)} is not shorter "
                               f"than backends[{i}].{field} ({format_duration(ttl)}): the "
                               "registration would expire between heartbeats")
+    # Every call into a backend holds its lock, and the removal waits for a
+    # heartbeat in flight: a request's timeout must leave the removal at
+    # least as long again. (`run` keeps app_reserve, at most half the
+    # budget, for the app: there a call in flight still ends in time for
+    # the removal to be tried.)
+    for i, (_cls, section) in enumerate(config.backends):
+        timeout = getattr(section, "timeout", None)
+        if isinstance(timeout, (int, float)) and 2 * timeout > budget:
+            raise ConfigError(
+                f"backends[{i}].timeout",
+                f"{format_duration(timeout)} is more than half of grace_period - safety_margin "
+                f"({format_duration(budget)}): a request in flight when the stop begins could "
+                "leave the removal no time")
 
 
 def _validate(model: type[BaseModel], data: Any, prefix: str) -> Any:
@@ -237,6 +351,12 @@ def _validate(model: type[BaseModel], data: Any, prefix: str) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _config_error(exc.errors()[0], model, prefix, data) from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin's validator that crashed
+        raise ConfigError(prefix, f"internal error in the checks of "
+                                  f"{getattr(model, '__name__', model)}: "
+                                  f"{type(exc).__name__}: {exc}") from None
 
 
 _SECRET = re.compile(r"token|password|secret|key", re.I)
@@ -257,7 +377,7 @@ def _config_error(err: Mapping[str, Any], model: type[BaseModel], prefix: str,
         return ConfigError(path, "required")
     if kind == "extra_forbidden":
         return ConfigError(path, "unknown key" + _did_you_mean(model, loc))
-    if kind in ("duration", "one_probe"):
+    if kind in ("duration", "one_probe", "integer"):
         return ConfigError(path, err["msg"])
     if kind == "value_error":  # our validators' messages say what they got
         return ConfigError(path, str(err["ctx"]["error"]))
@@ -265,10 +385,51 @@ def _config_error(err: Mapping[str, Any], model: type[BaseModel], prefix: str,
     if loc and _SECRET.search(str(loc[-1])):
         return ConfigError(path, message)  # never echo what may be a secret
     given = _lookup(data, loc, err.get("input"))
-    if kind in _BOUNDS and isinstance(given, str):  # a duration: speak in durations
-        words, key = _BOUNDS[kind]
-        message = f"should be {words} {format_duration(err['ctx'][key])}"
+    if kind in _BOUNDS:
+        message = "should be " + _range(_field(model, loc), err)
     return ConfigError(path, f"{message}, got {show(given)}")
+
+
+def _range(info: Any, err: Mapping[str, Any]) -> str:
+    """A field's whole range in words ("from 1 to 65535", "from 2s to
+    24h"), from its constraints; else the one bound that was broken."""
+    duration = info is not None and any(
+        getattr(m, "func", None) is parse_duration
+        for m in [*info.metadata, *(m for a in typing.get_args(info.annotation)
+                                   for m in getattr(a, "__metadata__", ()))])
+    say = format_duration if duration else (lambda n: f"{n:g}" if isinstance(n, float) else str(n))
+    low = high = None
+    for m in info.metadata if info is not None else ():
+        for key, words in (("ge", "at least"), ("gt", "more than"), ("le", "at most"),
+                           ("lt", "less than")):
+            if getattr(m, key, None) is not None:
+                if key in ("ge", "gt"):
+                    low = (key, words, getattr(m, key))
+                else:
+                    high = (key, words, getattr(m, key))
+    if duration and high is None:
+        high = ("le", "at most", MAX_DURATION)
+    if low is None and high is None:
+        words, key = _BOUNDS[err["type"]]
+        return f"{words} {say(err['ctx'][key])}"
+    if low and high and low[0] == "ge" and high[0] == "le":
+        return f"from {say(low[2])} to {say(high[2])}"
+    return " and ".join(f"{bound[1]} {say(bound[2])}" for bound in (low, high) if bound)
+
+
+def _field(model: type[BaseModel], loc: list) -> Any:
+    """The FieldInfo at ``loc`` in ``model``, or None."""
+    fields, info = model.model_fields, None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = fields.get(part) if isinstance(part, str) else None
+        if info is None:
+            return None
+        models = [a for a in (typing.get_args(info.annotation) or (info.annotation,))
+                  if hasattr(a, "model_fields")]
+        fields = models[0].model_fields if models else {}
+    return info
 
 
 def _lookup(data: Any, loc: list, default: Any) -> Any:

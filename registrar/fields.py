@@ -1,6 +1,6 @@
 """The building blocks of every config section, the core's and the
 backends': the strict base model, durations, comma-separated lists, secrets
-read from files. No registrar module is imported here but the errors, so
+read from files. No registrar module is imported here but the errors and text, so
 both the core's config and the plugin surface can build on it."""
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .text import printable, show
 
-__all__ = ["Model", "Duration", "StrList", "parse_duration", "format_duration", "read_token",
-           "show"]
+__all__ = ["Model", "Duration", "StrList", "Integer", "parse_duration", "format_duration",
+           "read_token", "show", "printable"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 #: The longest duration anything accepts: a day. Larger values (1e30 s) used
@@ -29,7 +30,7 @@ def parse_duration(value: Any) -> float:
     non-negative number is seconds; at most MAX_DURATION."""
     seconds = None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        seconds = float(value)
+        seconds = float(min(value, MAX_DURATION * 2))  # float(10**400) would overflow
     elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
@@ -44,15 +45,11 @@ def parse_duration(value: Any) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    if seconds == MAX_DURATION:
+        return "24h"
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
     return f"{seconds:g}s"
-
-
-def show(value: Any) -> str:
-    """A value the user wrote, quoted and cut short, for an error message."""
-    text = f'"{value}"' if isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 #: Seconds, written in the file as "500ms", "10s", "1m".
@@ -60,7 +57,8 @@ Duration = Annotated[float, BeforeValidator(parse_duration),
                      WithJsonSchema({"anyOf": [
                          {"type": "string", "pattern": DURATION_PATTERN},
                          {"type": "number", "minimum": 0, "maximum": MAX_DURATION}],
-                         "description": 'A duration: "500ms", "10s", "1m", "1h", or seconds; at most 24h.',
+                         "description": 'A duration: "500ms", "10s", "1m", "1h", or seconds; '
+                                        'at most 24h.',
                          "examples": ["500ms", "10s", "1m"]})]
 
 
@@ -77,6 +75,18 @@ StrList = Annotated[list[str], BeforeValidator(_split_commas),
                                     "description": "A list, or one comma-separated string."})]
 
 
+def _no_bool(value: Any) -> Any:
+    # pydantic reads true as 1: "port: true" would listen on port 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("integer", "expected a whole number, got {got}",
+                                  {"got": show(value)})
+    return value
+
+
+#: A whole number; true and false are not numbers here.
+Integer = Annotated[int, BeforeValidator(_no_bool)]
+
+
 class Model(BaseModel):
     """Base of every config section: unknown keys are errors."""
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -88,7 +98,10 @@ def read_token(path: str, field: str) -> str:
     try:
         token = Path(path).read_text().strip()
     except OSError as exc:
-        raise ConfigError(field, f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(field, f"cannot read {printable(path)}: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path; a binary file
+        raise ConfigError(field, f"cannot read {show(path)}: not a path to a text file") \
+            from None
     if not token:
-        raise ConfigError(field, f"{path} is empty")
+        raise ConfigError(field, f"{printable(path)} is empty")
     return token

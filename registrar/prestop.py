@@ -34,17 +34,15 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
-def control_address(text: str) -> str:
+def control_address(text: Any) -> str:
     """``http://host:port[/]``, ``host:port``, ``[v6]:port`` or
     ``unix:/path`` -> the address as parse_listen() takes it; ValueError
-    with a one-line reason otherwise."""
-    address = text.strip()
-    if address.startswith("http://"):
+    with a one-line reason otherwise (the port is 1..65535)."""
+    address = text.strip() if isinstance(text, str) else text
+    if isinstance(address, str) and address.startswith("http://"):
         address = address[len("http://"):].rstrip("/")
     try:
-        where = parse_listen(address)
-        if not isinstance(where, str) and ("/" in where[0] or "://" in address):
-            raise ValueError(address)
+        parse_listen(address, any_port=False)
     except ValueError:
         raise ValueError(f"expected host:port, http://host:port or unix:/path, "
                          f"got {text!r}") from None

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
+from .text import printable, show
 
 
 #: Limits that turn a hostile file into one line instead of a traceback or
@@ -31,7 +32,7 @@ def expand(source: str | os.PathLike | Mapping[str, Any],
 def _read(path: str | os.PathLike) -> Any:
     import yaml
 
-    name = os.fspath(path)
+    name = printable(os.fsdecode(path))
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_BYTES + 1)
@@ -49,7 +50,7 @@ def _read(path: str | os.PathLike) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError("", f"{os.fspath(path)}: invalid YAML{where}: {problem}") from exc
+        raise ConfigError("", f"{name}: invalid YAML{where}: {printable(problem)}") from None
 
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -57,11 +58,24 @@ _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def _loader():
     """PyYAML's safe loader with a nesting limit (its composer recurses: a
-    few thousand ``[`` would end in RecursionError)."""
+    few thousand ``[`` would end in RecursionError), whose constructors'
+    errors (``2001-02-30``, an integer of 5,000 digits, an empty ``!!int``)
+    are YAML errors with a line instead of a bare ValueError or IndexError."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         depth = 0
+
+        def construct_object(self, node, deep=False):
+            try:
+                return super().construct_object(node, deep)
+            except (yaml.YAMLError, ConfigError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - "!!int " ends in IndexError, and so on
+                reason = str(exc).split(":")[0] or type(exc).__name__
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value: {reason}",
+                    node.start_mark) from None
 
         def compose_node(self, parent, index):
             self.depth += 1
@@ -121,30 +135,58 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, budget: _Budget,
 
     text = _VAR.sub(substitute, node)
     if _VAR.fullmatch(node) and node != "$$":
-        import yaml
-
-        try:
-            typed = yaml.safe_load(text)
-        except yaml.YAMLError:
-            return text
-        if isinstance(typed, (bool, int, float)):
-            return typed
+        return _typed(text)
     return text
 
 
+def _typed(text: str) -> Any:
+    """``text`` as a number or a boolean when YAML would read it as one,
+    else the text. Only a plain scalar is ever parsed: a variable holding
+    ``[[[...`` or an alias bomb stays text."""
+    import yaml
+
+    plain = text.strip()
+    tag = yaml.resolver.Resolver().resolve(yaml.ScalarNode, plain, (True, False))
+    if tag.rsplit(":", 1)[-1] not in ("int", "float", "bool"):
+        return text
+    try:
+        return yaml.safe_load(plain)
+    except (yaml.YAMLError, ValueError, OverflowError):  # an integer of 5,000 digits
+        return text
+
+
 def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+    key = printable(key) if isinstance(key, str) else repr(key)
+    return f"{path}.{key}" if path else key
 
 
-def parse_listen(value: str) -> tuple[str, int] | str:
-    """``"host:port"`` -> (host, port); ``"unix:/path"`` -> "/path"."""
+#: The longest path a unix socket address holds (sun_path, less its NUL).
+MAX_UNIX_PATH = 107
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.%A-Za-z]+\]")
+
+
+def parse_listen(value: Any, any_port: bool = True) -> tuple[str, int] | str:
+    """``"host:port"`` -> (host, port); ``"unix:/path"`` -> "/path". Port 0
+    (any free port) only with ``any_port``, for a server that reports where
+    it listens. ValueError with a one-line reason otherwise."""
+    low = 0 if any_port else 1
+    if not isinstance(value, str):
+        raise ValueError(f'expected "host:port" or "unix:/path.sock", got {show(value)}')
     if value.startswith("unix:"):
         path = value[len("unix:"):]
-        if not path.startswith("/"):
-            raise ValueError(f'expected "unix:/absolute/path.sock", got {value!r}')
+        try:
+            size = len(os.fsencode(path))
+        except UnicodeError:  # a lone surrogate
+            size = MAX_UNIX_PATH + 1
+        if not path.startswith("/") or not path.isprintable() or size > MAX_UNIX_PATH:
+            raise ValueError(f'expected "unix:/absolute/path.sock" (at most {MAX_UNIX_PATH} '
+                             f"bytes), got {show(value)}")
         return path
     host, sep, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f'expected "host:port" or "unix:/path.sock", got {value!r}')
+    if not sep or not _HOST.fullmatch(host) or not (port.isascii() and port.isdigit()) \
+            or len(port) > 5 or not low <= int(port) <= 65535:
+        raise ValueError(f'expected "host:port" (port {low}..65535) or "unix:/path.sock", '
+                         f"got {show(value)}")
+    host = host[1:-1] if host.startswith("[") else host
     return host, int(port)
+

@@ -1,0 +1,28 @@
+"""Quoting what a user wrote in a one-line message. The standard library
+only: the light modules (source, prestop) use it as well as the config."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def printable(text: str) -> str:
+    """``text`` with every unprintable character escaped (a newline, a NUL,
+    U+2028...), so that an error message that quotes it stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def show(value: Any) -> str:
+    """A value the user wrote, quoted, on one line and cut short, for an
+    error message."""
+    if isinstance(value, str):
+        text = f'"{printable(value)}"'
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        text = f"a {value.bit_length()}-bit number"  # repr() refuses past 4,300 digits
+    else:
+        try:
+            text = printable(repr(value))
+        except ValueError:  # a container holding such a number
+            text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."

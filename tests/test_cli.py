@@ -1,0 +1,238 @@
+"""The command line: global options before or after the command mean the
+same; an option, an address or a REGISTRAR_* variable that does not parse
+is one line on stderr and exit 2, never a traceback. A handful of cases run
+the real `registrar` console script; the rest run in-process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from registrar import cli
+from registrar_testing import free_port
+
+REGISTRAR = str(Path(sys.executable).with_name("registrar"))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRAR_")}
+    return {**env, **extra}
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    """A valid configuration whose registry is a closed port on 127.0.0.1,
+    with a 1 s stop budget: `deregister` fails fast and logs."""
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({
+        "service": {"name": "web", "port": 8080, "id": "web-0", "address": "127.0.0.1"},
+        "backends": [{"type": "etcd", "endpoints": [f"http://127.0.0.1:{free_port()}"],
+                      "timeout": "200ms"}],
+        "stop": {"grace_period": "2s", "safety_margin": "1s"},
+        "control": {"listen": None}}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_registrar_variables(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("REGISTRAR_"):
+            monkeypatch.delenv(name)
+
+
+def run(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([REGISTRAR, *argv], capture_output=True, text=True, timeout=60,
+                          env=clean_env(**env))
+
+
+def one_line(text: str) -> str:
+    assert text.count("\n") == 1 and text.endswith("\n") and "Traceback" not in text, text
+    return text[:-1]
+
+
+# -- the real console script -------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_log_options_before_or_after_the_command_take_effect(cfg, where):
+    options = ["--log-level", "error", "--log-format", "json"]
+    argv = [*options, "deregister", "-c", str(cfg)] if where == "before" else \
+        ["deregister", "-c", str(cfg), *options]
+    proc = run(*argv)
+    assert proc.returncode == 1, proc.stderr  # nothing listens: the removal failed
+    records = [json.loads(line) for line in proc.stderr.splitlines()]  # every line JSON
+    assert records and {r["level"] for r in records} == {"error"}, records
+    assert any("stop incomplete" in r["msg"] for r in records)
+
+
+def test_the_log_variables_apply_when_no_option_is_given(cfg):
+    proc = run("deregister", "-c", str(cfg), REGISTRAR_LOG_LEVEL="ERROR",
+               REGISTRAR_LOG_FORMAT="json")
+    assert proc.returncode == 1
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert records and {r["level"] for r in records} == {"error"}
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    (["prestop", "--control", "garbage"], {},
+     "registrar prestop: --control: expected host:port, http://host:port or unix:/path, "
+     "got 'garbage'"),
+    (["prestop", "--control", "127.0.0.1:99999"], {},
+     "registrar prestop: --control: expected host:port, http://host:port or unix:/path, "
+     "got '127.0.0.1:99999'"),
+    (["prestop"], {"REGISTRAR_CONTROL": "unix:"},
+     "registrar prestop: REGISTRAR_CONTROL: expected host:port, http://host:port or unix:/path, "
+     "got 'unix:'"),
+    (["schema"], {"REGISTRAR_LOG_LEVEL": "verbose"},
+     'registrar schema: REGISTRAR_LOG_LEVEL: expected one of debug, info, warning, error, '
+     'got "verbose"'),
+    (["check", "-c", "/dev/null"], {"REGISTRAR_LOG_FORMAT": "yaml"},
+     'registrar check: REGISTRAR_LOG_FORMAT: expected one of text, json, got "yaml"'),
+])
+def test_the_real_command_refuses_in_one_line(argv, env, expected):
+    proc = run(*argv, **env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert one_line(proc.stderr) == expected
+
+
+def test_check_accepts_a_valid_config_and_contacts_nothing(cfg):
+    proc = run("--log-level", "debug", "check", "-c", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{cfg}: valid: web/web-0 at 127.0.0.1:8080 on etcd\n"
+
+
+# -- in-process ----------------------------------------------------------------------------
+
+def parsed(argv: list[str], env: dict[str, str] | None = None) -> dict:
+    args = cli._parser().parse_args(argv)
+    cli._resolve(args, env or {})
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+@pytest.mark.parametrize("command,extra", [("agent", []), ("run", ["--", "app", "-c", "x"]),
+                                           ("register", []), ("deregister", []),
+                                           ("status", []), ("check", []),
+                                           ("prestop", ["--control", "127.0.0.1:1"])])
+def test_global_options_mean_the_same_before_and_after_the_command(command, extra):
+    options = ["--log-level", "debug", "--log-format", "json", "-c", "/etc/registrar.yaml"]
+    after = parsed([command, *options, *extra])
+    assert parsed([*options, command, *extra]) == after
+    assert parsed([options[0], options[1], command, *options[2:], *extra]) == after
+    assert (after["log_level"], after["log_format"], after["config"]) == \
+        ("debug", "json", "/etc/registrar.yaml")
+    if command == "run":
+        assert after["argv"] == ["--", "app", "-c", "x"]  # the app's own options stay its own
+
+
+def test_an_option_after_the_command_wins_over_one_before():
+    assert parsed(["--log-level", "debug", "schema", "--log-level", "error"])["log_level"] == \
+        "error"
+
+
+def test_options_beat_variables_and_variables_beat_defaults():
+    env = {"REGISTRAR_LOG_LEVEL": "Warning", "REGISTRAR_LOG_FORMAT": "json",
+           "REGISTRAR_CONFIG": "/from/env.yaml"}
+    assert parsed(["check"], env) | {} == {"command": "check", "log_level": "warning",
+                                           "log_format": "json", "config": "/from/env.yaml"}
+    got = parsed(["--log-level", "error", "check", "-c", "x.yaml"], env)
+    assert (got["log_level"], got["config"]) == ("error", "x.yaml")
+    got = parsed(["schema"], {"REGISTRAR_LOG_LEVEL": "", "REGISTRAR_LOG_FORMAT": "  "})
+    assert (got["log_level"], got["log_format"]) == ("info", "text")  # empty: unset
+
+
+def test_a_bad_variable_is_refused_even_when_an_option_overrides_it():
+    with pytest.raises(cli.UsageError, match="^REGISTRAR_LOG_LEVEL: expected one of"):
+        parsed(["--log-level", "info", "schema"], {"REGISTRAR_LOG_LEVEL": "verbose"})
+
+
+@pytest.mark.parametrize("argv", [
+    ["--log-level", "verbose", "schema"], ["schema", "--log-format", "yaml"],
+    ["prestop", "--timeout", "nan"], ["prestop", "--timeout", "inf"],
+    ["prestop", "--timeout", "-1"], ["prestop", "--timeout", "0"],
+    ["register", "-c", "x", "--timeout", "1e9"], ["register", "-c", "x", "--timeout", "soon"],
+    ["agent", "--no-such-option"], ["no-such-command"],
+])
+def test_an_option_that_does_not_parse_is_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = one_line(capsys.readouterr().err)
+    assert err.startswith("registrar") and "(see registrar" in err
+
+
+@pytest.mark.parametrize("control,env", [
+    ("garbage", {}), ("127.0.0.1:99999", {}), ("127.0.0.1:0", {}), ("unix:", {}),
+    ("unix:relative.sock", {}), ("[::1]:", {}), ("https://127.0.0.1:9901", {}),
+    (None, {"REGISTRAR_CONTROL": "garbage"}), (None, {"REGISTRAR_CONTROL": "127.0.0.1:-1"}),
+    (None, {"REGISTRAR_CONTROL": "unix:/" + "a" * 200}),
+])
+def test_an_address_that_does_not_parse_is_one_line_naming_where_it_came_from(
+        control, env, capsys, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["prestop", *(["--control", control] if control else [])]) == 2
+    err = one_line(capsys.readouterr().err)
+    where = "--control" if control else "REGISTRAR_CONTROL"
+    assert err.startswith(f"registrar prestop: {where}: expected host:port"), err
+
+
+@pytest.mark.parametrize("control,token_file,expected", [
+    ("garbage", None, "config error: control.listen: expected host:port"),
+    ("127.0.0.1:0", None, "config error: control.listen: expected host:port"),
+    (["a"], None, "config error: control.listen: expected host:port"),
+    ("127.0.0.1:1", ["x"], "config error: control.token_file: expected a file name"),
+    ("127.0.0.1:1", "/tmp/a\0b", "config error: control.token_file: expected a file name"),
+])
+def test_prestop_names_the_config_field_it_could_not_use(tmp_path, capsys, control, token_file,
+                                                         expected):
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"control": {"listen": control, "token_file": token_file}}))
+    assert cli.main(["prestop", "-c", str(path)]) == 2
+    assert one_line(capsys.readouterr().err).startswith(expected)
+
+
+@pytest.mark.parametrize("text,expected", [("control: [1]\n", "control: expected a mapping"),
+                                           ("stop: 5\n", "stop: expected a mapping")])
+def test_prestop_refuses_a_config_of_the_wrong_shape(tmp_path, capsys, text, expected):
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    assert cli.main(["prestop", "-c", str(path)]) == 2
+    assert one_line(capsys.readouterr().err) == f"config error: {expected}, got " + \
+        ("[1]" if "control" in text else "5")
+
+
+def test_prestop_resolves_the_address_from_option_variable_config_default(tmp_path, monkeypatch):
+    path = tmp_path / "agent.yaml"
+    path.write_text("control: {listen: 'unix:/run/registrar.sock'}\n")
+    assert parsed(["prestop", "--control", "http://[::1]:9/"])["control"] == "[::1]:9"
+    assert parsed(["prestop", "-c", str(path)],
+                  {"REGISTRAR_CONTROL": "localhost:7"})["control"] == "localhost:7"
+    assert parsed(["prestop", "-c", str(path)])["control"] == "unix:/run/registrar.sock"
+    assert parsed(["prestop"], {"REGISTRAR_CONTROL": ""})["control"] == "127.0.0.1:9901"
+
+
+@pytest.mark.parametrize("command", cli.NEEDS_CONFIG)
+def test_a_command_without_its_config_says_how_to_give_one(command, capsys):
+    assert cli.main([command]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"registrar {command}: give the configuration file with --config FILE "
+        "(or set REGISTRAR_CONFIG)")
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_a_config_error_with_a_control_character_stays_one_line(tmp_path, capsys):
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"service": {"name": "web", "port": 8080, "a\nb\u2028": 1},
+                                    "backends": [{"type": "etcd"}]}))
+    assert cli.main(["check", "-c", str(path)]) == 2
+    assert one_line(capsys.readouterr().err) == \
+        "config error: service.a\\nb\\u2028: unknown key; known keys: name, id, address, " \
+        "port, tags, meta"
