@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pydantic import Field, field_validator, model_validator
 
 from .errors import MemberDown, RegistrarError, RegistryUnavailable
-from .fields import Model
+from .fields import Model, show
 
 #: Causes worth a few words instead of a client library's paragraph.
 KNOWN_CAUSES = (("Connection refused", "connection refused"),
@@ -95,8 +95,16 @@ class TLSConfig(Model):
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
     def _readable(cls, path: str | None) -> str | None:
-        if path is not None and not os.access(path, os.R_OK):
-            raise ValueError(f"cannot read {path}")
+        if path is None:
+            return path
+        try:
+            readable = os.path.isfile(path) and os.access(path, os.R_OK)
+        except ValueError:  # a NUL in the path
+            readable = False
+        if not readable:
+            why = "no such file" if "\0" not in path and not os.path.exists(path) else \
+                "not a readable file"
+            raise ValueError(f"cannot read {show(path)}: {why}")
         return path
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -87,9 +87,31 @@ def _no_bool(value: Any) -> Any:
 Integer = Annotated[int, BeforeValidator(_no_bool)]
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class Model(BaseModel):
-    """Base of every config section: unknown keys are errors."""
+    """Base of every config section: unknown keys are errors, and no text
+    value may hold a control character (a NUL or a newline in a path, an
+    address or a name only ever breaks something further on)."""
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control_characters(cls, value: Any) -> Any:
+        items = (value.values() if isinstance(value, dict) else
+                 value if isinstance(value, (list, tuple)) else (value,))
+        for item in items:
+            if isinstance(item, str) and _CONTROL.search(item):
+                raise PydanticCustomError(
+                    "control_character", "no control characters (a newline, a NUL) allowed")
+        if isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str) and _CONTROL.search(key):
+                    raise PydanticCustomError(
+                        "control_character", "no control characters (a newline, a NUL) "
+                        "allowed in a key")
+        return value
 
 
 def read_token(path: str, field: str) -> str:

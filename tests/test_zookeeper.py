@@ -210,7 +210,7 @@ def test_config_parsing():
     ({"acl": ["world:anyone:rx"]}, 'backends[0].acl: expected "scheme:id:perms"'),
     ({"auth": {"file": "/f", "env": "E"}}, "backends[0].auth: give exactly one of file or env"),
     ({"session_timeout": "500ms"},
-     'backends[0].session_timeout: should be at least 1s, got "500ms"'),
+     'backends[0].session_timeout: should be from 1s to 24h, got "500ms"'),
     ({"base_path": "services"}, "backends[0].base_path: string should match pattern"),
     ({"uri_spec": "{a"}, "backends[0].uri_spec: unbalanced braces"),
     ({"tls": {"verfy": False}}, "backends[0].tls.verfy: unknown key"),

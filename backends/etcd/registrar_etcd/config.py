@@ -7,7 +7,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from registrar.plugin import BackendConfig, ConfigError, Duration, StrList, TLSConfig, read_token
+from registrar.plugin import (BackendConfig, ConfigError, Duration, StrList, TLSConfig, read_token,
+                              show)
 
 #: The environment variable read for the password when no password_file is given.
 PASSWORD_ENV = "ETCD_PASSWORD"
@@ -42,9 +43,14 @@ class EtcdConfig(BackendConfig):
     @classmethod
     def _urls(cls, endpoints: list[str]) -> list[str]:
         for url in endpoints:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
-                raise ValueError(f"expected a URL like http://10.0.0.1:2379, got {url!r}")
+            try:
+                parts = urlsplit(url)
+                ok = parts.scheme in ("http", "https") and parts.hostname and parts.port
+            except ValueError:  # "http://[::1", a port past 65535
+                ok = False
+            if not ok:
+                raise ValueError(f"expected a URL like http://10.0.0.1:2379 (port 1..65535), "
+                                 f"got {show(url)}")
         return endpoints
 
     @field_validator("password_file")
