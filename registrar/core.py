@@ -15,6 +15,7 @@ from ._threads import settled, spawn
 from .clock import Clock, Deadline
 from .config import HeartbeatConfig, StopConfig
 from .errors import ConfigError, RegistrarError, RegistrationRejected, RegistryUnavailable
+from .fields import show
 from .instance import Instance
 from .plugin import Backend
 from .registration import BackendState, Registration, Slot
@@ -71,6 +72,13 @@ class Registrar:
         svc = cfg.service
         instance = Instance.create(svc.name, svc.port, id=svc.id, address=svc.address,
                                    tags=svc.tags, meta=svc.meta, environ=environ)
+        # What the Downward API variables gave gets the checks the config's
+        # own service.id and service.address get.
+        if svc.address is None and not config.is_host(instance.address):
+            raise ConfigError("service.address", f"$POD_IP is {show(instance.address)}: not an "
+                                                 f"IP address or host name")
+        if svc.id is None and not (instance.id.isprintable() and instance.id.strip()):
+            raise ConfigError("service.id", f"$POD_NAME is {show(instance.id)}: not a name")
         backends = []
         for i, (backend_cls, section) in enumerate(cfg.backends):
             try:

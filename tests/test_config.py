@@ -231,3 +231,17 @@ def test_a_hostile_file_is_one_line_and_exit_2(tmp_path, capsys, text, expected)
     assert cli.main(["agent", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"POD_IP": "foo bar"}, 'service.address: $POD_IP is "foo bar": not an IP address'),
+    ({"POD_NAME": "a\nb", "POD_IP": "10.0.0.1"}, 'service.id: $POD_NAME is "a\\nb": not a name'),
+])
+def test_downward_api_variables_are_checked_like_the_config(environ, message):
+    from registrar import Registrar
+
+    raw = {"service": {"name": "web", "port": 8080},
+           "backends": [{"type": "etcd", "endpoints": ["http://127.0.0.1:1"]}]}
+    with pytest.raises(ConfigError) as info:
+        Registrar.from_config(raw, environ=environ)
+    assert str(info.value).startswith(message)
