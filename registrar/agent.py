@@ -8,10 +8,17 @@ from __future__ import annotations
 import logging
 import threading
 
-from .clock import Deadline
 from .config import AgentConfig
 from .core import Registrar
-from .lifecycle import Lifecycle, make_drain, make_gate, readiness, serve_control, start
+from .lifecycle import (
+    Lifecycle,
+    make_drain,
+    make_gate,
+    readiness,
+    serve_control,
+    serve_late_hooks,
+    start,
+)
 from .signals import STOP_SIGNALS, SignalPipe
 from .stopping import Trigger
 
@@ -21,7 +28,9 @@ log = logging.getLogger(__name__)
 def run_agent(registrar: Registrar, config: AgentConfig) -> int:
     """Sidecar: register, heartbeat, serve /prestop; exit on SIGTERM/SIGINT
     (0 when the removal was confirmed everywhere). After a /prestop the
-    agent stays up, out of every registry, until its own SIGTERM."""
+    agent stays up, out of every registry, until its own SIGTERM; after
+    that, until every /prestop that may still come is answered
+    (lifecycle.serve_late_hooks)."""
     pipe = SignalPipe().catch(STOP_SIGNALS)
     life = Lifecycle(registrar, pipe, drain=make_drain(registrar, config),
                      app_reserve=config.stop.app_reserve)
@@ -43,12 +52,12 @@ def run_agent(registrar: Registrar, config: AgentConfig) -> int:
         report = life.stop(Trigger.fatal(fatal[0]))
     stopped.set()
     if server is not None:
-        if signals and not server.responses_sent.is_set():
-            # A regular sidecar gets its SIGTERM the moment the app's preStop
-            # hook starts calling it: keep answering that late caller a while.
-            linger = Deadline(min(life.deadline.at, life.first_at + config.control.linger),
-                              registrar.clock)
-            server.responses_sent.wait(linger.remaining())
-        server.close()
+        server.hand_over(report)
+        if signals:
+            # A regular sidecar gets its SIGTERM as the app's preStop hook
+            # starts calling it: stay until no hook can still come.
+            serve_late_hooks(server, life, config.control.linger,
+                             registrar.instance.port if gate is not None else None)
+        server.close(grace=min(0.5, max(life.deadline.remaining(), 0)))
     pipe.close()
     return 0 if report.ok and not fatal else 1

@@ -1,217 +1,678 @@
 """The control server of `agent` and `run` modes.
 
 GET /healthz (alive), GET /readyz (200 only while registered and not
-stopping; the body says why not), GET|POST /prestop (runs or joins the stop sequence and blocks
-until it is done; the kubelet's httpGet preStop hook), GET /status (JSON),
-GET /metrics (Prometheus text). stdlib http.server with a thread per
-connection, so a slow client never blocks the agent or another client.
+stopping; the body says why not), GET|POST /prestop (runs or joins the stop
+sequence and blocks until it is done; the kubelet's httpGet preStop hook),
+GET /status (JSON), GET /metrics (Prometheus text).
+
+One asyncio loop in a thread of its own reads every connection, so a slow,
+idle or hostile client costs a few kilobytes, never a thread: a thousand
+connections, or a slowloris, leave /healthz answering in milliseconds. Only
+the endpoints that may block (/readyz, /status, /metrics, /prestop) run in
+daemon threads, a bounded number per kind. HTTP/1.0 and 1.1 only, strictly
+framed: a request's body is read (up to MAX_BODY) before it is answered or
+the connection is closed, so a body is never taken for the next request.
 """
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import hmac
 import json
 import logging
 import os
+import re
 import socket
-import socketserver
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ._threads import spawn
 from .core import Registrar
 from .metrics import Metrics
+from .prestop import report_file
 from .source import parse_listen
 from .stopping import StopReport
 
 log = logging.getLogger(__name__)
 
-#: Seconds a client may take to send its request; a slow or silent client
-#: costs one thread for at most this long.
+#: Seconds a client may take to send a whole request (request line,
+#: headers, body), counted from the connection or the previous answer; a
+#: silent keep-alive connection is closed after as long.
 REQUEST_TIMEOUT = 10.0
+#: Request line plus headers, bytes; beyond it: 431 and close.
+MAX_HEAD = 16384
+MAX_HEADERS = 100
+#: Request body, bytes (no endpoint uses one); beyond it: 413 and close.
+MAX_BODY = 16384
+#: Open connections (fewer when the file descriptor limit is low). Past it
+#: a new one evicts one already answered, else the longest idle, else the
+#: longest still sending its request; when all are being answered, the new
+#: one gets 503 and is closed.
+MAX_CONNECTIONS = 1024
+#: File descriptors kept for everything else (registry clients, probes, logs).
+_FD_RESERVE = 128
+#: listen() backlog: a burst of connections waits in the kernel instead of
+#: being dropped (the kernel caps it at net.core.somaxconn).
+BACKLOG = 1024
+_ACCEPT_BATCH = 16
+_SOCKET_BUFFER = 65536
+#: Threads at most per kind of blocking endpoint.
+WORKERS = {"probe": 2, "work": 4, "prestop": 16}
+#: After an error answer, how long to read and discard what the client still
+#: sends before closing (closing with unread data would reset the answer).
+_LINGER_ON_CLOSE = 1.0
 
 _GET, _BOTH = frozenset({"GET", "HEAD"}), frozenset({"GET", "HEAD", "POST"})
 _ROUTES = {"/healthz": _GET, "/readyz": _GET, "/prestop": _BOTH, "/status": _GET,
            "/metrics": _GET}
 _OPEN = {"/healthz", "/readyz"}  # no token needed: probes
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
 
 
 class ControlServer:
     """Serves the endpoints for one Registrar. ``prestop`` is what /prestop
     runs: a callable returning the StopReport (the mode decides the trigger
-    and the deadline)."""
+    and the deadline). Listens from construction (so a busy address fails
+    there); serves once started."""
 
     def __init__(self, registrar: Registrar, listen: str, prestop: Callable[[], StopReport],
                  token: str | None = None,
-                 ready: Callable[[], tuple[bool, str]] | None = None):
+                 ready: Callable[[], tuple[bool, str]] | None = None, *,
+                 request_timeout: float = REQUEST_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS):
         self.registrar = registrar
         self.listen = listen
         self.prestop = prestop
         self.token = token
         self.ready = ready or registrar.readiness
         self.metrics = Metrics(registrar)
+        self.request_timeout = request_timeout
+        self.max_connections = min(max_connections, _fd_room())
         self.responses_sent = threading.Event()  # set after a /prestop answer went out
-        where = parse_listen(listen)
-        handler = _make_handler(self)
-        if isinstance(where, str):
-            if os.path.exists(where):
-                os.unlink(where)  # a socket left by a previous run of this container
-            self._server: socketserver.BaseServer = _UnixHTTPServer(where, handler)
+        self._prestops = 0  # /prestop requests being answered
+        self._changed = threading.Condition()
+        self._conns: set[_Connection] = set()
+        self._running = {kind: 0 for kind in WORKERS}  # threads per kind of endpoint
+        self._pending: dict[str, deque] = {kind: deque() for kind in WORKERS}
+        self._where = parse_listen(listen)
+        self._sock = _bind(self._where)
+        if isinstance(self._where, str):
+            self._address = f"unix:{self._where}"
         else:
-            cls = _HTTPServer6 if ":" in where[0] else _HTTPServer
-            self._server = cls(where, handler)
-        self._server.daemon_threads = True
+            host, port = self._sock.getsockname()[:2]
+            self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._report_path = report_file(self._where) if isinstance(self._where, str) else None
+        if self._report_path:
+            _unlink(self._report_path)  # a report left by a previous run of this container
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     @property
     def address(self) -> str:
-        """Where it actually listens (the port is real when 0 was asked)."""
-        addr = self._server.server_address
-        if isinstance(addr, str):
-            return f"unix:{addr}"
-        host = addr[0]
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+        """Where it listens (the port is real when 0 was asked)."""
+        return self._address
+
+    @property
+    def connections(self) -> int:
+        """Connections open right now."""
+        return len(self._conns)
 
     def start(self) -> "ControlServer":
-        # A short poll interval: close() waits for one, and it runs at exit.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        name="control", daemon=True)
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="control",
+                                        daemon=True)
         self._thread.start()
+        started.wait(5)
         log.info("control server listening on %s", self.address)
         return self
 
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if isinstance(self._server.server_address, str):
+    def hand_over(self, report: StopReport) -> None:
+        """Leave the stop's report where a `registrar prestop` that comes
+        after this process has gone looks for it: next to a unix socket
+        (a directory the hook's container shares). Over TCP only the
+        lingering server hands it over."""
+        if self._report_path is None:
+            return
+        doc = {"ok": report.ok, "summary": report.summary(), "finished_at": time.time(),
+               "pid": os.getpid(), "report": report.to_dict()}
+        tmp = f"{self._report_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, default=str)
+            os.replace(tmp, self._report_path)
+        except OSError as exc:
+            log.warning("cannot leave the stop report in %s: %s", self._report_path,
+                        exc.strerror or exc)
+
+    def prestops_in_flight(self) -> int:
+        """/prestop requests received and not yet answered."""
+        with self._changed:
+            return self._prestops
+
+    def wait_changed(self, timeout: float) -> None:
+        """Sleep until a /prestop is received or answered, or timeout."""
+        with self._changed:
+            self._changed.wait(max(timeout, 0))
+
+    def close(self, grace: float = 0.5) -> None:
+        """Stop listening; give requests already being received or answered
+        up to ``grace`` seconds to get their answer (a /prestop among them
+        gets the report), then close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None and self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(grace), self._loop)
             try:
-                os.unlink(self._server.server_address)
-            except OSError:
+                future.result(grace + 2)
+            except Exception:  # noqa: BLE001 - closing must not fail the exit
+                log.debug("control: shutdown did not finish", exc_info=True)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(2)
+        if not self._loop.is_running():
+            self._loop.close()
+        self._sock.close()
+        if isinstance(self._where, str):
+            _unlink(self._where)
+
+    # -- the loop (every method below runs in the loop's thread) ----------------
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            make = (self._loop.create_unix_server if isinstance(self._where, str)
+                    else self._loop.create_server)
+            # asyncio accepts up to ``backlog`` connections in one go and
+            # listens with it: accept in small batches (a burst then takes
+            # turns with the requests already in), listen with the real one.
+            self._server = self._loop.run_until_complete(
+                make(lambda: _Connection(self), sock=self._sock, backlog=_ACCEPT_BATCH))
+            self._sock.listen(BACKLOG)
+        finally:
+            started.set()
+        self._loop.run_forever()
+
+    async def _shutdown(self, grace: float) -> None:
+        if self._server is not None:
+            self._server.close()  # no new connection from here on
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(c.busy() for c in self._conns):
+            await asyncio.sleep(0.01)
+        for conn in list(self._conns):
+            conn.abort()
+
+    def _admit(self, conn: _Connection) -> bool:
+        """Room for one more connection: past the cap, close one already
+        answered, else the one idle longest, else the one that has been
+        sending its request longest."""
+        if len(self._conns) >= self.max_connections:
+            for state in ("closing", "idle", "reading"):
+                waiting = [c for c in self._conns if c.state == state]
+                if waiting:
+                    min(waiting, key=lambda c: c.since).abort()
+                    break
+            else:
+                return False
+        self._conns.add(conn)
+        return True
+
+    def _submit(self, kind: str, fn: Callable[[], Any],
+                done: Callable[[Future], None]) -> None:
+        """Run a call that may block in a daemon thread (a stop stuck on a
+        dead registry must never hold the process at exit), at most
+        WORKERS[kind] at a time; ``done`` gets its future in the loop."""
+        if self._running[kind] >= WORKERS[kind]:
+            self._pending[kind].append((fn, done))
+            return
+        self._running[kind] += 1
+
+        def finished(future: Future) -> None:
+            self._running[kind] -= 1
+            if self._pending[kind]:
+                self._submit(kind, *self._pending[kind].popleft())
+            done(future)
+
+        def hand_back(future: Future) -> None:
+            try:
+                self._loop.call_soon_threadsafe(finished, future)
+            except RuntimeError:  # the server was closed meanwhile
                 pass
 
+        spawn(fn, name=f"control-{kind}").add_done_callback(hand_back)
 
-class _LoggedErrors:
-    def handle_error(self, request, client_address) -> None:
-        # socketserver prints a traceback to stderr; a client that went away
-        # mid-request is no news worth more than a debug line.
-        log.debug("control: error while serving a request", exc_info=True)
+    def _answer(self, conn: _Connection, req: _Request) -> None:
+        """Answer at once, or hand the call to a thread and answer from there."""
+        route = _ROUTES.get(req.path)
+        if route is None:
+            return conn.reply(req, HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {req.path}"})
+        if req.method not in route:
+            return conn.reply(req, HTTPStatus.METHOD_NOT_ALLOWED,
+                              {"error": f"{req.method} not allowed on {req.path}"},
+                              {"Allow": ", ".join(sorted(route))})
+        if req.path not in _OPEN and self.token and not self._authorized(req):
+            return conn.reply(req, HTTPStatus.UNAUTHORIZED,
+                              {"error": "missing or wrong bearer token"},
+                              {"WWW-Authenticate": "Bearer"})
+        if req.path == "/healthz":
+            return conn.reply(req, HTTPStatus.OK, {"status": "alive"})
+        if req.path == "/prestop":
+            with self._changed:
+                self._prestops += 1
+                self._changed.notify_all()
+        kind, call, answer = {
+            "/readyz": ("probe", self.ready, _readyz),
+            "/status": ("work", lambda: self.registrar.status(observe=True), _as_json),
+            "/metrics": ("work", self.metrics.render, _as_text),
+            "/prestop": ("prestop", self.prestop, _prestop),
+        }[req.path]
 
-
-class _HTTPServer(_LoggedErrors, ThreadingHTTPServer):
-    pass
-
-
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
-
-
-class _UnixHTTPServer(_LoggedErrors, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-    def get_request(self):  # BaseHTTPRequestHandler expects (host, port)
-        request, _ = super().get_request()
-        return request, ("unix", 0)
-
-
-def _make_handler(control: ControlServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "registrar"
-        timeout = REQUEST_TIMEOUT
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            self._dispatch("GET")
-
-        def do_HEAD(self) -> None:
-            self._dispatch("HEAD")
-
-        def do_POST(self) -> None:
-            self._dispatch("POST")
-
-        def _dispatch(self, method: str) -> None:
-            path = self.path.split("?", 1)[0]
-            allowed = _ROUTES.get(path)
-            if allowed is None:
-                return self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path}"})
-            if method not in allowed:
-                return self._send(HTTPStatus.METHOD_NOT_ALLOWED,
-                                  {"error": f"{method} not allowed on {path}"},
-                                  {"Allow": ", ".join(sorted(allowed))})
-            if path not in _OPEN and control.token and not self._authorized():
-                return self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"},
-                                  {"WWW-Authenticate": "Bearer"})
-            self._discard_body()
+        def done(future: Future) -> None:
             try:
-                getattr(self, "_" + path[1:])(method)
-            except Exception:  # noqa: BLE001 - the server must never die of one request
-                log.exception("control: %s %s failed", method, path)
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+                status, body, headers = answer(future.result())
+            except Exception:  # noqa: BLE001 - one request's failure is its own
+                log.error("control: %s %s failed", req.method, req.path,
+                          exc_info=future.exception())
+                status, body, headers = (HTTPStatus.INTERNAL_SERVER_ERROR,
+                                         {"error": "internal error"}, None)
+            conn.reply(req, status, body, headers)
+            if req.path == "/prestop":
+                with self._changed:
+                    self._prestops -= 1
+                    self._changed.notify_all()
+                self.responses_sent.set()
 
-        def _authorized(self) -> bool:
-            given = self.headers.get("Authorization", "")
-            expected = f"Bearer {control.token}"
-            return hmac.compare_digest(given.encode(), expected.encode())
+        conn.wait_for_answer()
+        self._submit(kind, call, done)
 
-        def _discard_body(self) -> None:
-            length = self.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) <= 65536:
-                self.rfile.read(int(length))
+    def _authorized(self, req: _Request) -> bool:
+        given = req.headers.get("authorization", "").encode("latin-1")
+        expected = f"Bearer {self.token}".encode()
+        return hmac.compare_digest(given, expected)
 
-        # -- endpoints ------------------------------------------------------
 
-        def _healthz(self, method: str) -> None:
-            self._send(HTTPStatus.OK, {"status": "alive"}, head=method == "HEAD")
+def _readyz(result: tuple[bool, str]) -> tuple[HTTPStatus, Any, None]:
+    ready, reason = result
+    return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+            {"ready": ready, "reason": reason}, None)
 
-        def _readyz(self, method: str) -> None:
-            ready, reason = control.ready()
-            self._send(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-                       {"ready": ready, "reason": reason}, head=method == "HEAD")
 
-        def _prestop(self, method: str) -> None:
-            report = control.prestop()
-            self._send(HTTPStatus.OK if report.ok else HTTPStatus.INTERNAL_SERVER_ERROR,
-                       {**report.to_dict(), "summary": report.summary()}, head=method == "HEAD")
-            control.responses_sent.set()
+def _as_json(result: Any) -> tuple[HTTPStatus, Any, None]:
+    return HTTPStatus.OK, result, None
 
-        def _status(self, method: str) -> None:
-            self._send(HTTPStatus.OK, control.registrar.status(observe=True),
-                       head=method == "HEAD")
 
-        def _metrics(self, method: str) -> None:
-            body, content_type = control.metrics.render()
-            self._send(HTTPStatus.OK, body, {"Content-Type": content_type},
-                       head=method == "HEAD")
+def _as_text(result: tuple[bytes, str]) -> tuple[HTTPStatus, Any, dict[str, str]]:
+    body, content_type = result
+    return HTTPStatus.OK, body, {"Content-Type": content_type}
 
-        # -- plumbing -------------------------------------------------------
 
-        def _send(self, status: HTTPStatus, body: Any, headers: dict[str, str] | None = None,
-                  head: bool = False) -> None:
-            if isinstance(body, bytes):
-                data = body
-            else:
-                data = (json.dumps(body, default=str) + "\n").encode()
-                headers = {"Content-Type": "application/json", **(headers or {})}
-            try:
-                self.send_response(status)
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(data)
-            except OSError:
-                pass  # the client went away; nothing to tell it
+def _prestop(report: StopReport) -> tuple[HTTPStatus, Any, None]:
+    return (HTTPStatus.OK if report.ok else HTTPStatus.INTERNAL_SERVER_ERROR,
+            {**report.to_dict(), "summary": report.summary()}, None)
 
-        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-            # Malformed requests land here (400, 414, 431, 501): answer JSON.
-            if code == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method
-                code = HTTPStatus.METHOD_NOT_ALLOWED
-            self.request_version = "HTTP/1.1"  # a status line even for "HTTP/0.9" garbage
-            self.close_connection = True
-            self._send(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("control: " + format, *args)
+class _Connection(asyncio.Protocol):
+    """One client connection, parsed as its bytes arrive: no task, no
+    thread. States: idle (no byte of a request yet), reading, serving (an
+    answer is being made in a thread), closing (answered; reading and
+    dropping what still comes for a moment)."""
 
-    return Handler
+    def __init__(self, server: ControlServer):
+        self.server = server
+        self.loop = server._loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.state = "idle"
+        self.opened = self.since = time.monotonic()
+        self.served = 0
+        self.eof = False
+        self.lost = False
+        self.write_paused = False
+        self.continued = False  # "100 Continue" sent for the request being read
+        self.line_checked = False  # the request line being read has passed
+        self.scanned = 0  # the buffer holds no end of the head before this
+        self.processing = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio's callbacks ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not self.server._admit(self):
+            transport.write(_response(HTTPStatus.SERVICE_UNAVAILABLE,  # type: ignore[attr-defined]
+                                      {"error": "too many connections"}, close=True))
+            transport.close()
+            self.lost = True
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # small kernel buffers: requests and answers are small, and a
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # client that never reads
+                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)  # is seen soon
+        self._arm(self.server.request_timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "closing" or self.lost:
+            return  # read and dropped
+        self.buffer += data
+        if self.state == "serving" or self.write_paused:
+            if len(self.buffer) > MAX_HEAD + MAX_BODY:
+                self.transport.pause_reading()  # a client racing ahead of its answers
+            return
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.state != "serving":
+            self._close()  # nothing more can complete a request, or it is all answered
+        return True  # an answer may still be on its way: close when it is out
+
+    def pause_writing(self) -> None:
+        self.write_paused = True  # a client that does not read its answers
+        self.transport.pause_reading()
+        self._arm(self.server.request_timeout, self.abort)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.state == "closing":
+            self._arm(_LINGER_ON_CLOSE, self._close)
+        elif self.state in ("idle", "reading"):
+            self.transport.resume_reading()
+            self._arm(self.server.request_timeout, self._timed_out)
+            self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.server._conns.discard(self)
+
+    # -- the work -----------------------------------------------------------------
+
+    def busy(self) -> bool:
+        """Receiving or being answered, or so new that its request may be
+        on its way: what close() lets finish."""
+        return (self.state in ("reading", "serving")
+                or (self.state == "idle" and not self.served
+                    and time.monotonic() - self.opened < 0.25))
+
+    def abort(self) -> None:
+        self.server._conns.discard(self)
+        self.lost = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _to(self, state: str) -> None:
+        if state != self.state:
+            self.state, self.since = state, time.monotonic()
+
+    def _arm(self, seconds: float, then: Callable[[], None]) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(seconds, then)
+
+    def _process(self) -> None:
+        """Answer every whole request in the buffer, in order (a loop, not
+        a recursion through reply(): a pipeline may hold thousands)."""
+        if self.processing:
+            return
+        self.processing = True
+        try:
+            while not (self.lost or self.write_paused) and self.state in ("idle", "reading"):
+                while self.buffer.startswith((b"\r\n", b"\n")):  # allowed before a request
+                    del self.buffer[:2 if self.buffer.startswith(b"\r") else 1]
+                    self.scanned = 0
+                if not self.buffer:
+                    return
+                self._to("reading")
+                request = self._take_request()
+                if request is None:
+                    return  # wait for more
+                if isinstance(request, _Refusal):
+                    return self._refuse(request)
+                self._to("serving")
+                self.served += 1
+                self.server._answer(self, request)
+        finally:
+            self.processing = False
+
+    def _take_request(self) -> _Request | _Refusal | None:
+        """The next whole request out of the buffer (its body dropped), a
+        refusal, or None while it is incomplete."""
+        buf = self.buffer
+        if not self.line_checked:
+            line_end = buf.find(b"\n", self.scanned)
+            if line_end < 0:
+                self.scanned = len(buf)
+                return _too_large() if len(buf) > MAX_HEAD else None
+            refusal = _check_request_line(bytes(buf[:line_end]).rstrip(b"\r"))
+            if refusal is not None:
+                return refusal
+            self.line_checked, self.scanned = True, line_end
+        # Scan each byte about once, however slowly the head arrives.
+        ends = [i for i in (buf.find(b"\n\r\n", self.scanned), buf.find(b"\n\n", self.scanned))
+                if i >= 0]
+        if not ends:
+            self.scanned = max(self.scanned, len(buf) - 2)
+            return _too_large() if len(buf) > MAX_HEAD else None
+        end = min(ends)
+        head_end = end + (3 if buf[end + 1:end + 2] == b"\r" else 2)
+        if head_end > MAX_HEAD:
+            return _too_large()
+        lines = [line.rstrip(b"\r") for line in bytes(buf[:end]).split(b"\n")]
+        if len(lines) > MAX_HEADERS + 1:
+            return _too_large()
+        request = _parse(lines)
+        if isinstance(request, _Refusal):
+            return request
+        if request.length > MAX_BODY:
+            return _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"a request body of at most {MAX_BODY} bytes")
+        if len(buf) < head_end + request.length:
+            if request.expect_continue and not self.continued:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.continued = True
+            return None
+        del buf[:head_end + request.length]
+        self.continued = self.line_checked = False
+        self.scanned = 0
+        return request
+
+    def wait_for_answer(self) -> None:
+        """The answer is made in a thread: read nothing more meanwhile, and
+        let no timer cut it (a /prestop lasts as long as the stop)."""
+        self.transport.pause_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def reply(self, req: _Request, status: HTTPStatus, body: Any,
+              headers: dict[str, str] | None = None) -> None:
+        """Send an answer; then the next request, or the close."""
+        if self.lost:
+            return
+        self.transport.write(_response(status, body, headers, close=not req.keep_alive,
+                                       head=req.method == "HEAD"))
+        log.debug("control: %s %s -> %d", req.method, req.path, status)
+        if not req.keep_alive or self.eof:
+            return self._finish()
+        self._to("idle")
+        if self.write_paused:
+            return  # resume_writing() goes on with the next request
+        self.transport.resume_reading()
+        self._arm(self.server.request_timeout, self._timed_out)
+        self._process()
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        self.line_checked, self.scanned = False, 0
+        log.debug("control: refused a request: %d %s", refusal.status, refusal.message)
+        self.transport.write(_response(refusal.status, {"error": refusal.message}, close=True))
+        self._finish()
+
+    def _timed_out(self) -> None:
+        if self.state == "reading":
+            self._refuse(_Refusal(HTTPStatus.REQUEST_TIMEOUT,
+                                  "the request took too long to arrive"))
+        else:
+            self._close()
+
+    def _finish(self) -> None:
+        """Half-close and read (and drop) what the client still sends for a
+        moment before closing: closing with unread input would reset the
+        connection, and could destroy the answer before it is read."""
+        self._to("closing")
+        self.buffer.clear()
+        if self.eof or not self.transport.can_write_eof():
+            return self._close()
+        try:
+            self.transport.write_eof()
+        except OSError:  # the client is gone already
+            return self.abort()
+        self.transport.resume_reading()
+        self._arm(_LINGER_ON_CLOSE, self._close)
+
+    def _close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.transport.get_write_buffer_size() and self.write_paused:
+            self.abort()  # it will never read what is left
+        else:
+            self.transport.close()
+
+
+def _too_large() -> _Refusal:
+    return _Refusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    f"request line and headers exceed {MAX_HEAD} bytes or {MAX_HEADERS} fields")
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    version: tuple[int, int]
+    headers: dict[str, str]
+    length: int
+    keep_alive: bool
+    expect_continue: bool
+
+
+@dataclass
+class _Refusal:
+    status: HTTPStatus
+    message: str
+
+
+def _check_request_line(line: bytes) -> _Refusal | None:
+    """Why a request line is refused (HTTP/0.9, other versions, garbage), or None."""
+    bad = HTTPStatus.BAD_REQUEST
+    parts = line.split(b" ")
+    if len(parts) == 2 and _TOKEN.fullmatch(parts[0]):
+        return _Refusal(bad, "HTTP/0.9 is not supported: use HTTP/1.1")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
+        return _Refusal(bad, "malformed request line")
+    version = _VERSION.fullmatch(parts[2])
+    if version is None:
+        return _Refusal(bad, "malformed HTTP version")
+    if version[0] not in (b"HTTP/1.0", b"HTTP/1.1"):
+        return _Refusal(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                        f"{version[0].decode()} is not supported: use HTTP/1.1")
+    return None
+
+
+def _parse(lines: list[bytes]) -> _Request | _Refusal:
+    """The request line (checked already) and headers -> a request, or why
+    it is refused."""
+    bad = HTTPStatus.BAD_REQUEST
+    method, target, version_text = lines[0].split(b" ")
+    major, minor = int(version_text[5:6]), int(version_text[7:8])
+    if target.startswith((b"http://", b"https://")):  # absolute-form
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+    if not target.startswith(b"/"):
+        return _Refusal(bad, "the request target must be a path")
+    headers: dict[str, str] = {}
+    lengths: set[bytes] = set()
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):  # also obs-fold, "name :", garbage
+            return _Refusal(bad, "malformed header line")
+        value = value.strip(b" \t")
+        if any(c < 0x20 and c != 0x09 or c == 0x7f for c in value):
+            return _Refusal(bad, "a control character in a header")
+        key = name.decode().lower()
+        if key == "content-length":
+            lengths.update(v.strip(b" \t") for v in value.split(b","))
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    if "transfer-encoding" in headers:
+        return _Refusal(HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding is not supported: "
+                                                    "send Content-Length")
+    if len(lengths) > 1 or any(not (v.isdigit() and len(v) <= 12) for v in lengths):
+        return _Refusal(bad, "malformed Content-Length")
+    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep_alive = (major, minor) == (1, 1) and "close" not in connection
+    path = target.split(b"?", 1)[0].split(b"#", 1)[0].decode("ascii")
+    return _Request(method.decode("ascii"), path, (major, minor), headers,
+                    int(next(iter(lengths))) if lengths else 0, keep_alive,
+                    (major, minor) == (1, 1)
+                    and headers.get("expect", "").lower() == "100-continue")
+
+
+def _response(status: HTTPStatus, body: Any, headers: dict[str, str] | None = None,
+              close: bool = False, head: bool = False) -> bytes:
+    if isinstance(body, bytes):
+        data = body
+    else:
+        data = (json.dumps(body, default=str) + "\n").encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}", "Server: registrar",
+             f"Date: {email.utils.formatdate(usegmt=True)}",
+             *(f"{name}: {value}" for name, value in (headers or {}).items()),
+             f"Content-Length: {len(data)}"]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else data)
+
+
+def _bind(where: tuple[str, int] | str) -> socket.socket:
+    """The listening socket (bound and listening: a busy address fails here)."""
+    if isinstance(where, str):
+        if os.path.exists(where):
+            os.unlink(where)  # a socket left by a previous run of this container
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in where[0] else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(where)
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _fd_room() -> int:
+    """How many connections the file descriptor limit leaves room for: past
+    it accept() would fail, and asyncio stops accepting for a second."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(soft - _FD_RESERVE, 16)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

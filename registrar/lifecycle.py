@@ -1,7 +1,7 @@
 """What `agent` and `run` share: the one grace deadline, counted from the
 first trigger (preStop, a signal, the app's exit); after the registry steps,
 the wait for the app's busy connections; the health gate; and the control
-server that serves /prestop into it."""
+server that serves /prestop into it, and late /prestop calls after it."""
 from __future__ import annotations
 
 import logging
@@ -112,6 +112,45 @@ def readiness(registrar: Registrar, gate: HealthGate | None = None,
     if gate is not None and not gate.passed and not registrar.stopping:
         return False, f"waiting for the app: {gate.last_failure}"
     return registrar.readiness()
+
+
+def serve_late_hooks(server, life: Lifecycle, linger: float, app_port: int | None) -> None:
+    """After the stop, keep answering /prestop until no hook that could
+    still come is left, within the deadline: every /prestop received is
+    answered; ``linger`` passes from the first trigger (the preStop hooks of
+    a pod's containers start with the deletion, when a regular sidecar gets
+    its SIGTERM); and, with an app in the pod (``app_port``), the app stops
+    listening: the kubelet signals a container only after its preStop hook
+    returned, so while the app listens its hook may still be on its way."""
+    deadline = life.deadline
+    window = min(deadline.at, life.first_at + linger)
+    told = False
+    while not deadline.expired:
+        if server.prestops_in_flight() == 0 and life.registrar.clock.now() >= window:
+            if app_port is None or not app_listening(app_port):
+                return
+            if not told:
+                log.info("control: answering /prestop while the app listens on port %d "
+                         "(its preStop hook may still call)", app_port)
+                told = True
+        server.wait_changed(deadline.cap(0.05))
+
+
+def app_listening(port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` in this network namespace
+    (/proc/net/tcp{,6}: no connection to the app, which is shutting down)."""
+    suffix = f":{port:04X}"
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split(None, 4)
+                    if len(fields) > 3 and fields[3] == "0A" and fields[1].endswith(suffix):
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def serve_control(registrar: Registrar, config: AgentConfig, life: Lifecycle, ready=None):

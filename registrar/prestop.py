@@ -4,6 +4,11 @@ Asks the running agent's /prestop to run (or join) the stop sequence and
 blocks until it is done. The standard library only: the hook must start in
 a blink, so no registry client, no requests, no pydantic, no APScheduler
 (unless it must fall back to deregistering by itself).
+
+An agent that already stopped and went answers through the report it left
+next to its unix socket. Exit 0: the stop was confirmed everywhere (now or
+before we came); 1: it was not, or no agent answered (one line says which);
+2: an address or option that does not parse.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 from .errors import ConfigError
@@ -47,6 +53,30 @@ def control_address(text: Any) -> str:
         raise ValueError(f"expected host:port, http://host:port or unix:/path, "
                          f"got {text!r}") from None
     return address
+
+
+def report_file(socket_path: str) -> str:
+    """Where an agent listening on a unix socket leaves its stop report
+    (next to the socket: a directory the hook's container shares) for a
+    hook that comes after it has gone."""
+    return socket_path + ".report.json"
+
+
+def handed_over(control: str) -> dict[str, Any] | None:
+    """The report the agent at ``control`` left when it stopped (unix
+    sockets only), or None."""
+    where = parse_listen(control)
+    if not isinstance(where, str):
+        return None
+    try:
+        with open(report_file(where)) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("summary"), str) \
+            or not isinstance(doc.get("finished_at"), (int, float)):
+        return None
+    return doc
 
 
 def _connection(control: str, timeout: float) -> http.client.HTTPConnection:
@@ -109,6 +139,12 @@ def main(args: argparse.Namespace) -> int:
         status, body = call(control, "/prestop", token, timeout)
     except (ConnectionError, FileNotFoundError, socket.gaierror) as exc:
         reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+        report = handed_over(control)
+        if report is not None:  # the agent stopped before we came: its report
+            age = max(time.time() - report["finished_at"], 0)
+            print(f"registrar prestop: the agent at {control} had already stopped "
+                  f"({age:.1f}s ago): {report['summary']}")
+            return 0 if report.get("ok") is True else 1
         if args.config:
             print(f"registrar prestop: no agent at {control} ({reason}): deregistering directly",
                   file=sys.stderr)

@@ -17,7 +17,7 @@ from .core import Registrar
 from .health import ProbeProcesses
 from .lifecycle import Lifecycle, make_drain, make_gate, readiness, serve_control, start
 from .signals import STOP_SIGNALS, SignalPipe
-from .stopping import Cause, Trigger
+from .stopping import Cause, StopReport, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Wrapper:
         self.app_status: int | None = None
         self._probes = ProbeProcesses()  # the reaper never steals a probe's child
         self._done = threading.Event()  # the stop sequence has finished
+        self.report: StopReport | None = None
 
     def run(self) -> int:
         self.pipe = SignalPipe().catch(STOP_SIGNALS + FORWARDED_SIGNALS + (signal.SIGCHLD,))
@@ -56,7 +57,10 @@ class Wrapper:
         start(self.registrar, gate)
         code = self._main_loop(server)
         if server is not None:
-            server.close()
+            if self.report is not None:
+                server.hand_over(self.report)
+            # A /prestop still being answered gets its report before we exit.
+            server.close(grace=min(0.5, max(self.life.deadline.remaining(), 0.05)))
         self.pipe.close()
         return code
 
@@ -77,14 +81,15 @@ class Wrapper:
             self._handle(self.pipe.wait())
             if self.app_status is not None and not self.life.triggered:
                 log.warning("the app exited with status %d: deregistering", self.app_status)
-                self.life.stop(Trigger.app_exit(self.app_status))
+                self.report = self.life.stop(Trigger.app_exit(self.app_status))
                 self._done.set()
                 return self.app_status
             if self.life.triggered:
                 return self._shutdown(server)
 
     def _shutdown(self, server) -> int:
-        self.life.stop(self.life.first)  # the registry steps, then the busy connections
+        # The registry steps, then the busy connections.
+        self.report = self.life.stop(self.life.first)
         self._done.set()
         self._handle([])
         registry_deadline, deadline = self.registrar.stop_deadline, self.life.deadline

@@ -6,15 +6,17 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from registrar import Instance, Registrar
 from registrar import prestop as prestop_cmd
 from registrar.config import StopConfig
-from registrar.control import ControlServer
 from registrar.connections import established_connections
-from registrar.lifecycle import Lifecycle
+from registrar.control import ControlServer
+from registrar.lifecycle import Lifecycle, app_listening
+from registrar_testing import wait_until
 from registrar_testing.memory import FakeClock, MemoryBackend, MemoryRegistry
 
 INSTANCE = Instance("web", "web-0", "10.0.0.5", 8080)
@@ -255,3 +257,75 @@ def test_prestop_command_refuses_an_address_it_cannot_use(control, capsys):
     assert out.out == "" and out.err == (
         f"registrar prestop: --control: expected host:port, http://host:port or unix:/path, "
         f"got {control!r}\n")
+
+
+# -- no hook loses the race (issue 14) ---------------------------------------------
+
+def test_close_answers_a_prestop_in_flight_first(registrar):
+    """The agent exits right after its own stop: a /prestop that joined the
+    same stop must get its answer before the server closes."""
+    life = Lifecycle(registrar)
+    release = threading.Event()
+
+    def prestop():
+        release.wait(10)
+        return life.stop("preStop (/prestop)")
+
+    server = ControlServer(registrar, "127.0.0.1:0", prestop).start()
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(request(server, "POST", "/prestop")))
+    caller.start()
+    wait_until(lambda: server.prestops_in_flight() == 1, 5, "the /prestop is in flight")
+    closer = threading.Thread(target=server.close, kwargs={"grace": 5})
+    closer.start()
+    time.sleep(0.05)  # close() has begun: no new connection is accepted
+    with pytest.raises(ConnectionRefusedError):
+        request(server, "GET", "/healthz")
+    release.set()
+    caller.join(10)
+    closer.join(10)
+    assert answers and answers[0][0] == 200 and answers[0][1]["ok"]
+    assert server.prestops_in_flight() == 0 and server.responses_sent.is_set()
+
+
+def test_the_report_is_left_next_to_the_unix_socket(registrar, tmp_path, capsys):
+    sock = tmp_path / "control.sock"
+    server = serve(registrar, f"unix:{sock}")
+    report = registrar.stop("preStop (/prestop)")
+    server.hand_over(report)
+    server.close()
+    left = json.loads(Path(prestop_cmd.report_file(str(sock))).read_text())
+    assert left["ok"] is True and left["summary"] == report.summary()
+    assert prestop_cmd.main(prestop_args(control=f"unix:{sock}")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"registrar prestop: the agent at unix:{sock} had already stopped (")
+    assert out.endswith(f"s ago): {report.summary()}\n")
+
+
+def test_a_tcp_server_leaves_no_report(registrar, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    server = serve(registrar)
+    server.hand_over(registrar.stop("preStop (/prestop)"))
+    server.close()
+    assert list(tmp_path.iterdir()) == []
+    assert prestop_cmd.handed_over(server.address) is None
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"ok": true}',
+                                  '{"ok": true, "summary": "x", "finished_at": "now"}'])
+def test_a_damaged_report_counts_as_none(tmp_path, text, capsys):
+    sock = tmp_path / "control.sock"
+    Path(prestop_cmd.report_file(str(sock))).write_text(text)
+    assert prestop_cmd.main(prestop_args(control=f"unix:{sock}")) == 1
+    assert capsys.readouterr().out == (f"registrar prestop: no agent answered at unix:{sock}: "
+                                       f"No such file or directory\n")
+
+
+def test_app_listening_reads_the_kernels_listeners():
+    with socket.socket() as app:
+        app.bind(("127.0.0.1", 0))
+        port = app.getsockname()[1]
+        assert not app_listening(port)  # bound, not listening
+        app.listen()
+        assert app_listening(port)
+    assert not app_listening(port)

@@ -248,9 +248,10 @@ def test_sidecar_prestop_hook_gets_the_agents_report(pods, setup):
 
 
 def test_sidecar_prestop_hook_with_config_falls_back_to_deregistering_itself(pods, setup):
-    """A hook that comes after the agent has gone (here 2.5 s late, past the agent's 2 s window): with
+    """A hook that comes after the agent has gone (here 2.5 s late, past the agent's 1 s
+    linger; ``health: false``, so the agent does not wait while the app listens): with
     --config it deregisters directly, and confirms."""
-    cfg = setup.config(grace=5)
+    cfg = setup.config(grace=5, health=False)
     watch = setup.watch()
     pod = start(pods, setup.pod([
         Container("registrar", [*REGISTRAR, "agent", "--config", str(cfg)],
