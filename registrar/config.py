@@ -136,8 +136,9 @@ class ControlConfig(Model):
                           "/readyz requires; required when listen is not a loopback address.")
     linger: Duration = Field(
         1.0, description="`agent`: after a signal, how long (from the first trigger) it keeps "
-                         "answering /prestop for an app's late preStop hook, unless one was "
-                         "answered already; 0 when no app hook calls /prestop.")
+                         "answering /prestop for other containers' preStop hooks; with a "
+                         "health gate it also answers while the app still listens on "
+                         "service.port; 0 when no hook calls /prestop.")
 
     @field_validator("listen")
     @classmethod
