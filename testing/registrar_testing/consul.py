@@ -1,6 +1,7 @@
 """Real Consul agents on 127.0.0.1 for tests and benchmarks: one `-dev`
 agent, or a cluster of servers and client agents with optional ACLs and TLS
-(HTTPS only, client certificates required, RPC verified both ways); and
+(HTTPS only, client certificates required, RPC verified both ways), each
+agent serving DNS on a port of its own unless ``dns=False``; and
 passing_ids(), a server's own view of a service."""
 from __future__ import annotations
 
@@ -60,11 +61,14 @@ class ConsulAgent:
     """One consul agent process with its own ports and data dir; `token`
     (the management token, if ACLs are on) is sent by request()/get().
     With ``tls`` (requests' ``verify`` and ``cert`` arguments) the port
-    serves HTTPS and `http_addr` is an https:// address."""
+    serves HTTPS and `http_addr` is an https:// address. `dns_port` is the
+    port its DNS interface answers on at 127.0.0.1 (UDP and TCP), None if off."""
 
     def __init__(self, name: str, workdir: Path, argv: list[str], http_port: int,
-                 token: str | None = None, tls: dict | None = None):
+                 token: str | None = None, tls: dict | None = None,
+                 dns_port: int | None = None):
         self.name = name
+        self.dns_port = dns_port
         self.tls_args = dict(tls or {})
         self.http_addr = f"{'https' if tls else 'http'}://127.0.0.1:{http_port}"
         self.process = ServerProcess(name, argv, workdir)
@@ -158,16 +162,17 @@ class _Agents:
 
 class ConsulDev(_Agents):
     """One `consul agent -dev`: a server with in-memory raft (a restart loses
-    the catalog), leader within ~0.1 s. `.agent` is its ConsulAgent."""
+    the catalog), leader within ~0.1 s. `.agent` is its ConsulAgent; with
+    ``dns`` (the default) it answers DNS on `.agent.dns_port`."""
 
-    def __init__(self, base_dir: Path | str, name: str = "consul-dev"):
-        http, lan, wan, rpc = free_ports(4)
+    def __init__(self, base_dir: Path | str, name: str = "consul-dev", dns: bool = True):
+        http, lan, wan, rpc, dns_port = free_ports(5)
         workdir = Path(base_dir) / name
         argv = [consul_binary(), "agent", "-dev", f"-node={name}", "-bind=127.0.0.1",
-                "-client=127.0.0.1", "-dns-port=-1", "-grpc-port=-1", f"-http-port={http}",
-                f"-serf-lan-port={lan}", f"-serf-wan-port={wan}", f"-server-port={rpc}",
-                f"-data-dir={workdir / 'data'}", "-log-level=info"]
-        self.agent = ConsulAgent(name, workdir, argv, http)
+                "-client=127.0.0.1", f"-dns-port={dns_port if dns else -1}", "-grpc-port=-1",
+                f"-http-port={http}", f"-serf-lan-port={lan}", f"-serf-wan-port={wan}",
+                f"-server-port={rpc}", f"-data-dir={workdir / 'data'}", "-log-level=info"]
+        self.agent = ConsulAgent(name, workdir, argv, http, dns_port=dns_port if dns else None)
         self.agents = [self.agent]
         self.name, self.http_addr, self.process = name, self.agent.http_addr, self.agent.process
 
@@ -187,11 +192,16 @@ class ConsulCluster(_Agents):
     ways, server names included (server certificates name
     ``server.<dc>.consul``). `.ca_file` is the CA, `.tls_args` the
     ``verify``/``cert`` arguments requests needs (a client certificate of
-    the launcher's own)."""
+    the launcher's own).
+
+    With ``dns`` (the default; costs nothing measurable at start) every
+    agent answers DNS (UDP and TCP) on 127.0.0.1 at its `dns_port`, with
+    Consul's default `dns_config`: ``<service>.service.consul`` lists the
+    instances with no critical check, read from any server (stale allowed)."""
 
     def __init__(self, base_dir: Path | str, servers: int = 3, clients: int = 1,
                  acl: bool = False, tls: CertificateAuthority | None = None,
-                 datacenter: str = "dc1"):
+                 datacenter: str = "dc1", dns: bool = True):
         binary = consul_binary()
         self.datacenter = datacenter
         self.management_token = str(uuid.uuid4()) if acl else None
@@ -213,8 +223,8 @@ class ConsulCluster(_Agents):
                     "verify_outgoing": True, "verify_server_hostname": True}
         names = [(f"consul-server-{i}", True) for i in range(servers)] + \
                 [(f"consul-client-{i}", False) for i in range(clients)]
-        ports = iter(free_ports(4 * len(names)))
-        port_map = {n: {k: next(ports) for k in ("http", "serf_lan", "serf_wan", "server")}
+        ports = iter(free_ports(5 * len(names)))
+        port_map = {n: {k: next(ports) for k in ("http", "serf_lan", "serf_wan", "server", "dns")}
                     for n, _ in names}
         server_lan = [f"127.0.0.1:{port_map[n]['serf_lan']}" for n, srv in names if srv]
         self.servers: list[ConsulAgent] = []
@@ -222,7 +232,9 @@ class ConsulCluster(_Agents):
         for name, is_server in names:
             workdir = Path(base_dir) / name
             own_lan = f"127.0.0.1:{port_map[name]['serf_lan']}"
-            agent_ports = {**port_map[name], "dns": -1, "grpc": -1, "https": -1}
+            agent_ports = {**port_map[name], "grpc": -1, "https": -1}
+            if not dns:
+                agent_ports["dns"] = -1
             if tls is not None:  # the API on HTTPS only, on the port HTTP had
                 agent_ports["https"], agent_ports["http"] = agent_ports["http"], -1
             config = {
@@ -256,7 +268,8 @@ class ConsulCluster(_Agents):
             (workdir / "config.json").write_text(json.dumps(config, indent=2))
             argv = [binary, "agent", f"-config-file={workdir / 'config.json'}"]
             agent = ConsulAgent(name, workdir, argv, port_map[name]["http"], self.management_token,
-                                self.tls_args or None)
+                                self.tls_args or None,
+                                dns_port=port_map[name]["dns"] if dns else None)
             (self.servers if is_server else self.clients).append(agent)
         self.agents = self.servers + self.clients
 
