@@ -89,7 +89,7 @@ def test_node_is_an_ephemeral_curator_service_instance(zk_standalone, make, clie
     assert set(doc) == CURATOR_FIELDS
     assert doc == {"name": instance.service, "id": instance.id, "address": "10.9.8.7",
                    "port": 8080, "sslPort": None,
-                   "payload": {"tags": ["http"], "metadata": {"zone": "a"}},
+                   "payload": {"tags": ["http"], "meta": {"zone": "a"}},
                    "registrationTimeUTC": doc["registrationTimeUTC"], "serviceType": "DYNAMIC",
                    "uriSpec": None}
     assert before <= doc["registrationTimeUTC"] <= int(time.time() * 1000)
@@ -121,14 +121,32 @@ def test_curator_lists_what_we_register(zk_standalone, make, instance, curator_p
     a, b = seen[instance.id], seen[typed_instance.id]
     assert (a["name"], a["address"], a["port"], a["sslPort"]) == (
         instance.service, "10.9.8.7", 8080, None)
-    assert a["payload"] == {"tags": ["http"], "metadata": {"zone": "a"}}
+    assert a["payload"] == {"tags": ["http"], "meta": {"zone": "a"}}
     assert a["serviceType"] == "DYNAMIC" and a["enabled"] is True and a["uri"] is None
     assert a["registrationTimeUTC"] > 0
     assert (b["port"], b["sslPort"], b["uri"]) == (8081, 8443, "https://10.9.8.8:8443/api")
-    assert b["payload"] == {"tags": [], "metadata": {"version": "2"}, "status": "draining"}
+    assert b["payload"] == {"tags": [], "meta": {"version": "2"}, "status": "draining"}
     plain.deregister()
     typed.deregister()
     assert probe_list(curator_probe, zk_standalone.connect_string, "/services", instance.service) == []
+
+
+def test_payload_none_writes_null_and_the_drain_leaves_the_node(zk_standalone, make, client,
+                                                                 instance, curator_probe):
+    """For Curator readers typed Void.class: a null payload, so no status to
+    mark at the drain; the removal is what they see."""
+    backend = make(zk_standalone.hosts, instance, payload="none")
+    backend.register()
+    data, stat = client.get(backend.path)
+    assert set(json.loads(data)) == CURATOR_FIELDS
+    assert json.loads(data)["payload"] is None
+    [seen] = probe_list(curator_probe, zk_standalone.connect_string, "/services",
+                        instance.service)
+    assert (seen["id"], seen["payload"]) == (instance.id, None)
+    backend.drain("test")
+    assert client.get(backend.path) == (data, stat)  # not even rewritten
+    backend.deregister()
+    assert client.exists(backend.path) is None
 
 
 # -- ACLs and secrets ---------------------------------------------------------
@@ -214,6 +232,9 @@ def test_config_parsing():
     ({"base_path": "services"}, "backends[0].base_path: string should match pattern"),
     ({"uri_spec": "{a"}, "backends[0].uri_spec: unbalanced braces"),
     ({"tls": {"verfy": False}}, "backends[0].tls.verfy: unknown key"),
+    ({"payload": "null"}, "backends[0].payload: input should be 'map' or 'none', got \"null\""),
+    ({"payload": "none", "payload_class": "x.Y"},
+     "backends[0].payload_class: a payload class needs a payload"),
 ])
 def test_config_errors_name_the_field(section, expected):
     with pytest.raises(ConfigError) as err:

@@ -96,15 +96,18 @@ class ZooKeeperBackend(Backend):
         self._closer: threading.Thread | None = None
 
     def document(self, status: str | None = None) -> dict[str, Any]:
-        """The Curator ServiceInstance (compatible mode: no "enabled")."""
+        """The Curator ServiceInstance (compatible mode: no "enabled"). The
+        payload uses the etcd value's keys (tags, meta), or is null with
+        ``payload: none`` (Curator readers typed Void.class accept only null)."""
         if self._registered_at is None:
             self._registered_at = int(time.time() * 1000)
-        payload: dict[str, Any] = {"tags": list(self.instance.tags),
-                                   "metadata": dict(self.instance.meta)}
-        if status:
-            payload["status"] = status
-        if self.config.payload_class:
-            payload = {"@class": self.config.payload_class, **payload}
+        payload: dict[str, Any] | None = None
+        if self.config.payload == "map":
+            payload = {"tags": list(self.instance.tags), "meta": dict(self.instance.meta)}
+            if status:
+                payload["status"] = status
+            if self.config.payload_class:
+                payload = {"@class": self.config.payload_class, **payload}
         spec = self.config.uri_spec
         return {"name": self.instance.service, "id": self.instance.id,
                 "address": self.instance.address, "port": self.instance.port,
@@ -225,8 +228,11 @@ class ZooKeeperBackend(Backend):
         raise RegistryUnavailable(f"{self.name}: {self.path} kept changing under us")
 
     def drain(self, reason: str) -> None:
+        """Mark the payload "draining". With ``payload: none`` there is
+        nowhere to say it (a Curator node has no status field that every
+        reader accepts): the node stays as it is until the removal."""
         self._connect_observers()  # while we drain and deregister
-        if self.registered:
+        if self.registered and self.config.payload == "map":
             self._retry("drain", self._mark_draining)
 
     def _mark_draining(self, client: KazooClient, end: float) -> None:

@@ -111,10 +111,15 @@ class ZooKeeperConfig(BackendConfig):
                                  description="Curator sslPort (default null).")
     uri_spec: str | None = Field(None, description='Curator uriSpec template, e.g. '
                                                    '"{scheme}://{address}:{port}" (default null).')
+    payload: Literal["map", "none"] = Field("map", description=(
+        'What the ServiceInstance\'s "payload" holds. map: {"tags": [...], "meta": {...}}, '
+        'plus "status": "draining" while draining (Curator readers built with Object.class or '
+        'Map.class). none: null, for readers built with Void.class, which drop any instance '
+        "whose payload is not null; the drain then leaves the node as it is."))
     payload_class: str | None = Field(None, description=(
         'The payload\'s "@class", for Curator readers with a typed payload (Spring Cloud '
         "Zookeeper: org.springframework.cloud.zookeeper.discovery.ZookeeperInstance). "
-        "Default: none, read as a map."))
+        "Default: none, read as a map. Only with payload: map."))
 
     @field_validator("hosts")
     @classmethod
@@ -141,6 +146,13 @@ class ZooKeeperConfig(BackendConfig):
                 if parse_acl(entry).id.scheme == "auth" and info.data.get("auth") is None:
                     raise ValueError(f"{entry!r} grants the authenticated creator: configure auth")
         return acl
+
+    @field_validator("payload_class")
+    @classmethod
+    def _payload_class(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name is not None and info.data.get("payload") == "none":
+            raise ValueError("a payload class needs a payload: leave it out with payload: none")
+        return name
 
     @field_validator("uri_spec")
     @classmethod
