@@ -27,11 +27,26 @@ class SignalPipe:
         self._r, self._w = socket.socketpair()
         for sock in (self._r, self._w):
             sock.setblocking(False)
+        self._caught: set[int] = set()
+        self._previous_fd: int | None = None
 
     def catch(self, signals: Sequence[int]) -> "SignalPipe":
-        """Note these signals (replacing their handlers)."""
+        """Note these signals (replacing their handlers), for a process
+        whose main thread waits here (`agent`, `run`).
+
+        The kernel may deliver a signal to any thread. Python runs its
+        handler only in the main thread, when that thread next runs Python
+        code -- never while it sleeps in select() and the signal went to
+        another thread (kazoo's, the scheduler's): the agent then slept
+        through its SIGTERM. So the C-level handler writes the signal's
+        number to our socket itself (``signal.set_wakeup_fd``), which wakes
+        select() whichever thread got the signal; the Python handler is a
+        no-op. Main thread only; not for library use (asyncio owns the
+        wakeup fd there)."""
+        self._caught.update(signals)
+        self._previous_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
         for sig in signals:
-            signal.signal(sig, self.handler)
+            signal.signal(sig, _noted_by_wakeup_fd)
         return self
 
     def handler(self, signum: int, frame: Any = None) -> None:
@@ -56,11 +71,20 @@ class SignalPipe:
             data = self._r.recv(4096)
         except (BlockingIOError, OSError):
             return []
-        return [n for n in data if n]
+        # The wakeup fd carries every signal that has a Python handler:
+        # keep ours (0 is a wake() from a thread).
+        return [n for n in data if n and (not self._caught or n in self._caught)]
 
     def close(self) -> None:
+        if self._previous_fd is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+            self._previous_fd = None
         self._r.close()
         self._w.close()
+
+
+def _noted_by_wakeup_fd(signum: int, frame: Any) -> None:
+    """The Python-level handler of a signal the wakeup fd already noted."""
 
 
 def chain_stop_handlers(stop: Callable[[int], object],
