@@ -91,9 +91,30 @@ class ZooKeeperBackend(Backend):
         # Creation zxid of the node we last wrote or adopted, kept after a
         # deregistration: a node created later is a newer registration's.
         self._czxid: int | None = None
+        # The session our node belongs to (it goes when that session does).
+        self._owner: int | None = None
         self._registered_at: int | None = None
         self._removed_zxid: int | None = None
         self._closer: threading.Thread | None = None
+
+    @property
+    def registered(self) -> bool:
+        """Registered, and the node's session is still the client's. kazoo
+        forgets the session id the moment the server says it expired
+        (before any listener hears of it), and holds it while it merely
+        reconnects: so an expired session reads as not registered at once,
+        and a repair in the new session as registered, with no race
+        against the LOST notice."""
+        if not self._registered:
+            return False
+        owner, client = self._owner, self._client
+        if owner is None or client is None:
+            return True
+        return client._session_id == owner  # noqa: SLF001 - client_id is None while reconnecting
+
+    @registered.setter
+    def registered(self, value: bool) -> None:
+        self._registered = value
 
     def document(self, status: str | None = None) -> dict[str, Any]:
         """The Curator ServiceInstance (compatible mode: no "enabled"). The
@@ -155,9 +176,8 @@ class ZooKeeperBackend(Backend):
         if state == KazooState.SUSPENDED:
             log.warning("%s: connection lost; the session lives on while kazoo reconnects", self.name)
         elif state == KazooState.LOST:
-            # The ephemeral node went with the session: we are not
-            # registered until the next heartbeat writes it again.
-            self.registered = False
+            # The ephemeral node went with the session: `registered` reads
+            # False from now on (see there) until a heartbeat writes it again.
             log.warning("%s: session expired; %s will be written again by the next "
                         "heartbeat once a new session is up", self.name, self.path)
         else:
@@ -203,10 +223,10 @@ class ZooKeeperBackend(Backend):
                         include_data=True), end)
                 except NodeExistsError:
                     continue  # someone was quicker: look again
-                self._czxid = stat.czxid
+                self._czxid, self._owner = stat.czxid, session
                 return True
             if stat.ephemeralOwner == session:  # ours, also when an earlier try landed late
-                self._czxid = stat.czxid
+                self._czxid, self._owner = stat.czxid, session
                 return wrote
             if self._czxid is not None and stat.czxid > self._czxid:
                 raise Superseded(f"{self.name}: {self.path} was taken over by session "
