@@ -48,6 +48,8 @@ def test_kazoo_creates_ephemeral_node(ensemble):
     owner, observer = kazoo(ensemble.connect_string), kazoo(ensemble.connect_string)
     try:
         path = owner.create("/smoke/ephemeral", b"pod-1", ephemeral=True, makepath=True)
+        # Another session's server may not have applied the write yet.
+        observer.sync(path)
         data, stat = observer.get(path)
         assert data == b"pod-1"
         assert stat.ephemeralOwner == owner.client_id[0]
