@@ -19,7 +19,7 @@ What runs (all on 127.0.0.1; bench/rr/ holds the parts):
     per request) on a port of its own;
   * two consumers (bench/apps/consumer.py, nothing of registrar's): each
     discovers the pods by watching ONE member, a follower (etcd: a watch of
-    /services/web/ through the JSON gateway; ZooKeeper: a kazoo
+    services/web/ through the JSON gateway; ZooKeeper: a kazoo
     ChildrenWatch of /services/web; Consul: blocking queries on
     /v1/health/service/web?passing&stale) and sends --rate requests per
     second, round-robin over the instances it knows, never retrying:
@@ -38,7 +38,7 @@ The app (--apps, default dies; dies,graceful adds rows):
 
 Strategies (--strategies, default all four, in this order):
   naive          bench/apps/naive_wrapper.py registers the app (etcd: a lease
-                 key /services/web/<addr> = {"Op":0,"Addr":...}; ZooKeeper: an
+                 key services/web/<addr> = {"Op":0,"Addr":...}; ZooKeeper: an
                  ephemeral Curator-style node /services/web/<pod> via kazoo;
                  Consul: an agent service with a TTL check, plain HTTP); on
                  SIGTERM it passes SIGTERM to the app at once and deregisters

@@ -66,7 +66,7 @@ def main() -> int:
                    "SERVICE_NAME": "web", "SERVICE_PORT": str(port),
                    # no app hook calls /prestop here: no reason to linger
                    "REGISTRAR_CONTROL_LISTEN": control, "REGISTRAR_LINGER": "0s"}
-            key = f"/services/web/127.0.0.1:{port}"
+            key = f"services/web/127.0.0.1:{port}"
             config = str(ROOT / "config" / "agent-etcd.yaml")
             registrar = [sys.executable, "-m", "registrar"]
 

@@ -57,7 +57,7 @@ def test_sigterm_deregisters_before_uvicorn_stops_serving(tmp_path, etcd_cluster
         "service": {"name": service, "port": port},
         "backends": [{"type": "etcd", "endpoints": etcd_cluster.endpoints, "ttl": "3s"}],
         "stop": {"grace_period": "10s"}}))
-    key = f"/services/{service}/10.1.1.1:{port}"
+    key = f"services/{service}/10.1.1.1:{port}"
     env = {**os.environ, "POD_NAME": "asgi-0", "POD_IP": "10.1.1.1"}
     app = subprocess.Popen([sys.executable, str(tmp_path / "app.py"), str(tmp_path / "agent.yaml"),
                             str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

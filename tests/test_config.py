@@ -143,7 +143,7 @@ def test_defaults_and_interpolation():
     (cls, etcd), = cfg.backends
     assert cls.__name__ == "EtcdBackend"
     assert etcd.endpoints == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
-    assert (etcd.ttl, etcd.prefix, etcd.timeout) == (10.0, "/services", 2.0)
+    assert (etcd.ttl, etcd.prefix, etcd.timeout) == (10.0, "services", 2.0)
     assert cfg.stop.min_wait == 0.5
     assert (cfg.stop.grace_period, cfg.stop.safety_margin, cfg.stop.propagation_timeout) == (30, 2, None)
     assert cfg.heartbeat.interval is None

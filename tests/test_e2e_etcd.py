@@ -29,7 +29,7 @@ def agent_config(tmp_path, endpoints, **stop):
         "control": {"listen": control},
         "health": False,  # no app listens here: register at once
     }))
-    return path, f"/services/{service}/10.20.30.40:8080"
+    return path, f"services/{service}/10.20.30.40:8080"
 
 
 def control_of(path):

@@ -48,9 +48,10 @@ def test_entry_is_in_the_grpc_naming_format(etcd_cluster, instance):
     key = f"/svc/{instance.service}/10.1.2.3:8443"
     assert backend.key == key
     value, lease = raw_get(etcd_cluster.endpoints[0], key)
-    # What go.etcd.io/etcd/client/v3/naming/endpoints unmarshals: Op 0 = Add.
+    # What go.etcd.io/etcd/client/v3/naming/endpoints unmarshals: Op 0 = Add,
+    # Metadata a string (hashable: gRPC-go's round_robin takes it).
     assert value == {"Op": 0, "Addr": "10.1.2.3:8443",
-                     "Metadata": {"id": instance.id, "tags": ["grpc"], "meta": {"zone": "a"}}}
+                     "Metadata": f'{{"id":"{instance.id}","tags":["grpc"],"meta":{{"zone":"a"}}}}'}
     ttl = _post(etcd_cluster.endpoints[0], "/v3/kv/lease/timetolive", {"ID": lease})
     assert int(ttl["grantedTTL"]) == 2
     backend.deregister()
@@ -61,14 +62,62 @@ def test_ipv6_addresses_are_bracketed(etcd_cluster):
     inst = Instance("v6", uuid.uuid4().hex[:6], "fd00::5", 80)
     backend = make(etcd_cluster, inst)
     backend.register()
-    value, _ = raw_get(etcd_cluster.endpoints[0], "/services/v6/[fd00::5]:80")
+    value, _ = raw_get(etcd_cluster.endpoints[0], "services/v6/[fd00::5]:80")
     assert value["Addr"] == "[fd00::5]:80"
     backend.deregister()
     backend.close()
 
 
-def test_drain_marks_the_entry_draining(etcd_cluster, instance):
+@pytest.mark.parametrize("prefix, key", [("services", "services/{}/10.1.2.3:8443"),
+                                         ("/services", "/services/{}/10.1.2.3:8443"),
+                                         ("apps/", "apps/{}/10.1.2.3:8443"),
+                                         ("", "{}/10.1.2.3:8443")])
+def test_the_prefix_is_kept_as_written(etcd_cluster, instance, prefix, key):
+    """etcd:/// + prefix + / + service is the gRPC dial target: a leading
+    slash stays (etcd:////services/web), none is added."""
+    backend = make(etcd_cluster, instance, prefix=prefix)
+    assert backend.key == key.format(instance.service)
+    backend.register()
+    assert raw_get(etcd_cluster.endpoints[0], backend.key)[0]["Addr"] == "10.1.2.3:8443"
+    backend.deregister()
+    backend.close()
+
+
+def test_default_prefix_and_metadata(etcd_cluster, instance):
     backend = make(etcd_cluster, instance)
+    assert backend.key == f"services/{instance.service}/10.1.2.3:8443"
+    assert backend.config.metadata == "string"
+    backend.close()
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    ("object", lambda i: {"id": i.id, "tags": ["grpc"], "meta": {"zone": "a"}}),
+    ("none", lambda i: None)])
+def test_metadata_forms(etcd_cluster, instance, metadata, expected):
+    backend = make(etcd_cluster, instance, metadata=metadata)
+    backend.register()
+    value, _ = raw_get(etcd_cluster.endpoints[0], backend.key)
+    assert value.get("Metadata") == expected(instance) and value["Addr"] == "10.1.2.3:8443"
+    assert ("Metadata" in value) == (metadata != "none")
+    backend.deregister()
+    backend.close()
+
+
+def test_drain_leaves_a_string_value_as_it_is(etcd_cluster, instance):
+    """A changed Metadata is a new address to gRPC-go: every client would
+    connect to the leaving pod again. The delete is the signal."""
+    backend = make(etcd_cluster, instance)
+    backend.register()
+    before = raw_get(etcd_cluster.endpoints[0], backend.key)
+    backend.drain("test")
+    assert raw_get(etcd_cluster.endpoints[0], backend.key) == before
+    backend.deregister()
+    assert raw_get(etcd_cluster.endpoints[0], backend.key) is None
+    backend.close()
+
+
+def test_drain_marks_an_object_value_draining(etcd_cluster, instance):
+    backend = make(etcd_cluster, instance, metadata="object")
     backend.register()
     backend.drain("test")
     value, lease = raw_get(etcd_cluster.endpoints[0], backend.key)

@@ -60,7 +60,7 @@ class Server:
         self.cluster.start()
         self.cluster.enable_auth(ROOT_PASSWORD)
         token = self.root_token()
-        self.cluster.add_user("registrar", PASSWORD, "/services/", token)
+        self.cluster.add_user("registrar", PASSWORD, "services/", token)
         self.cluster.call("/v3/auth/role/grant", {"name": "registrar", "perm": {
             "permType": "READWRITE", "key": _b64("/conformance/"),
             "range_end": _b64("/conformance0")}}, token=token)
@@ -89,7 +89,7 @@ class Server:
 
     def token_valid(self, token: str) -> bool:
         try:
-            self.cluster.call("/v3/kv/range", {"key": _b64("/services/probe")}, token=token)
+            self.cluster.call("/v3/kv/range", {"key": _b64("services/probe")}, token=token)
         except urllib.error.HTTPError as exc:
             if exc.code == 401:
                 return False
@@ -130,7 +130,7 @@ def backend_for(server, instance, environ=None, **overrides) -> EtcdBackend:
     return EtcdBackend(instance, config, environ={} if environ is None else environ)
 
 
-def key_of(instance, prefix="/services"):
+def key_of(instance, prefix="services"):
     return f"{prefix}/{instance.service}/{instance.hostport}"
 
 
@@ -423,7 +423,7 @@ def agent(tmp_path, server, service, **section):
 
 def test_agent_registers_over_tls_with_a_password_file_and_leaves_on_sigterm(tmp_path, server):
     service = f"e2e-{uuid.uuid4().hex[:8]}"
-    key = f"/services/{service}/10.20.30.40:8080"
+    key = f"services/{service}/10.20.30.40:8080"
     proc = agent(tmp_path, server, service)
     try:
         wait_until(lambda: server.holds(key), 15, "the agent's key is in etcd")

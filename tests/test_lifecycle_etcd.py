@@ -54,7 +54,7 @@ class Setup:
         self.service = f"kube-{tag}"
         self.port, self.control_port = free_ports(2)
         self.control = f"127.0.0.1:{self.control_port}"
-        self.key = f"/services/{self.service}/127.0.0.1:{self.port}"
+        self.key = f"services/{self.service}/127.0.0.1:{self.port}"
         self.events = tmp_path / "events.jsonl"
         self.env = {"POD_IP": "127.0.0.1", "CHECK_ETCD_ENDPOINTS": ",".join(etcd.endpoints),
                     "CHECK_ETCD_KEY": self.key}

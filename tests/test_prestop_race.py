@@ -39,7 +39,7 @@ class Agent:
         self.etcd = etcd
         self.service = f"race-{uuid.uuid4().hex[:8]}"
         self.control = control or f"127.0.0.1:{free_port()}"
-        self.key = f"/services/{self.service}/10.20.30.41:{port}"
+        self.key = f"services/{self.service}/10.20.30.41:{port}"
         doc = {
             "service": {"name": self.service, "port": port},
             "backends": [{"type": "etcd", "endpoints": endpoints or etcd.endpoints,

@@ -45,7 +45,7 @@ def test_health_gate_registers_only_while_the_probe_passes(tmp_path, etcd_cluste
         "stop": {"grace_period": "5s", "safety_margin": "1s"},
         "control": {"listen": control},
     }))
-    key = f"/services/{service}/10.3.3.3:{port}"
+    key = f"services/{service}/10.3.3.3:{port}"
 
     def listed():
         return [kv_get_serializable(ep, key)[1] for ep in etcd_cluster.endpoints]

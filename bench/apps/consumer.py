@@ -8,7 +8,7 @@ steady stream of requests.
                 [--service web] [--client per-request|keepalive] [--rate 300]
                 [--timeout 2] [--threads 64] [--max-seconds 600]
 
---target: an etcd client URL (watch of /services/<service>/), a ZooKeeper
+--target: an etcd client URL (watch of services/<service>/), a ZooKeeper
 host:port (ChildrenWatch of /services/<service>), a Consul HTTP address
 (blocking queries on /v1/health/service/<service>?passing&stale).
 

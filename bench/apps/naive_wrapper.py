@@ -10,7 +10,7 @@ registry's client library and keeps the registration alive:
 --target: etcd client URLs (comma-separated), a ZooKeeper connect string,
 or the Consul agent's HTTP address. What it registers, once ``--health``
 answers 200:
-  etcd       /services/<service>/<addr> = {"Op":0,"Addr":"<addr>",...} (the
+  etcd       services/<service>/<addr> = {"Op":0,"Addr":"<addr>",...} (the
              gRPC naming format) on a lease of --ttl seconds, kept alive
              every ttl/3 (etcd3gw);
   zookeeper  an ephemeral node /services/<service>/<id> holding an Apache
@@ -54,7 +54,7 @@ class Etcd:
 
         self.clients = [etcd3gw.Etcd3Client(host=p.hostname, port=p.port, timeout=2)
                         for p in map(urlsplit, target.split(","))]
-        self.key = f"/services/{service}/{addr}"
+        self.key = f"services/{service}/{addr}"
         self.value = json.dumps({"Op": 0, "Addr": addr, "Metadata": {"id": ident}})
         self.ttl = ttl
         self.lease = None

@@ -69,13 +69,13 @@ class Etcd(Registry):
     def deregister_command(self, pod_id: str, addr: str) -> str:
         endpoints = ",".join(self.cluster.endpoints)
         return (f"ETCDCTL_API=3 etcdctl --endpoints={endpoints} "
-                f"del {shlex.quote(f'/services/{SERVICE}/{addr}')}")
+                f"del {shlex.quote(f'services/{SERVICE}/{addr}')}")
 
     def backend_section(self) -> dict:
         return {"type": "etcd", "endpoints": self.cluster.endpoints}
 
     def clear(self) -> None:
-        key = f"/services/{SERVICE}/".encode()
+        key = f"services/{SERVICE}/".encode()
         _http("POST", self.cluster.endpoints[0] + "/v3/kv/deleterange", {
             "key": base64.b64encode(key).decode(),
             "range_end": base64.b64encode(key[:-1] + bytes([key[-1] + 1])).decode()})

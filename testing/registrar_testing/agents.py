@@ -50,7 +50,7 @@ class Setup:
 
 
 def etcd_setup(cluster, service: str, ttl: float = 3.0) -> Setup:
-    key = f"/services/{service}/{POD_IP}:8080"
+    key = f"services/{service}/{POD_IP}:8080"
     return Setup("etcd", {"type": "etcd", "endpoints": cluster.endpoints, "ttl": f"{ttl:g}s",
                           "timeout": "1s"},
                  [port_of(e) for e in cluster.endpoints],

@@ -279,7 +279,7 @@ def watcher(registry: str, target: str, service: str, listener: Listener | None 
     """The watcher of ``registry`` on ONE member: an etcd client URL, a
     ZooKeeper ``host:port``, a Consul HTTP address. Not started."""
     if registry == "etcd":
-        return EtcdPrefixWatcher(target, f"/services/{service}/", listener, on_error)
+        return EtcdPrefixWatcher(target, f"services/{service}/", listener, on_error)
     if registry == "zookeeper":
         return ZooKeeperChildrenWatcher(target, f"/services/{service}", listener, on_error)
     if registry == "consul":

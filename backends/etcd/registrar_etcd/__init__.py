@@ -1,12 +1,26 @@
 """etcd v3 backend: a leased key in the gRPC naming format.
 
-Key ``<prefix>/<service>/<address>:<port>``, value
-``{"Op":0,"Addr":"<address>:<port>","Metadata":{...}}`` attached to a lease,
-so gRPC-go clients using etcd's resolver (``go.etcd.io/etcd/client/v3/naming``)
-find the instance with no code of ours. Talks to etcd's JSON gateway through
-etcd3gw (``_gateway.py``), failing over between endpoints itself, over TLS
-(``tls``) and with etcd's auth (``username`` + ``password_file`` or
-``$ETCD_PASSWORD``) where configured; the observers use the same.
+Key ``<prefix>/<service>/<address>:<port>`` (default prefix ``services``, no
+leading slash, as in etcd's naming examples), value
+``{"Op":0,"Addr":"<address>:<port>","Metadata":"<JSON text>"}`` attached to a
+lease, so gRPC-go clients dialling ``etcd:///services/<service>`` with etcd's
+resolver (``go.etcd.io/etcd/client/v3/naming/resolver``; ``clientv3/naming``
+in 3.4) find the instance with no code of ours, under any balancer. Talks to
+etcd's JSON gateway through etcd3gw (``_gateway.py``), failing over between
+endpoints itself, over TLS (``tls``) and with etcd's auth (``username`` +
+``password_file`` or ``$ETCD_PASSWORD``) where configured; the observers use
+the same.
+
+Why ``Metadata`` is a string by default (``metadata: string``): gRPC-go's
+resolver hands ``Metadata`` to the balancer inside ``resolver.Address``, and
+``round_robin`` (grpc-go 1.33, balancer/base) uses each address as a map key:
+a JSON object unmarshals to a Go map, which is unhashable, and the client
+panics at the first update. A string is hashable, and still carries our id,
+tags and meta (``{"id":…,"tags":[…],"meta":{…}}``) for whoever parses it.
+``metadata: none`` writes no ``Metadata`` (what etcd's own endpoints manager
+writes for ``Endpoint{Addr: addr}``); ``metadata: object`` is the earlier format
+(an object, rewritten with ``"status":"draining"`` at the drain), for readers
+that want an object and gRPC clients that use only ``pick_first``.
 """
 from __future__ import annotations
 
@@ -37,7 +51,7 @@ class EtcdBackend(Backend):
     def __init__(self, instance: Instance, config: EtcdConfig,
                  environ: Mapping[str, str] | None = None):
         super().__init__(instance, config)
-        self.key = f"{config.prefix.rstrip('/')}/{instance.service}/{instance.hostport}"
+        self.key = entry_key(config.prefix, instance)
         password = read_password(config, os.environ if environ is None else environ)
         self._credentials = None if password is None else Credentials(
             config.username or "", *password)
@@ -47,12 +61,18 @@ class EtcdBackend(Backend):
         self._removed_revision: int | None = None
 
     def value(self, status: str | None = None) -> str:
-        meta: dict[str, Any] = {"id": self.instance.id, "tags": list(self.instance.tags),
-                                "meta": dict(self.instance.meta)}
-        if status:
-            meta["status"] = status
-        return json.dumps({"Op": 0, "Addr": self.instance.hostport, "Metadata": meta},
-                          separators=(",", ":"))
+        """The entry's JSON text, in the configured ``metadata`` form. The
+        same instance always gives the same text (a repair rewrites nothing
+        a gRPC client could see as a new address)."""
+        entry: dict[str, Any] = {"Op": 0, "Addr": self.instance.hostport}
+        if self.config.metadata != "none":
+            meta: dict[str, Any] = {"id": self.instance.id, "tags": list(self.instance.tags),
+                                    "meta": dict(self.instance.meta)}
+            if status:
+                meta["status"] = status
+            entry["Metadata"] = (meta if self.config.metadata == "object"
+                                 else json.dumps(meta, separators=(",", ":")))
+        return json.dumps(entry, separators=(",", ":"))
 
     def _call(self, path: str, payload: dict) -> dict:
         return self._cluster.call(path, payload)
@@ -92,8 +112,16 @@ class EtcdBackend(Backend):
         return False
 
     def drain(self, reason: str) -> None:
-        if self._lease is None:
-            return  # not registered by us: nothing of ours to mark
+        """Only with ``metadata: object``: rewrite the value with
+        ``"status":"draining"``. With ``string`` or ``none`` the value stays
+        as it is until the delete: gRPC-go does not read a status, and any
+        change of ``Metadata`` makes the address a new one to its balancers,
+        so every client opens a second connection to the pod that is leaving
+        (measured with grpc-go 1.33, ``pick_first`` and ``round_robin``
+        alike: 2 connections instead of 1, no RPC failed). The delete, right
+        after, is what takes the pod out of their rotation."""
+        if self._lease is None or self.config.metadata != "object":
+            return  # not registered by us, or nothing a client would act on
         value = self.value(status="draining")
         self._call("/kv/txn", {
             "compare": [{"key": b64(self.key), "target": "LEASE", "result": "EQUAL",
@@ -129,6 +157,14 @@ class EtcdBackend(Backend):
     def close(self) -> None:
         self._cluster.close()
         self.close_observers()
+
+
+def entry_key(prefix: str, instance: Instance) -> str:
+    """``<prefix>/<service>/<address>:<port>``, the prefix as written (a
+    leading slash kept, trailing ones dropped; an empty prefix: no prefix).
+    gRPC-go dials ``etcd:///`` + prefix + ``/`` + service."""
+    head = f"{prefix.rstrip('/')}/" if prefix else ""
+    return f"{head}{instance.service}/{instance.hostport}"
 
 
 class EtcdObserver(Observer):

@@ -25,8 +25,15 @@ class EtcdConfig(BackendConfig):
     endpoints: StrList = Field(
         default_factory=lambda: ["http://127.0.0.1:2379"], min_length=1,
         description="Client URLs of the cluster members; also the observers.")
-    prefix: str = Field(
-        "/services", description="Key prefix; the key is <prefix>/<service>/<addr>:<port>.")
+    prefix: str = Field("services", description=(
+        "Key prefix; the key is <prefix>/<service>/<addr>:<port>, the prefix as written. "
+        "gRPC-go dials etcd:/// + prefix + / + service: etcd:///services/web by default, "
+        "etcd:////services/web for the prefix /services."))
+    metadata: Literal["string", "object", "none"] = Field("string", description=(
+        "The value's Metadata: string = {\"id\",\"tags\",\"meta\"} as JSON text (every "
+        "gRPC-go balancer takes it); none = no Metadata; object = the same as a JSON object, "
+        "marked draining before removal (gRPC-go's round_robin panics on it: pick_first or "
+        "non-gRPC readers only)."))
     ttl: Duration = Field(10.0, ge=2.0, description="Lease TTL (whole seconds).")
     timeout: Duration = Field(2.0, gt=0, description="Timeout of one request to one member.")
     tls: EtcdTLS | None = Field(None, description=(
