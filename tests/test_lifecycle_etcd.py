@@ -251,7 +251,7 @@ def test_sidecar_prestop_hook_with_config_falls_back_to_deregistering_itself(pod
     """A hook that comes after the agent has gone (here 2.5 s late, past the agent's 1 s
     linger; ``health: false``, so the agent does not wait while the app listens): with
     --config it deregisters directly, and confirms."""
-    cfg = setup.config(grace=5, health=False)
+    cfg = setup.config(grace=10, health=False)  # the fallback imports a backend: slow under load
     watch = setup.watch()
     pod = start(pods, setup.pod([
         Container("registrar", [*REGISTRAR, "agent", "--config", str(cfg)],
@@ -633,7 +633,7 @@ def _not_listed_before_listening(watch: EtcdWatch, setup: Setup) -> None:
 def test_a_new_pod_is_registered_only_once_its_app_listens(pods, setup, mode):
     """The default gate (no health section): service.port accepts a TCP connection."""
     cfg = setup.config(grace=5)
-    app = setup.app("--listen-after", "1.0")
+    app = setup.app("--listen-after", "2.5")
     if mode == "run":
         containers = [Container("app", [*REGISTRAR, "run", "--config", str(cfg), "--", *app],
                                 pid_namespace=NAMESPACES)]
