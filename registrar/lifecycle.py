@@ -121,13 +121,18 @@ def serve_late_hooks(server, life: Lifecycle, linger: float, app_port: int | Non
     a pod's containers start with the deletion, when a regular sidecar gets
     its SIGTERM); and, with an app in the pod (``app_port``), the app stops
     listening: the kubelet signals a container only after its preStop hook
-    returned, so while the app listens its hook may still be on its way."""
+    returned, so while the app listens its hook may still be on its way --
+    unless a /prestop was answered already (that was the app's hook) or
+    ``linger`` is 0 (no hook calls /prestop: the app may keep listening
+    until the deadline, and the agent must not wait for it)."""
     deadline = life.deadline
     window = min(deadline.at, life.first_at + linger)
+    watch_app = app_port is not None and linger > 0
     told = False
     while not deadline.expired:
         if server.prestops_in_flight() == 0 and life.registrar.clock.now() >= window:
-            if app_port is None or not app_listening(app_port):
+            if (not watch_app or server.responses_sent.is_set()
+                    or not app_listening(app_port)):
                 return
             if not told:
                 log.info("control: answering /prestop while the app listens on port %d "

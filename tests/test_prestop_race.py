@@ -226,7 +226,8 @@ def test_the_agent_answers_while_the_app_it_registers_still_listens(agents):
     """A regular sidecar: the kubelet signals the app only after the app's
     preStop hook returned, so while the app listens its hook may still come,
     however slowly the exec starts: the agent answers until the app stops
-    listening (here long past the 0.2 s linger), then exits."""
+    listening (here long past the 0.2 s linger) or its hook has come, then
+    exits."""
     app = socket.socket()
     app.bind(("127.0.0.1", 0))
     app.listen()
@@ -240,10 +241,30 @@ def test_the_agent_answers_while_the_app_it_registers_still_listens(agents):
         time.sleep(0.5)  # well past the linger: a hook this late used to be refused
         code, out, err = finished(hook(agent.control))
         assert code == 0 and out.startswith("deregistered after SIGTERM"), (code, out, err)
-        assert agent.proc.poll() is None
+        # That was the app's hook: nothing more can come, the agent goes
+        # although the app still listens.
+        assert agent.proc.wait(10) == 0, agent.log()
     finally:
-        app.close()  # the app got its SIGTERM and stopped listening
-    assert agent.proc.wait(10) == 0, agent.log()
+        app.close()
+
+
+def test_linger_0_means_no_hook_comes_and_the_agent_does_not_wait_for_the_app(agents):
+    """``control.linger: 0s`` says no hook calls /prestop: after SIGTERM the
+    agent exits once its stop is done, while the app (stopped by its own
+    SIGTERM, or not) still listens."""
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen()
+    port = app.getsockname()[1]
+    try:
+        agent = agents(health={"tcp": f"127.0.0.1:{port}", "interval": "100ms"}, port=port,
+                       linger="0s")
+        wait_until(lambda: readyz(agent.control) == 200, 20, f"registered\n{agent.log()}")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(5) == 0, agent.log()  # well before the 5 s deadline
+        assert "while the app listens" not in agent.log()
+    finally:
+        app.close()
 
 
 # -- (d) no agent at all ------------------------------------------------------------------
