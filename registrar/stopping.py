@@ -97,6 +97,8 @@ class BackendReport:
     observers_down: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cut: list[str] = field(default_factory=list)
+    #: The registry refused the registration: there was nothing to remove.
+    never_registered: bool = False
 
 
 @dataclass
@@ -123,7 +125,8 @@ class StopReport:
             n_ok = len(b.observers_confirmed)
             n_all = n_ok + len(b.observers_unconfirmed) + len(b.observers_down)
             state = ("confirmed" if b.confirmed
-                     else "removed, unconfirmed" if b.removed else "NOT removed")
+                     else "removed, unconfirmed" if b.removed
+                     else "never registered" if b.never_registered else "NOT removed")
             prop = (f" in {b.propagation_seconds * 1000:.1f}ms"
                     if b.propagation_seconds is not None else "")
             down = f", {len(b.observers_down)} down" if b.observers_down else ""
@@ -170,6 +173,13 @@ class StopSequence:
     def _remove(self, slot: Slot, report: BackendReport, deadline: Deadline,
                 trigger: Trigger) -> None:
         """drain + deregister one backend, then wait for its observers."""
+        if slot.state == BackendState.REJECTED:
+            # The registry refused the registration (credentials, ACL, a
+            # newer incarnation owns the entry): nothing of ours is there,
+            # and asking again with what it refused only repeats the refusal.
+            report.never_registered = True
+            report.errors.append(f"registration was rejected: {slot.last_error}")
+            return
         slot.registered.clear()
         slot.state = BackendState.STOPPING
         # An in-flight heartbeat or registration finishes first (bounded by

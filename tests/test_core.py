@@ -71,7 +71,12 @@ def test_rejection_is_not_retried_and_is_fatal():
         registrar.start(wait=True, timeout=5)
     assert registry.count("register") == 1
     assert len(fatal) == 1 and isinstance(fatal[0], RegistrationRejected)
-    registrar.stop()
+    report = registrar.stop()
+    # Nothing of ours is there: the stop does not ask again with what was refused.
+    assert registry.count("drain") == registry.count("deregister") == 0
+    assert not report.ok and report.backends[0].never_registered
+    assert "memory: never registered 0/0 observers (registration was rejected: " \
+        in report.summary()
 
 
 def test_heartbeats_run_and_repair():
