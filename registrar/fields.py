@@ -8,14 +8,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, WithJsonSchema,
+                      field_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .text import printable, show
 
-__all__ = ["Model", "Duration", "StrList", "Integer", "parse_duration", "format_duration",
-           "read_token", "show", "printable"]
+__all__ = ["Model", "Duration", "StrList", "Integer", "SecretFile", "parse_duration",
+           "format_duration", "read_token", "show", "printable"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 #: The longest duration anything accepts: a day. Larger values (1e30 s) used
@@ -112,6 +113,19 @@ class Model(BaseModel):
                         "control_character", "no control characters (a newline, a NUL) "
                         "allowed in a key")
         return value
+
+
+def _readable_secret(path: str) -> str:
+    try:
+        read_token(path, "")
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
+    return path
+
+
+#: A path to a file holding a secret (a token, a password), checked readable
+#: and not empty at validation; the secret itself is read where it is used.
+SecretFile = Annotated[str, AfterValidator(_readable_secret)]
 
 
 def read_token(path: str, field: str) -> str:

@@ -20,11 +20,11 @@ from pydantic import Field
 from ._shared import TLSConfig, client_errors, scrub, short_reason
 from .errors import (ConfigError, MemberDown, RegistrarError, RegistrationRejected,
                      RegistryUnavailable)
-from .fields import Duration, Model, StrList, format_duration, read_token, show
+from .fields import Duration, Model, SecretFile, StrList, format_duration, read_token, show
 from .instance import Instance
 
 __all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Model", "Duration",
-           "StrList", "read_token", "format_duration", "RegistrarError", "ConfigError",
+           "StrList", "SecretFile", "read_token", "format_duration", "RegistrarError", "ConfigError",
            "RegistryUnavailable", "RegistrationRejected", "MemberDown", "client_errors",
            "short_reason", "scrub", "show"]
 

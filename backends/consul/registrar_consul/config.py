@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from registrar.plugin import BackendConfig, ConfigError, Duration, StrList, TLSConfig, read_token
+from registrar.plugin import BackendConfig, Duration, SecretFile, StrList, TLSConfig
 
 
 def parse_address(text: str, https: bool = False) -> tuple[str, str, int]:
@@ -62,7 +62,7 @@ class ConsulConfig(BackendConfig):
     token: SecretStr | None = Field(
         None, description="ACL token (default: token_file, else $CONSUL_HTTP_TOKEN, else "
                           "$CONSUL_HTTP_TOKEN_FILE). Never logged.")
-    token_file: str | None = Field(None, description="File holding the ACL token (a mounted Secret).")
+    token_file: SecretFile | None = Field(None, description="File holding the ACL token (a mounted Secret).")
     tls: ConsulTLS = Field(default_factory=ConsulTLS)
     datacenter: str | None = Field(
         None, description="The local agent's datacenter, named in every read (default: the agent's).")
@@ -91,16 +91,6 @@ class ConsulConfig(BackendConfig):
         for address in value or ():
             parse_address(address)
         return value or None  # empty (e.g. "${CONSUL_OBSERVERS:-}"): the default
-
-    @field_validator("token_file")
-    @classmethod
-    def _token_file(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                read_token(value, "token_file")
-            except ConfigError as exc:
-                raise ValueError(exc.message) from None
-        return value
 
     @model_validator(mode="after")
     def _one_token(self) -> "ConsulConfig":

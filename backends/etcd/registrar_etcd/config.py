@@ -7,8 +7,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from registrar.plugin import (BackendConfig, ConfigError, Duration, StrList, TLSConfig, read_token,
-                              show)
+from registrar.plugin import (BackendConfig, ConfigError, Duration, SecretFile, StrList, TLSConfig,
+                              read_token, show)
 
 #: The environment variable read for the password when no password_file is given.
 PASSWORD_ENV = "ETCD_PASSWORD"
@@ -42,7 +42,7 @@ class EtcdConfig(BackendConfig):
     username: str | None = Field(None, min_length=1, description=(
         "etcd user when auth is enabled: the backend authenticates with it and the password "
         "and sends the token (renewed when it expires)."))
-    password_file: str | None = Field(None, description=(
+    password_file: SecretFile | None = Field(None, description=(
         f"File holding the password of username (a mounted Secret); default: ${PASSWORD_ENV}. "
         "Never logged."))
 
@@ -59,16 +59,6 @@ class EtcdConfig(BackendConfig):
                 raise ValueError(f"expected a URL like http://10.0.0.1:2379 (port 1..65535), "
                                  f"got {show(url)}")
         return endpoints
-
-    @field_validator("password_file")
-    @classmethod
-    def _password_file(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                read_token(value, "password_file")
-            except ConfigError as exc:
-                raise ValueError(exc.message) from None
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "EtcdConfig":
