@@ -222,16 +222,21 @@ def test_a_failed_stop_is_reported_as_failed_after_the_agent_has_gone(agents, tm
 
 # -- a hook that comes late, while the app still listens --------------------------------------
 
+def listening_app() -> tuple[socket.socket, int]:
+    """A socket listening where the agent's app would (close it to stop)."""
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen()
+    return app, app.getsockname()[1]
+
+
 def test_the_agent_answers_while_the_app_it_registers_still_listens(agents):
     """A regular sidecar: the kubelet signals the app only after the app's
     preStop hook returned, so while the app listens its hook may still come,
     however slowly the exec starts: the agent answers until the app stops
     listening (here long past the 0.2 s linger) or its hook has come, then
     exits."""
-    app = socket.socket()
-    app.bind(("127.0.0.1", 0))
-    app.listen()
-    port = app.getsockname()[1]
+    app, port = listening_app()
     try:
         agent = agents(health={"tcp": f"127.0.0.1:{port}", "interval": "100ms"}, port=port,
                        linger="200ms")
@@ -252,10 +257,7 @@ def test_linger_0_means_no_hook_comes_and_the_agent_does_not_wait_for_the_app(ag
     """``control.linger: 0s`` says no hook calls /prestop: after SIGTERM the
     agent exits once its stop is done, while the app (stopped by its own
     SIGTERM, or not) still listens."""
-    app = socket.socket()
-    app.bind(("127.0.0.1", 0))
-    app.listen()
-    port = app.getsockname()[1]
+    app, port = listening_app()
     try:
         agent = agents(health={"tcp": f"127.0.0.1:{port}", "interval": "100ms"}, port=port,
                        linger="0s")
