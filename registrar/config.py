@@ -351,7 +351,12 @@ def _validate(model: type[BaseModel], data: Any, prefix: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc.errors()[0], model, prefix, data) from None
+        errors = exc.errors()
+        # A misspelt key also makes the right one "missing": name the typo
+        # (with its "did you mean"), which is what the user wrote.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0]) \
+            if any(e["type"] == "missing" for e in errors) else errors[0]
+        raise _config_error(first, model, prefix, data) from None
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - a plugin's validator that crashed

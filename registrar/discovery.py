@@ -3,6 +3,7 @@ group, loaded by type name on first use (a missing one becomes an
 "install X" message naming the field)."""
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 
 from .errors import BackendNotFound
@@ -26,6 +27,11 @@ def backend_class(type_name: str, path: str = "type") -> type[Backend]:
     ep = eps.get(type_name)
     if ep is None:
         known = ", ".join(sorted(eps)) or "none"
+        close = difflib.get_close_matches(type_name, [*eps, *_KNOWN_DISTRIBUTIONS], n=1,
+                                          cutoff=0.6)
+        if close:
+            raise BackendNotFound(path, f"unknown backend type {type_name!r} (did you mean "
+                                        f"{close[0]!r}?; installed: {known})")
         dist = _KNOWN_DISTRIBUTIONS.get(type_name, f"registrar-{type_name}")
         raise BackendNotFound(
             path, f"unknown backend type {type_name!r} (installed: {known}); "

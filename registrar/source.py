@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,11 +34,14 @@ def _read(path: str | os.PathLike) -> Any:
     import yaml
 
     name = printable(os.fsdecode(path))
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError("", f"cannot read {name}: {exc.strerror}") from exc
+    if name == "-":  # `-c -`: the configuration on standard input
+        name, data = "<stdin>", _stdin()
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError("", f"cannot read {name}: {exc.strerror}") from exc
     if len(data) > MAX_BYTES:
         raise ConfigError("", f"{name}: larger than {MAX_BYTES >> 20} MiB: not a configuration")
     try:
@@ -51,6 +55,16 @@ def _read(path: str | os.PathLike) -> Any:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError("", f"{name}: invalid YAML{where}: {printable(problem)}") from None
+
+
+_STDIN: list[bytes] = []
+
+
+def _stdin() -> bytes:
+    """Standard input, read once (a command may read its config twice)."""
+    if not _STDIN:
+        _STDIN.append(sys.stdin.buffer.read(MAX_BYTES + 1))
+    return _STDIN[0]
 
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

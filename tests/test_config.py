@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ BROKEN = [
     (with_("backends[0].ttll", "5s"), "backends[0].ttll: unknown key (did you mean 'ttl'?)"),
     (with_("stop.grace", "5s"), "stop.grace: unknown key (did you mean 'grace_period'?)"),
     (with_("backends[0].type", "consol"),
-     "backends[0].type: unknown backend type 'consol' (installed: "),
+     "backends[0].type: unknown backend type 'consol' (did you mean 'consul'?; installed: "),
     (with_("backends[0].type", DEL), "backends[0].type: required"),
     (with_("service.port", 70000), "service.port: should be from 1 to 65535, got 70000"),
     (with_("service.port", "http"), 'service.port: input should be a valid integer, unable to parse string as an integer, got "http"'),
@@ -245,3 +246,28 @@ def test_downward_api_variables_are_checked_like_the_config(environ, message):
     with pytest.raises(ConfigError) as info:
         Registrar.from_config(raw, environ=environ)
     assert str(info.value).startswith(message)
+
+
+def test_a_misspelt_key_is_named_before_the_key_it_leaves_missing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("service: {name: web, port: 8080}\nbackend:\n  - {type: etcd}\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    assert str(info.value) == "backend: unknown key (did you mean 'backends'?)"
+
+
+def test_a_misspelt_backend_type_gets_a_did_you_mean():
+    raw = {"service": {"name": "web", "port": 8080}, "backends": [{"type": "etdc"}]}
+    with pytest.raises(ConfigError) as info:
+        config.load(raw)
+    assert str(info.value).startswith(
+        "backends[0].type: unknown backend type 'etdc' (did you mean 'etcd'?")
+
+
+def test_the_configuration_can_come_on_standard_input():
+    text = "service: {name: web, port: 8080}\nbackends: [{type: etcd}]\n"
+    done = subprocess.run([sys.executable, "-m", "registrar", "check", "-c", "-"], input=text,
+                          capture_output=True, text=True, env={**os.environ, "POD_IP": "10.0.0.1"},
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "valid: web/" in done.stdout
