@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from . import __version__
 from .core import Registrar
 
 #: Propagation buckets (seconds): loopback takes milliseconds, WAN clusters more.
@@ -21,6 +22,8 @@ class Metrics:
     def __init__(self, registrar: Registrar):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(registrar))
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds...
+        ProcessCollector(registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -32,6 +35,10 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         r = self.registrar
+        build = GaugeMetricFamily("registrar_build_info", "The running registrar's version (1)",
+                                  labels=["version"])
+        build.add_metric([__version__], 1.0)
+        yield build
         status = r.status(observe=False)
         registered = GaugeMetricFamily("registrar_registered",
                                        "1 while the instance is registered on the backend",
@@ -52,10 +59,9 @@ class _Collector:
         yield GaugeMetricFamily("registrar_stopping", "1 once the stop sequence has begun",
                                 value=1.0 if r.stopping else 0.0)
         report = r.report
-        stop = GaugeMetricFamily("registrar_stop_duration_seconds",
-                                 "Duration of the stop sequence (NaN until it ran)",
-                                 value=report.seconds if report else float("nan"))
-        yield stop
+        if report is not None:  # absent until the stop ran (a NaN would break alert rules)
+            yield GaugeMetricFamily("registrar_stop_duration_seconds",
+                                    "Duration of the stop sequence", value=report.seconds)
         hist = HistogramMetricFamily("registrar_propagation_seconds",
                                      "deregister() to the last observer's confirmation",
                                      labels=["backend"])

@@ -136,12 +136,14 @@ def test_metrics(server, registrar):
     assert status == 200
     assert 'registrar_registered{backend="memory"} 1.0' in text
     assert 'registrar_heartbeat_failures_total{backend="memory"} 0.0' in text
+    assert 'registrar_build_info{version="' in text and "process_resident_memory_bytes" in text
+    assert "registrar_stop_duration_seconds" not in text  # no NaN before the stop
     request(server, "POST", "/prestop")
     _, text = request(server, "GET", "/metrics")
     assert 'registrar_registered{backend="memory"} 0.0' in text
     assert "registrar_stopping 1.0" in text
     assert 'registrar_propagation_seconds_count{backend="memory"} 1.0' in text
-    assert "registrar_stop_duration_seconds NaN" not in text
+    assert "registrar_stop_duration_seconds " in text and "NaN" not in text
 
 
 def test_token_protects_all_but_the_probes(registrar):
