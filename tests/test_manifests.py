@@ -36,6 +36,13 @@ def test_manifest_config_loads_and_matches_the_pod(path, tmp_path):
     _, port = parse_listen(config.expand({"l": cfg.control.listen}, environ=ENV)["l"])
     app = pod["containers"][0]
     assert app["readinessProbe"]["httpGet"]["port"] == port
+    # httpGet's `host` is where the kubelet connects: 127.0.0.1 would probe the node.
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert "host" not in container.get(probe, {}).get("httpGet", {}), (container["name"],
+                                                                                 probe)
+    listen_host, _ = parse_listen(config.expand({"l": cfg.control.listen}, environ=ENV)["l"])
+    assert listen_host == ENV["POD_IP"], "the kubelet's probes and hooks go to the pod IP"
     hook = app["lifecycle"]["preStop"]
     if "httpGet" in hook:
         assert hook["httpGet"]["port"] == port and hook["httpGet"]["path"] == "/prestop"
