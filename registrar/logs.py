@@ -9,6 +9,18 @@ import time
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class TextFormatter(logging.Formatter):
+    """``2026-11-26T19:52:56.682+00:00 INFO logger: message``: local time
+    with its UTC offset (logging's default asctime has no zone, so lines
+    from pods in different zones, or around a DST change, cannot be put in
+    order)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        offset = time.strftime("%z", time.localtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}{offset[:3]}:{offset[3:]}"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ts, level, logger, msg (+ exc)."""
 
@@ -24,7 +36,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
