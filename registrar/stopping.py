@@ -27,6 +27,8 @@ POLL_INTERVAL = 0.002
 #: Past a deadline, how long to wait for worker threads that stop by
 #: themselves at it to hand in their results.
 _HAND_IN = 0.05
+#: Seconds between two "still waiting" lines while the stop waits on a backend.
+PROGRESS_EVERY = 1.0
 #: An observer whose member refuses connections for this long (asked at
 #: least twice) is reported down instead of awaited.
 DOWN_AFTER = 0.02
@@ -154,6 +156,7 @@ class StopSequence:
         futures = [spawn(self._remove, s, r, deadline, trigger, name=f"deregister-{s.name}")
                    for s, r in zip(self.slots, reports)]
         cut = []
+        self._wait_noting_progress(futures, deadline)
         for future, report in zip(futures, reports):
             if not settled(future, deadline.remaining() + _HAND_IN):
                 report.cut.append("deadline reached before the backend finished")
@@ -169,6 +172,25 @@ class StopSequence:
         report = StopReport(trigger, ok, self.clock.now() - start, waited, reports, cut)
         (log.info if ok else log.error)("%s", report.summary())
         return report
+
+    def _wait_noting_progress(self, futures: list, deadline: Deadline) -> None:
+        """Wait for the backends, saying every PROGRESS_EVERY seconds which
+        are still at it: a stop that waits on a stalled registry is not
+        silent until its one error line."""
+        # Bounded by rounds too, not only by the deadline: a test's fake
+        # clock stands still while this waits in real time.
+        for _round in range(int(deadline.remaining() / PROGRESS_EVERY) + 1):
+            if deadline.expired:
+                return
+            pending = [s.name for s, f in zip(self.slots, futures) if not f.done()]
+            if not pending:
+                return
+            first = next(f for f in futures if not f.done())
+            if not settled(first, min(PROGRESS_EVERY, deadline.remaining())):
+                if deadline.expired:
+                    return
+                log.info("stopping: still waiting for %s to be removed and confirmed "
+                         "(%.1fs of the budget left)", ", ".join(pending), deadline.remaining())
 
     def _remove(self, slot: Slot, report: BackendReport, deadline: Deadline,
                 trigger: Trigger) -> None:

@@ -168,6 +168,19 @@ def test_a_hanging_backend_cannot_hold_stop_past_the_deadline():
     registry.release.set()
 
 
+def test_a_stop_waiting_on_a_stalled_registry_says_so_every_second(caplog):
+    registrar, registry = make()
+    registrar.start(wait=True, timeout=5)
+    registry.hang.set()
+    with caplog.at_level(logging.INFO, logger="registrar.stopping"):
+        report = registrar.stop(deadline=Deadline.after(2.5, Clock()))
+    registry.release.set()
+    assert not report.ok
+    notes = [r.getMessage() for r in caplog.records if "still waiting for" in r.getMessage()]
+    assert 1 <= len(notes) <= 2, notes  # about every second (at 1 s and 2 s), none after
+    assert notes[0].startswith("stopping: still waiting for memory to be removed and confirmed")
+
+
 def test_no_heartbeat_lands_after_deregistration():
     registrar, registry = make(ttl=0.3, heartbeat=HeartbeatConfig(interval=0.02))
     registrar.start(wait=True, timeout=5)
