@@ -160,6 +160,13 @@ class Registration:
             log.error("%s: registration rejected: %s", slot.name, exc)
             self.on_fatal(exc)
             return
+        if self.stopping.is_set():
+            # The stop began while this registration was in flight: it waited
+            # for it and now removes it. Claiming "registered" here would
+            # overwrite the stop's state (and log out of order).
+            log.info("%s: registered %s just as the stop began; the stop removes it",
+                     slot.name, self.instance.service)
+            return
         slot.state, slot.last_error = BackendState.REGISTERED, None
         slot.registered.set()
         log.info("%s: registered %s as %s", slot.name, self.instance.service, self.instance.hostport)
