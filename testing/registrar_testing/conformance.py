@@ -18,10 +18,25 @@ from registrar import Instance, Registrar
 from registrar.discovery import backend_class
 from registrar.plugin import Backend
 from registrar.clock import Clock, Deadline
-from registrar.errors import RegistryUnavailable
+from registrar.errors import RegistrationRejected, RegistryUnavailable
 
 from . import wait_until
 from .faults import Blackhole
+
+
+def registration_refusal(backend: Backend, secrets: tuple[str, ...] = ()) -> str:
+    """The message of the RegistrationRejected that ``register()`` raises
+    (the backend is closed after), checked to be one line and to carry none
+    of ``secrets``: what a user sees when the registry refuses."""
+    try:
+        with pytest.raises(RegistrationRejected) as caught:
+            backend.register()
+    finally:
+        backend.close()
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert not any(secret and secret in message for secret in secrets), "a secret in the error"
+    return message
 
 
 class Harness(abc.ABC):
