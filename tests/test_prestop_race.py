@@ -230,6 +230,16 @@ def listening_app() -> tuple[socket.socket, int]:
     return app, app.getsockname()[1]
 
 
+def sigterm_gated_agent(agents, port: int, linger: str):
+    """An agent whose health gate watches the app on ``port``, registered,
+    then sent SIGTERM."""
+    agent = agents(health={"tcp": f"127.0.0.1:{port}", "interval": "100ms"}, port=port,
+                   linger=linger)
+    wait_until(lambda: readyz(agent.control) == 200, 20, f"registered\n{agent.log()}")
+    agent.proc.send_signal(signal.SIGTERM)
+    return agent
+
+
 def test_the_agent_answers_while_the_app_it_registers_still_listens(agents):
     """A regular sidecar: the kubelet signals the app only after the app's
     preStop hook returned, so while the app listens its hook may still come,
@@ -238,10 +248,7 @@ def test_the_agent_answers_while_the_app_it_registers_still_listens(agents):
     exits."""
     app, port = listening_app()
     try:
-        agent = agents(health={"tcp": f"127.0.0.1:{port}", "interval": "100ms"}, port=port,
-                       linger="200ms")
-        wait_until(lambda: readyz(agent.control) == 200, 20, f"registered\n{agent.log()}")
-        agent.proc.send_signal(signal.SIGTERM)
+        agent = sigterm_gated_agent(agents, port, linger="200ms")
         agent.wait_log("while the app listens")
         time.sleep(0.5)  # well past the linger: a hook this late used to be refused
         code, out, err = finished(hook(agent.control))
@@ -259,10 +266,7 @@ def test_linger_0_means_no_hook_comes_and_the_agent_does_not_wait_for_the_app(ag
     SIGTERM, or not) still listens."""
     app, port = listening_app()
     try:
-        agent = agents(health={"tcp": f"127.0.0.1:{port}", "interval": "100ms"}, port=port,
-                       linger="0s")
-        wait_until(lambda: readyz(agent.control) == 200, 20, f"registered\n{agent.log()}")
-        agent.proc.send_signal(signal.SIGTERM)
+        agent = sigterm_gated_agent(agents, port, linger="0s")
         assert agent.proc.wait(5) == 0, agent.log()  # well before the 5 s deadline
         assert "while the app listens" not in agent.log()
     finally:
