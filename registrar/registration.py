@@ -9,7 +9,7 @@ entry without us: each write or heartbeat that lands vouches for the entry
 until its start plus the TTL (the registry counts the TTL from when it
 received the call, never earlier), and past that the slot reads "lost"
 until a heartbeat's repair lands. A backend that learns its entry is gone
-(a ZooKeeper session expired) says so at once by clearing ``registered``."""
+(a ZooKeeper session expired) says so at once: its ``registered`` reads False."""
 from __future__ import annotations
 
 import enum

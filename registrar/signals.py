@@ -49,9 +49,6 @@ class SignalPipe:
             signal.signal(sig, _noted_by_wakeup_fd)
         return self
 
-    def handler(self, signum: int, frame: Any = None) -> None:
-        self.note(signum)
-
     def note(self, signum: int) -> None:
         try:
             self._w.send(bytes([signum]))
