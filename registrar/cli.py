@@ -343,9 +343,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     registrar = Registrar.from_config(args.config)  # builds the backends; connects nowhere
     for backend in registrar.backends:
         backend.close()
+    import yaml
+
+    from .config import effective
+
     inst = registrar.instance
-    print(f"{args.config}: valid: {inst.service}/{inst.id} at {inst.hostport} on "
-          f"{', '.join(b.name for b in registrar.backends)}")
+    # The verdict on stderr, the effective configuration (YAML) on stdout.
+    where = "standard input" if args.config == "-" else args.config
+    print(f"{where}: valid: {inst.service}/{inst.id} at {inst.hostport} on "
+          f"{', '.join(b.name for b in registrar.backends)}", file=sys.stderr)
+    doc = effective(registrar.config)
+    doc["service"].update(id=inst.id, address=inst.address)  # $POD_NAME, $POD_IP, or found
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
     return EXIT_OK
 
 

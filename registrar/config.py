@@ -134,13 +134,17 @@ class ControlConfig(Model):
     token_file: str | None = Field(
         None, description="File holding the bearer token every endpoint but /healthz and "
                           "/readyz requires; required when listen is not a loopback address.")
+    metrics_listen: str | None = Field(
+        None, description='host:port (or "unix:/path.sock") serving GET /metrics alone, '
+                          "with no token, for Prometheus' annotation-based scraping (which "
+                          "sends no credentials); null: /metrics only on listen.")
     linger: Duration = Field(
         1.0, description="`agent`: after a signal, how long (from the first trigger) it keeps "
                          "answering /prestop for other containers' preStop hooks; with a "
                          "health gate it also answers while the app still listens on "
                          "service.port; 0 when no hook calls /prestop.")
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
     def _listen(cls, value: str | None) -> str | None:
         if value is not None:
@@ -240,6 +244,29 @@ class AgentConfig:
     health: HealthConfig | None = None
 
 
+def effective(config: AgentConfig) -> dict[str, Any]:
+    """The configuration as the agent will run it (defaults filled in,
+    variables expanded), secrets redacted: what `registrar check` prints."""
+    def dump(model: BaseModel) -> Any:
+        return _redact(model.model_dump(mode="json"))
+
+    return {"service": dump(config.service),
+            "backends": [dump(section) for _, section in config.backends],
+            "heartbeat": dump(config.heartbeat), "stop": dump(config.stop),
+            "control": dump(config.control),
+            "health": False if config.health is None else dump(config.health)}
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if v is not None and _SECRET.search(k)
+                    and not k.endswith("_file") else _redact(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
 def load(source: str | os.PathLike | Mapping[str, Any],
          environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read, interpolate and validate a configuration file or mapping.
@@ -282,6 +309,13 @@ def _check_control(control: ControlConfig) -> None:
     elif control.listen is not None and not is_loopback(control.listen):
         raise ConfigError("control.token_file", f"required when control.listen is not a "
                                                 f"loopback address (it is {control.listen})")
+    if control.metrics_listen is not None:
+        if control.listen is None:
+            raise ConfigError("control.metrics_listen", "needs control.listen (null turns the "
+                                                        "control server off)")
+        if parse_listen(control.metrics_listen) == parse_listen(control.listen):
+            raise ConfigError("control.metrics_listen",
+                              f"must differ from control.listen ({control.listen})")
 
 
 def signal_named(name: str):

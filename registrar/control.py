@@ -3,7 +3,9 @@
 GET /healthz (alive), GET /readyz (200 only while registered and not
 stopping; the body says why not), GET|POST /prestop (runs or joins the stop
 sequence and blocks until it is done; the kubelet's httpGet preStop hook),
-GET /status (JSON), GET /metrics (Prometheus text).
+GET /status (JSON), GET /metrics (Prometheus text). With ``metrics_listen``
+a second address serves GET /metrics alone, without the token, for
+Prometheus' usual Kubernetes scraping (which sends no credentials).
 
 One asyncio loop in a thread of its own reads every connection, so a slow,
 idle or hostile client costs a few kilobytes, never a thread: a thousand
@@ -34,7 +36,6 @@ from typing import Any
 
 from ._threads import spawn
 from .core import Registrar
-from .metrics import Metrics
 from .prestop import report_file
 from .source import parse_listen
 from .stopping import StopReport
@@ -77,6 +78,10 @@ _VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 _TARGET = re.compile(rb"[\x21-\x7e]+")
 
 
+class MetricsListenError(OSError):
+    """The metrics_listen address could not be bound."""
+
+
 class ControlServer:
     """Serves the endpoints for one Registrar. ``prestop`` is what /prestop
     runs: a callable returning the StopReport (the mode decides the trigger
@@ -87,13 +92,14 @@ class ControlServer:
                  token: str | None = None,
                  ready: Callable[[], tuple[bool, str]] | None = None, *,
                  request_timeout: float = REQUEST_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS,
+                 metrics_listen: str | None = None):
         self.registrar = registrar
         self.listen = listen
         self.prestop = prestop
         self.token = token
         self.ready = ready or registrar.readiness
-        self.metrics = Metrics(registrar)
+        self._metrics = None  # made at the first scrape: prometheus_client costs ~10 MB
         self.request_timeout = request_timeout
         self.max_connections = min(max_connections, _fd_room())
         self.responses_sent = threading.Event()  # set after a /prestop answer went out
@@ -112,8 +118,18 @@ class ControlServer:
         self._report_path = report_file(self._where) if isinstance(self._where, str) else None
         if self._report_path:
             _unlink(self._report_path)  # a report left by a previous run of this container
+        self._metrics_where = parse_listen(metrics_listen) if metrics_listen else None
+        self._metrics_sock = None
+        if self._metrics_where is not None:
+            try:
+                self._metrics_sock = _bind(self._metrics_where)
+            except BaseException as exc:
+                self._sock.close()
+                if isinstance(exc, OSError):
+                    raise MetricsListenError(exc.errno, exc.strerror) from exc
+                raise
         self._loop = asyncio.new_event_loop()
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -121,6 +137,24 @@ class ControlServer:
     def address(self) -> str:
         """Where it listens (the port is real when 0 was asked)."""
         return self._address
+
+    @property
+    def metrics_address(self) -> str | None:
+        """Where /metrics is served without a token, if anywhere."""
+        if self._metrics_sock is None:
+            return None
+        if isinstance(self._metrics_where, str):
+            return f"unix:{self._metrics_where}"
+        host, port = self._metrics_sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        """The Prometheus text; the metrics stack is imported at the first call."""
+        if self._metrics is None:
+            from .metrics import Metrics
+
+            self._metrics = Metrics(self.registrar)
+        return self._metrics.render()
 
     @property
     def connections(self) -> int:
@@ -134,6 +168,8 @@ class ControlServer:
         self._thread.start()
         started.wait(5)
         log.info("control server listening on %s", self.address)
+        if self._metrics_sock is not None:
+            log.info("serving /metrics without a token on %s", self.metrics_address)
         return self
 
     def hand_over(self, report: StopReport) -> None:
@@ -184,27 +220,36 @@ class ControlServer:
         self._sock.close()
         if isinstance(self._where, str):
             _unlink(self._where)
+        if self._metrics_sock is not None:
+            self._metrics_sock.close()
+            if isinstance(self._metrics_where, str):
+                _unlink(self._metrics_where)
 
     # -- the loop (every method below runs in the loop's thread) ----------------
 
     def _run(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            make = (self._loop.create_unix_server if isinstance(self._where, str)
-                    else self._loop.create_server)
-            # asyncio accepts up to ``backlog`` connections in one go and
-            # listens with it: accept in small batches (a burst then takes
-            # turns with the requests already in), listen with the real one.
-            self._server = self._loop.run_until_complete(
-                make(lambda: _Connection(self), sock=self._sock, backlog=_ACCEPT_BATCH))
-            self._sock.listen(BACKLOG)
+            listening = [(self._where, self._sock, False)]
+            if self._metrics_sock is not None:
+                listening.append((self._metrics_where, self._metrics_sock, True))
+            for where, sock, metrics_only in listening:
+                make = (self._loop.create_unix_server if isinstance(where, str)
+                        else self._loop.create_server)
+                # asyncio accepts up to ``backlog`` connections in one go and
+                # listens with it: accept in small batches (a burst then takes
+                # turns with the requests already in), listen with the real one.
+                self._servers.append(self._loop.run_until_complete(
+                    make(lambda m=metrics_only: _Connection(self, metrics_only=m), sock=sock,
+                         backlog=_ACCEPT_BATCH)))
+                sock.listen(BACKLOG)
         finally:
             started.set()
         self._loop.run_forever()
 
     async def _shutdown(self, grace: float) -> None:
-        if self._server is not None:
-            self._server.close()  # no new connection from here on
+        for server in self._servers:
+            server.close()  # no new connection from here on
         end = time.monotonic() + grace
         while time.monotonic() < end and any(c.busy() for c in self._conns):
             await asyncio.sleep(0.01)
@@ -253,13 +298,16 @@ class ControlServer:
     def _answer(self, conn: _Connection, req: _Request) -> None:
         """Answer at once, or hand the call to a thread and answer from there."""
         route = _ROUTES.get(req.path)
+        if conn.metrics_only and req.path != "/metrics":
+            route = None  # the token-free address serves nothing else
         if route is None:
             return conn.reply(req, HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {req.path}"})
         if req.method not in route:
             return conn.reply(req, HTTPStatus.METHOD_NOT_ALLOWED,
                               {"error": f"{req.method} not allowed on {req.path}"},
                               {"Allow": ", ".join(sorted(route))})
-        if req.path not in _OPEN and self.token and not self._authorized(req):
+        if (req.path not in _OPEN and self.token and not conn.metrics_only
+                and not self._authorized(req)):
             return conn.reply(req, HTTPStatus.UNAUTHORIZED,
                               {"error": "missing or wrong bearer token"},
                               {"WWW-Authenticate": "Bearer"})
@@ -272,7 +320,7 @@ class ControlServer:
         kind, call, answer = {
             "/readyz": ("probe", self.ready, _readyz),
             "/status": ("work", lambda: self.registrar.status(observe=True), _as_json),
-            "/metrics": ("work", self.metrics.render, _as_text),
+            "/metrics": ("work", self.render_metrics, _as_text),
             "/prestop": ("prestop", self.prestop, _prestop),
         }[req.path]
 
@@ -326,8 +374,9 @@ class _Connection(asyncio.Protocol):
     answer is being made in a thread), closing (answered; reading and
     dropping what still comes for a moment)."""
 
-    def __init__(self, server: ControlServer):
+    def __init__(self, server: ControlServer, metrics_only: bool = False):
         self.server = server
+        self.metrics_only = metrics_only  # accepted on the metrics_listen address
         self.loop = server._loop
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()

@@ -162,14 +162,18 @@ def serve_control(registrar: Registrar, config: AgentConfig, life: Lifecycle, re
     """The control server, started, or None when ``control.listen`` is null."""
     if config.control.listen is None:
         return None
-    from .control import ControlServer
+    from .control import ControlServer, MetricsListenError
 
     token = (read_token(config.control.token_file, "control.token_file")
              if config.control.token_file else None)
     try:
         server = ControlServer(registrar, config.control.listen,
                                lambda: life.stop(Trigger.prestop("/prestop")), token=token,
-                               ready=ready)
+                               ready=ready, metrics_listen=config.control.metrics_listen)
+    except MetricsListenError as exc:
+        raise ConfigError("control.metrics_listen",
+                          f"cannot listen on {config.control.metrics_listen}: "
+                          f"{exc.strerror or exc}") from None
     except OSError as exc:
         raise ConfigError("control.listen", f"cannot listen on {config.control.listen}: "
                                             f"{exc.strerror or exc}") from None

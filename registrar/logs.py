@@ -21,14 +21,24 @@ class TextFormatter(logging.Formatter):
         return f"{stamp}.{int(record.msecs):03d}{offset[:3]}:{offset[3:]}"
 
 
+#: What every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message",
+                                                                               "asctime"}
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: ts, level, logger, msg (+ exc)."""
+    """One JSON object per record: ts, level, logger, msg (+ exc), and the
+    structured fields the call passed with ``extra=`` (backend, observer,
+    trigger, seconds...), so a log pipeline can filter on them."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                + f".{int(record.msecs):03d}Z",
                "level": record.levelname.lower(), "logger": record.name,
                "msg": record.getMessage()}
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in out and not key.startswith("_"):
+                out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

@@ -157,7 +157,7 @@ class Registration:
             return  # only reached when stopping began during the last attempt
         except RegistrarError as exc:
             slot.state, slot.last_error = BackendState.REJECTED, str(exc)
-            log.error("%s: registration rejected: %s", slot.name, exc)
+            log.error("%s: registration rejected: %s", slot.name, exc, extra={"backend": slot.name})
             self.on_fatal(exc)
             return
         if self.stopping.is_set():
@@ -165,11 +165,12 @@ class Registration:
             # for it and now removes it. Claiming "registered" here would
             # overwrite the stop's state (and log out of order).
             log.info("%s: registered %s just as the stop began; the stop removes it",
-                     slot.name, self.instance.service)
+                     slot.name, self.instance.service, extra={"backend": slot.name})
             return
         slot.state, slot.last_error = BackendState.REGISTERED, None
         slot.registered.set()
-        log.info("%s: registered %s as %s", slot.name, self.instance.service, self.instance.hostport)
+        log.info("%s: registered %s as %s", slot.name, self.instance.service, self.instance.hostport,
+                 extra={"backend": slot.name})
         interval = self.config.interval or slot.backend.ttl / 3
         try:
             self._scheduler.add_job(self._heartbeat, "interval", args=[slot, interval],
@@ -224,12 +225,14 @@ class Registration:
             slot.last_error = str(exc)
             lost = "" if slot.live() else f"; {slot.lost_reason()}"
             log.warning("%s: heartbeat failed, next try in %s: %s%s", slot.name,
-                        format_duration(interval), exc, lost)
+                        format_duration(interval), exc, lost,
+                        extra={"backend": slot.name, "seconds": interval})
             return
         slot.last_error = None
         if repaired:
             slot.repairs += 1
-            log.warning("%s: registration was lost and has been repaired", slot.name)
+            log.warning("%s: registration was lost and has been repaired", slot.name,
+                        extra={"backend": slot.name})
 
     # -- out of rotation (the app's health gate) ----------------------------------
 
@@ -258,4 +261,4 @@ class Registration:
         except RegistrarError as exc:  # the heartbeat job tries again
             slot.last_error = str(exc)
             log.warning("%s: could not change rotation, retrying at the next heartbeat: %s",
-                        slot.name, exc)
+                        slot.name, exc, extra={"backend": slot.name})

@@ -102,7 +102,46 @@ def test_the_real_command_refuses_in_one_line(argv, env, expected):
 def test_check_accepts_a_valid_config_and_contacts_nothing(cfg):
     proc = run("--log-level", "debug", "check", "-c", str(cfg))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"{cfg}: valid: web/web-0 at 127.0.0.1:8080 on etcd\n"
+    assert proc.stderr.endswith(f"{cfg}: valid: web/web-0 at 127.0.0.1:8080 on etcd\n")
+    shown = yaml.safe_load(proc.stdout)  # the effective configuration, defaults filled in
+    assert shown["backends"][0]["prefix"] == "services" and shown["stop"]["grace_period"] == 2
+    again = subprocess.run([REGISTRAR, "check", "-c", "-"], input=proc.stdout, text=True,
+                           capture_output=True, timeout=60, env=clean_env())
+    assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr
+
+
+def test_check_prints_the_effective_configuration_without_its_secrets(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("control-s3cret\n")
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({
+        "service": {"name": "web", "port": 8080},
+        "backends": [{"type": "consul", "token": "acl-s3cret"}],
+        "control": {"listen": "${POD_IP}:9901", "token_file": str(token),
+                    "metrics_listen": "${POD_IP}:9902"}}))
+    proc = run("check", "-c", str(path), POD_IP="10.1.2.3", POD_NAME="web-7")
+    assert proc.returncode == 0, proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+    shown = yaml.safe_load(proc.stdout)
+    assert shown["backends"][0]["token"] == "<redacted>"
+    assert shown["service"]["id"] == "web-7" and shown["service"]["address"] == "10.1.2.3"
+    assert shown["control"]["metrics_listen"] == "10.1.2.3:9902"
+
+
+@pytest.mark.parametrize("metrics_listen, expected", [
+    ("10.1.2.3:9901", "control.metrics_listen: must differ from control.listen"),
+    ("10.1.2.3:0", "control.metrics_listen: "),
+    ("nonsense", "control.metrics_listen: "),
+])
+def test_a_bad_metrics_address_is_one_line(tmp_path, metrics_listen, expected):
+    (tmp_path / "token").write_text("t")
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({
+        "service": {"name": "web", "port": 8080}, "backends": [{"type": "etcd"}],
+        "control": {"listen": "10.1.2.3:9901", "token_file": str(tmp_path / "token"),
+                    "metrics_listen": metrics_listen}}))
+    proc = run("check", "-c", str(path), POD_IP="10.1.2.3", POD_NAME="web-7")
+    assert proc.returncode == 2 and expected in one_line(proc.stderr)
 
 
 # -- in-process ----------------------------------------------------------------------------

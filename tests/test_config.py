@@ -270,4 +270,4 @@ def test_the_configuration_can_come_on_standard_input():
                           capture_output=True, text=True, env={**os.environ, "POD_IP": "10.0.0.1"},
                           timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "valid: web/" in done.stdout
+    assert "valid: web/" in done.stderr

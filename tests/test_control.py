@@ -36,9 +36,10 @@ def registrar(registry):
     registrar.stop()
 
 
-def serve(registrar, listen="127.0.0.1:0", token=None):
+def serve(registrar, listen="127.0.0.1:0", token=None, **kwargs):
     life = Lifecycle(registrar)
-    return ControlServer(registrar, listen, lambda: life.stop("preStop (/prestop)"), token=token).start()
+    return ControlServer(registrar, listen, lambda: life.stop("preStop (/prestop)"), token=token,
+                         **kwargs).start()
 
 
 @pytest.fixture
@@ -158,6 +159,22 @@ def test_token_protects_all_but_the_probes(registrar):
         assert request(server, "GET", "/status", {"Authorization": "Bearer s3cret"})[0] == 200
     finally:
         server.close()
+
+
+def test_metrics_listen_serves_metrics_alone_without_the_token(registrar):
+    server = serve(registrar, token="s3cret", metrics_listen="127.0.0.1:0")
+    try:
+        assert server.metrics_address != server.address
+        status, text = request(server.metrics_address, "GET", "/metrics")  # no credentials
+        assert status == 200 and 'registrar_registered{backend="memory"} 1.0' in text
+        for method, path in [("GET", "/status"), ("POST", "/prestop"), ("GET", "/healthz")]:
+            assert request(server.metrics_address, method, path)[0] == 404, path
+        assert registrar.registered  # the /prestop there did nothing
+        assert request(server, "GET", "/metrics")[0] == 401  # the control address still asks
+    finally:
+        server.close()
+    with pytest.raises(OSError):  # both addresses are closed
+        request(server.metrics_address, "GET", "/metrics", timeout=2)
 
 
 def test_unix_socket(registrar, tmp_path):
