@@ -1,123 +1,286 @@
 #!/usr/bin/env python3
-"""The demo behind `./dev demo`: a pod's life and graceful death, for real.
+"""The demo behind `./dev demo`: a short rolling restart under load, the
+naive way beside registrar, on a real registry on 127.0.0.1.
 
-Starts a three-member etcd cluster on 127.0.0.1 and runs `registrar agent`
-with config/agent-etcd.yaml as a sidecar would, before its app listens:
-nothing is registered until the app accepts connections. Then it starts
-the app, shows what each member sees, sends a slow request and plays the
-kubelet: SIGTERM while the request is in flight. The agent takes the pod
-out of every member and waits for the request before it exits.
+    .venv/bin/python scripts/demo.py [--registry etcd|zookeeper|consul] [--plot FILE.png]
+        [--rate 100] [--keep]
+
+It is bench/rolling_restart.py's machinery (bench/rr/) at a small scale:
+the registry's three-member cluster from the testing kit (etcd by default,
+no config to write), three pods of an app that dies at once on SIGTERM,
+each played by the kubelet simulator, and one consumer that watches one
+member of the registry and sends --rate requests per second round-robin,
+never retrying. Each strategy gets one round: every pod deleted in turn
+(preStop, SIGTERM) and replaced, then the traffic goes on until the
+consumer no longer lists a deleted pod.
+
+  naive      a wrapper registers the app; on SIGTERM it stops the app and
+             deregisters nothing: only the registry's 10 s TTL removes it;
+  registrar  `registrar run` with a preStop httpGet to /prestop.
+
+It prints a live progress line (updated in place on a terminal, a plain
+line every few seconds otherwise), then a table per strategy and per pod
+(requests, lost, stop time: from the deletion until the pod's last process
+exited), and writes the timeline plot that the bench draws with --plot.
+Exit status 1 when registrar lost a request or a strategy could not run.
 """
 from __future__ import annotations
 
-import os
+import argparse
+import importlib
+import importlib.util
+import shutil
 import signal
-import subprocess
+import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
+from argparse import Namespace
 from pathlib import Path
 
-from registrar_testing import free_port
-from registrar_testing.etcd import EtcdCluster, kv_get_serializable
-
 ROOT = Path(__file__).resolve().parent.parent
+BENCH_PARTS = ROOT / "bench" / "rr"
+STRATEGIES = ("naive", "registrar")
+CONSUMER = "per-request"
+EXPIRY = {"etcd": "its 10 s lease expired", "zookeeper": "its 10 s session expired",
+          "consul": "its 10 s TTL check failed"}
 
 
-def say(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+def load_bench_parts():
+    """bench/rr is no installed package: the bench runs as a script and finds
+    it beside itself. Load it from the tree under its own name, so that its
+    modules import each other as they do there."""
+    spec = importlib.util.spec_from_file_location(
+        "rr", BENCH_PARTS / "__init__.py", submodule_search_locations=[str(BENCH_PARTS)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rr"] = module
+    spec.loader.exec_module(module)
+    return (importlib.import_module("rr.block"), importlib.import_module("rr.registries"),
+            importlib.import_module("rr.report"))
 
 
-def views(cluster: EtcdCluster, key: str) -> list[bool]:
-    return [kv_get_serializable(ep, key)[1] for ep in cluster.endpoints]
+class Live:
+    """The progress line of the block that runs: what the consumer sent and
+    lost so far, and every pod that is not simply serving."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.every = 0.25 if tty else 3.0
+        self.lock = threading.Lock()
+        self.shown = False  # a line without its newline is on screen
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def begin(self, strategy: str) -> None:
+        self.strategy, self.began = strategy, time.monotonic()
+        self.consumers: list = []
+        self.pods: list = []
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._tick, daemon=True, name="live")
+        self._thread.start()
+
+    def watch(self, consumers: list, pods: list) -> None:
+        self.consumers, self.pods = consumers, pods
+
+    def end(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    def say(self, text: str) -> None:
+        """A whole line, above the live one."""
+        with self.lock:
+            if self.shown:
+                sys.stdout.write("\r\x1b[K")
+                self.shown = False
+            print(text, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            text = self.render()
+            with self.lock:
+                if self.tty:
+                    width = shutil.get_terminal_size().columns - 1
+                    sys.stdout.write("\r" + text[:width] + "\x1b[K")
+                    sys.stdout.flush()
+                    self.shown = True
+                else:
+                    print(text, flush=True)
+
+    def render(self) -> str:
+        head = f"  {self.strategy:9} {time.monotonic() - self.began:5.1f} s"
+        if not self.consumers:
+            return f"{head}  starting 3 pods and the consumer"
+        sent = sum(c.sent for c in self.consumers)
+        lost = sum(c.failed for c in self.consumers)
+        notes = []
+        for run in list(self.pods):
+            try:
+                listed = all(c.lists(run.addr) for c in self.consumers)
+            except RuntimeError:  # the consumer reported an error: the block will say
+                listed = False
+            if run.pod.deleted_at is None:
+                if not listed:
+                    notes.append(f"{run.name} starting")
+            elif run.exited_at is None:
+                notes.append(f"{run.name} stopping")
+            elif listed:
+                notes.append(f"{run.name} dead but still listed")
+        state = ", ".join(notes) or "every pod serving"
+        return f"{head}  sent {sent:5}  lost {lost:5}  | {state}"
 
 
-def readyz(control: str) -> str:
-    try:
-        with urllib.request.urlopen(f"http://{control}/readyz", timeout=2) as resp:
-            return f"{resp.status} {resp.read().decode().strip()}"
-    except urllib.error.HTTPError as exc:
-        return f"{exc.code} {exc.read().decode().strip()}"
-    except OSError as exc:
-        return f"no answer ({exc})"
+def pod_rows(block, pods: list) -> list[tuple[str, int, int, float | None]]:
+    """(pod, requests, lost, stop seconds) per pod, in start order; a request
+    belongs to the pod that had its address when it was sent (a port can be
+    used again by a later pod)."""
+    counts = {run.name: [0, 0] for run in pods}
+    orphans = [0, 0]
+    for rec in block.records.get(CONSUMER, []):
+        t_start, addr, outcome = rec[1], rec[3], rec[4]
+        owner = None
+        for run in pods:
+            if run.addr == addr and run.started_at <= t_start:
+                owner = run.name
+        slot = counts[owner] if owner else orphans
+        slot[0] += 1
+        slot[1] += outcome != "ok"
+    rows = [(run.name, *counts[run.name], run.stop_seconds) for run in pods]
+    if orphans[0]:
+        rows.append(("(no pod)", *orphans, None))
+    return rows
 
 
-def wait_for(what: str, predicate, agent: subprocess.Popen, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline or agent.poll() is not None:
-            print(f"FAILED: {what}", file=sys.stderr)
-            return False
-        time.sleep(0.02)
-    return True
+def secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(results: list[tuple]) -> str:
+    head = f"{'strategy':10} {'pod':9} {'requests':>8} {'lost':>6}  {'stop':>6}"
+    lines = [head, "-" * len(head)]
+    for block, pods in results:
+        rows = pod_rows(block, pods)
+        for name, sent, lost, stop in rows:
+            lines.append(f"{block.strategy:10} {name:9} {sent:8} {lost:6}  {secs(stop):>6}")
+        sent = sum(r[1] for r in rows)
+        lost = sum(r[2] for r in rows)
+        stops = sorted(block.stops)
+        summary = (f"p50 {statistics.median(stops):.2f} max {stops[-1]:.2f}" if stops
+                   else "-")
+        pct = f"{100 * lost / sent:.0f}%" if sent else "-"
+        lines.append(f"{block.strategy:10} {'all':9} {sent:8} {lost:6}  stop {summary}"
+                     f"  ({pct} lost)")
+        lines.append("")
+    lines.append("stop: s from the pod's deletion until its last process exited; "
+                 "'-': not deleted (a replacement)")
+    return "\n".join(lines)
+
+
+def verdict(registry: str, results: list[tuple]) -> tuple[list[str], bool]:
+    """What this run showed, in words, from its own figures; and whether
+    registrar kept its promise (no request lost)."""
+    said, kept = [], True
+    for block, pods in results:
+        if block.error:
+            said.append(f"{block.strategy}: could not run ({block.error})")
+            kept = False
+            continue
+        records = block.records.get(CONSUMER, [])
+        sent, lost = len(records), sum(r[4] != "ok" for r in records)
+        stops = sorted(block.stops)
+        if block.strategy == "naive":
+            said.append(
+                f"naive lost {lost} of {sent}: the consumer kept sending to stopped pods "
+                f"until {EXPIRY[registry]}" if lost else
+                f"naive lost nothing this time: a loss was expected (the consumer lists a "
+                f"stopped pod until {EXPIRY[registry]}); the table shows what happened")
+        elif lost:
+            kept = False
+            said.append(f"registrar LOST {lost} of {sent} requests in this run: that is not "
+                        f"what it promises (run again with --keep to keep the logs)")
+        else:
+            slowest = stops[-1] if stops else None
+            said.append(f"registrar lost 0 of {sent}; its pods stopped "
+                        f"{statistics.median(stops):.2f} s (p50; max {slowest:.2f} s) after "
+                        f"their deletion" if stops else f"registrar lost 0 of {sent}")
+            if slowest is not None and slowest >= 1.0:
+                said.append(f"  (its slowest stop took {slowest:.2f} s here, not under a "
+                            f"second: is the machine busy?)")
+    return said, kept
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="registrar-demo-") as tmp:
-        say("starting a three-member etcd cluster on 127.0.0.1")
-        with EtcdCluster(3, Path(tmp)) as cluster:
-            print("endpoints:", ", ".join(cluster.endpoints))
-            port, control = free_port(), f"127.0.0.1:{free_port()}"
-            env = {**os.environ, "ETCD_ENDPOINTS": ",".join(cluster.endpoints),
-                   "POD_NAME": "web-7d9f-x2x", "POD_IP": "127.0.0.1",
-                   "SERVICE_NAME": "web", "SERVICE_PORT": str(port),
-                   # no app hook calls /prestop here: no reason to linger
-                   "REGISTRAR_CONTROL_LISTEN": control, "REGISTRAR_LINGER": "0s"}
-            key = f"services/web/127.0.0.1:{port}"
-            config = str(ROOT / "config" / "agent-etcd.yaml")
-            registrar = [sys.executable, "-m", "registrar"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--registry", default="etcd", choices=["etcd", "zookeeper", "consul"])
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="where to write the timeline (default: registrar-demo-REGISTRY.png "
+                             "in the temp directory)")
+    parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = parser.parse_args()
+    if args.rate <= 0:
+        parser.error("--rate must be positive")
+    plot_path = Path(args.plot or Path(tempfile.gettempdir())
+                     / f"registrar-demo-{args.registry}.png").resolve()
+    # SIGTERM unwinds like Ctrl-C: every server and process started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    block_mod, registries, report = load_bench_parts()
+    # What bench/rr reads of the bench's command line, at the demo's scale.
+    params = Namespace(pods=3, rate=args.rate, work_ms=20.0, grace=30.0, min_requests=1,
+                       consumers=[CONSUMER])
+    live = Live(sys.stdout.isatty())
 
-            say(f"registrar agent --config {config}  (the sidecar; the app is not up yet)")
-            agent = subprocess.Popen([*registrar, "agent", "--config", config], env=env)
-            app = None
+    t0 = time.monotonic()
+    print(f"registrar demo: a rolling restart of 3 pods under {args.rate:g} req/s on "
+          f"{args.registry}, the naive way, then with registrar", flush=True)
+    print("the app dies at once on SIGTERM; one consumer watches one registry member and "
+          "sends round-robin, never retrying", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="registrar-demo-"))
+    registry = registries.REGISTRIES[args.registry]()
+    results: list[tuple] = []
+    try:
+        began = time.monotonic()
+        registry.start(tmp / args.registry)
+        print(f"{registry.describe()}; up in {time.monotonic() - began:.1f} s", flush=True)
+        for strategy in STRATEGIES:
+            live.say(f"\n{strategy}: delete the 3 pods one by one, each replaced, then wait "
+                     f"until the consumer lists no deleted pod")
+            live.begin(strategy)
             try:
-                if not wait_for("the control server", lambda: readyz(control)[0] in "25", agent):
-                    return 1
-                time.sleep(0.5)
-                print(f"after 0.5 s: /readyz {readyz(control)}")
-                print(f"members listing the pod: {sum(views(cluster, key))} of 3")
-
-                say(f"the app starts listening on 127.0.0.1:{port}")
-                app = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "demo_app.py"),
-                                        str(port)])
-                if not wait_for("registered", lambda: all(views(cluster, key)), agent):
-                    return 1
-                print(f"/readyz {readyz(control)}")
-
-                say("registrar status  (what each member's own view holds)")
-                subprocess.run([*registrar, "status", "--config", config], env=env, check=True)
-
-                say("a 300 ms request is in flight when the kubelet sends SIGTERM")
-                answer: list[str] = []
-                request = threading.Thread(target=lambda: answer.append(
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/?ms=300", timeout=5)
-                    .read().decode().strip()))
-                request.start()
-                time.sleep(0.05)
-                began = time.monotonic()
-                agent.send_signal(signal.SIGTERM)
-                code = agent.wait(timeout=35)
-                took = time.monotonic() - began
-                seen = views(cluster, key)
-                app.send_signal(signal.SIGTERM)  # the kubelet stops the app too
-                request.join(5)
+                block = block_mod.run_block(
+                    registry, strategy, "dies", params, tmp / args.registry / strategy,
+                    progress=live.say, rounds=1, watch=live.watch)
             finally:
-                for proc in (agent, app):
-                    if proc is not None and proc.poll() is None:
-                        proc.kill()
+                live.end()
+            results.append((block, list(live.pods)))
+            records = block.records.get(CONSUMER, [])
+            live.say(f"  {strategy}: done in {block.seconds:.1f} s, {len(records)} sent, "
+                     f"{sum(r[4] != 'ok' for r in records)} lost")
+    finally:
+        registry.stop()
+        if args.keep:
+            print(f"work directory kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
-            say("result")
-            print(f"agent exit status {code}, {took * 1000:.0f} ms after SIGTERM")
-            print(f"members still listing the pod when it exited: {sum(seen)} of {len(seen)}")
-            print(f"the request in flight: {answer[0] if answer else 'LOST'}")
-            ok = code == 0 and not any(seen) and answer == ["done"]
-            print("OK: not registered before the app listened; removed everywhere and the "
-                  "request in flight done before the agent exited" if ok else "FAILED")
-            return 0 if ok else 1
+    print()
+    print(table(results))
+    said, kept = verdict(args.registry, results)
+    print("\n".join(said))
+    blocks = [block for block, _ in results if not block.error]
+    try:
+        report.plot(blocks, [CONSUMER], str(plot_path))
+        print(f"timeline plot: {plot_path}")
+    except ImportError as exc:
+        print(f"no plot: {exc} (`./dev setup` installs matplotlib)")
+    print(f"demo time {time.monotonic() - t0:.1f} s")
+    return 0 if kept else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # everything was stopped on the way out
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
