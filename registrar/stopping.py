@@ -17,13 +17,11 @@ from .config import StopConfig
 from .connections import DrainReport
 from .errors import MemberDown, RegistrarError, RegistryUnavailable
 from .instance import Instance
-from .plugin import Observer
+from .plugin import POLL_FIRST, POLL_MAX, Observer
 from .registration import BackendState, Slot
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two polls of one observer while waiting for propagation.
-POLL_INTERVAL = 0.002
 #: Past a deadline, how long to wait for worker threads that stop by
 #: themselves at it to hand in their results.
 _HAND_IN = 0.05
@@ -35,7 +33,7 @@ DOWN_AFTER = 0.02
 
 
 class _Down(str):
-    """What _watch_gone returns for an observer whose member refuses
+    """What _wait_gone returns for an observer whose member refuses
     connections: the error, for the report."""
 
 
@@ -247,7 +245,9 @@ class StopSequence:
 
     def _confirm(self, slot: Slot, report: BackendReport, deadline: Deadline,
                  since: float) -> None:
-        """Poll every observer until none sees the instance."""
+        """Wait until no observer sees the instance, each in its own thread
+        through ``Observer.wait_gone()`` (a watch, a blocking query, or
+        polling with backoff)."""
         try:
             observers = slot.backend.observers()
         except RegistrarError as exc:
@@ -255,7 +255,7 @@ class StopSequence:
             return
         timeout = self.config.propagation_timeout
         limit = deadline if timeout is None else Deadline(min(deadline.at, since + timeout), self.clock)
-        futures = [spawn(self._watch_gone, o, report.position, limit, name=f"observe-{o.name}")
+        futures = [spawn(self._wait_gone, o, report.position, limit, name=f"observe-{o.name}")
                    for o in observers]
         last = since
         for obs, future in zip(observers, futures):
@@ -285,16 +285,19 @@ class StopSequence:
             report.confirmed = True
             report.propagation_seconds = last - since
 
-    def _watch_gone(self, observer: Observer, position: Any,
-                    limit: Deadline) -> float | str | None:
+    def _wait_gone(self, observer: Observer, position: Any,
+                   limit: Deadline) -> float | str | None:
         """When the observer stopped seeing the instance, or the last error
-        (a _Down once its member has refused connections for DOWN_AFTER)."""
-        error, refused_since = None, None
+        (a _Down once its member has refused connections for DOWN_AFTER).
+        A failed wait is tried again after a pause that doubles from
+        POLL_FIRST to POLL_MAX: a member that fails fast is not asked 500
+        times a second."""
+        error, refused_since, pause = None, None, POLL_FIRST
         while True:
             try:
-                if not observer.sees(self.instance, since=position):
+                if observer.wait_gone(self.instance, position, limit):
                     return self.clock.now()
-                error, refused_since = None, None
+                return error  # the limit came first
             except MemberDown as exc:
                 error = str(exc)
                 now = self.clock.now()
@@ -309,7 +312,8 @@ class StopSequence:
             if refused_since is not None:
                 self.clock.sleep(limit.cap(DOWN_AFTER))
                 continue
-            self.clock.sleep(limit.cap(POLL_INTERVAL))
+            self.clock.sleep(limit.cap(pause))
+            pause = min(pause * 2, POLL_MAX)
 
 
 def _close(slot: Slot) -> None:

@@ -12,7 +12,8 @@ from registrar.clock import Clock, Deadline
 from registrar.config import HeartbeatConfig, StopConfig
 from registrar.errors import RegistrarError, RegistrationRejected, RegistryUnavailable
 from registrar_testing import wait_until
-from registrar_testing.memory import FakeClock, MemoryBackend, MemoryConfig, MemoryRegistry
+from registrar_testing.memory import (FakeClock, MemoryBackend, MemoryConfig, MemoryObserver,
+                                      MemoryRegistry)
 
 INSTANCE = Instance("web", "web-0", "10.0.0.5", 8080, tags=["a"], meta={"v": "1"})
 
@@ -396,3 +397,90 @@ def test_every_member_down_is_not_a_confirmation():
     (b,) = report.backends
     assert b.removed and not b.confirmed and not report.ok
     assert "every observer is down" in report.summary()
+
+
+class CountingObserver(MemoryObserver):
+    """A member's view that counts the questions it was asked."""
+
+    def __init__(self, registry, member):
+        super().__init__(registry, member)
+        self.asked = 0
+
+    def sees(self, instance, since=None):
+        self.asked += 1
+        return super().sees(instance, since)
+
+
+def test_a_lagging_member_is_asked_with_backoff_not_every_few_milliseconds():
+    registry = MemoryRegistry(members=2, lag=0.0)
+    observers = [CountingObserver(registry, m) for m in range(2)]
+    backend = MemoryBackend(INSTANCE, MemoryConfig(type="memory", ttl=1.0), registry)
+    backend.make_observers = lambda: observers
+    registrar, _ = make(registry, backends=[backend],
+                        stop=StopConfig(grace_period=5, safety_margin=1))
+    registrar.start(wait=True, timeout=5)
+    wait_until(lambda: all(registry.view(m, "web-0") for m in range(2)), 5, "listed")
+    registry.freeze(1)  # member 1 applies the removal a second late
+    thaw = threading.Timer(1.0, registry.frozen_at.pop, (1,))
+    thaw.start()
+    report = registrar.stop()
+    thaw.join()
+    (b,) = report.backends
+    assert report.ok and b.propagation_seconds >= 1.0
+    assert observers[0].asked <= 2
+    # 2 ms doubling to 100 ms: ~16 questions in a second, not 500.
+    assert observers[1].asked <= 25, observers[1].asked
+
+
+class WatchingObserver(MemoryObserver):
+    """An observer with a wait of its own (a backend's watch): the stop
+    sequence calls it instead of polling sees()."""
+
+    def __init__(self, registry, member):
+        super().__init__(registry, member)
+        self.waits, self.asked_after_removal = [], 0
+
+    def sees(self, instance, since=None):
+        if since is not None:
+            self.asked_after_removal += 1
+        return super().sees(instance, since)
+
+    def wait_gone(self, instance, since, deadline):
+        self.waits.append(since)
+        return wait_until(lambda: self.registry.view(self.member, instance.id) is None,
+                          deadline.remaining(), "gone") is True
+
+
+def test_the_stop_waits_through_each_observers_wait_gone():
+    registry = MemoryRegistry(members=2, lag=0.05)
+    observers = [WatchingObserver(registry, m) for m in range(2)]
+    backend = MemoryBackend(INSTANCE, MemoryConfig(type="memory", ttl=1.0), registry)
+    backend.make_observers = lambda: observers
+    registrar, _ = make(registry, backends=[backend])
+    registrar.start(wait=True, timeout=5)
+    wait_until(lambda: all(registry.view(m, "web-0") for m in range(2)), 5, "listed")
+    report = registrar.stop()
+    (b,) = report.backends
+    assert report.ok and len(b.observers_confirmed) == 2
+    assert [o.waits for o in observers] == [[b.position], [b.position]]
+    assert all(o.asked_after_removal == 0 for o in observers)
+
+
+def test_a_failing_wait_is_retried_with_backoff_until_the_deadline():
+    clock = FakeClock()
+    registry = MemoryRegistry(members=1, clock=clock)
+    observer = CountingObserver(registry, 0)
+    backend = MemoryBackend(INSTANCE, MemoryConfig(type="memory", ttl=1.0), registry)
+    backend.make_observers = lambda: [observer]
+    registrar, _ = make(registry, backends=[backend], clock=clock,
+                        stop=StopConfig(grace_period=3, safety_margin=1, propagation_timeout=1))
+    registrar.start(wait=True, timeout=5)
+    registry.unavailable = True  # every question fails at once
+    registry.call = lambda what: None  # ... but the removal itself lands
+    asked = observer.asked
+    report = registrar.stop()
+    (b,) = report.backends
+    assert b.removed and not b.confirmed and b.observers_unconfirmed == ["memory member 0"]
+    assert any("unreachable" in e for e in b.errors)
+    # One second of the propagation timeout, pauses doubling to 100 ms.
+    assert observer.asked - asked <= 20, observer.asked - asked
