@@ -114,7 +114,8 @@ class Live:
             return f"{head}  starting 3 pods and the consumer"
         sent = sum(c.sent for c in self.consumers)
         lost = sum(c.failed for c in self.consumers)
-        notes = []
+        groups: dict[str, list[str]] = {"stopping": [], "dead, still listed": [],
+                                         "starting": []}
         for run in list(self.pods):
             try:
                 listed = all(c.lists(run.addr) for c in self.consumers)
@@ -122,12 +123,13 @@ class Live:
                 listed = False
             if run.pod.deleted_at is None:
                 if not listed:
-                    notes.append(f"{run.name} starting")
+                    groups["starting"].append(run.name)
             elif run.exited_at is None:
-                notes.append(f"{run.name} stopping")
+                groups["stopping"].append(run.name)
             elif listed:
-                notes.append(f"{run.name} dead but still listed")
-        state = ", ".join(notes) or "every pod serving"
+                groups["dead, still listed"].append(run.name)
+        state = "; ".join(f"{what}: {' '.join(names)}" for what, names in groups.items()
+                          if names) or "every pod serving"
         return f"{head}  sent {sent:5}  lost {lost:5}  | {state}"
 
 
