@@ -54,6 +54,7 @@ class Registrar:
                                           self._stopping, self._fatal)
         self._sequence = StopSequence(instance, self._slots, self.stop_config, self.clock)
         self._started = False
+        self._gate = None  # library mode's health gate, made by start()
         self._pause_reason = ""
         self._stop_future: Future[StopReport] | None = None
         #: The validated configuration, when built by from_config().
@@ -110,16 +111,29 @@ class Registrar:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def start(self, wait: bool = False, timeout: float | None = None) -> "Registrar":
+    def start(self, wait: bool = False, timeout: float | None = None, *,
+              gate: bool = True) -> "Registrar":
         """Register on every backend in the background and start heartbeats.
         A registry that cannot be reached is retried with exponential backoff
         and jitter until it can. With ``wait=True``, block until registered
         everywhere: raise RegistrationRejected if a registry refused, or
-        RegistryUnavailable after ``timeout`` seconds."""
+        RegistryUnavailable after ``timeout`` seconds.
+
+        Built by from_config() with a health gate (the default: the app's
+        service.port accepts a connection), registration begins only once
+        the app passes it, as in `agent` and `run`: a pod listed before its
+        app listens loses requests (uvicorn, for one, runs the lifespan that
+        calls start() before it binds). ``gate=False`` registers at once."""
         with self._lock:
             if self._stopping.is_set():
                 raise RegistrarError("cannot start: the registrar is stopping or stopped")
-            if not self._started:
+            health = getattr(self.config, "health", None)
+            if gate and health is not None and self._gate is None and not self._started:
+                from .health import HealthGate  # health imports this module
+
+                self._gate = HealthGate(self, health, self._stopping)
+                self._gate.start()  # calls start(gate=False) once the app passes
+            elif not self._started and (self._gate is None or not gate):
                 self._started = True
                 self._registration.start()
         if wait:
@@ -136,6 +150,9 @@ class Registrar:
                 if self._stopping.is_set():
                     raise RegistrarError("stopped before the registration completed")
                 if deadline is not None and deadline.expired:
+                    if not self._started and self._gate is not None:
+                        raise RegistryUnavailable(f"not registered after {timeout}s: waiting "
+                                                  f"for the app: {self._gate.last_failure}")
                     raise RegistryUnavailable(
                         f"{slot.name}: not registered after {timeout}s: {slot.last_error}")
 
@@ -145,6 +162,8 @@ class Registrar:
         if self._stopping.is_set():
             return False, "stopping"
         if not self._started:
+            if self._gate is not None:
+                return False, f"waiting for the app: {self._gate.last_failure}"
             return False, "not started"
         if not self.in_rotation:
             return False, f"out of rotation: {self._pause_reason}"

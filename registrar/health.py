@@ -82,7 +82,7 @@ class HealthGate:
                 if not self.passed:
                     log.info("the app passes its health probe (%s): registering", self.target)
                     try:
-                        self.registrar.start()
+                        self.registrar.start(gate=False)
                     except RegistrarError:
                         return  # stopping began first
                     self.passed = True

@@ -306,7 +306,8 @@ def dev_registrar(dev, instance):
         "service": {"name": instance.service, "id": instance.id, "address": instance.address,
                     "port": instance.port},
         "backends": [{"type": "consul", "address": dev.http_addr, "ttl": "3s", "timeout": "500ms"}],
-        "stop": {"grace_period": "10s", "propagation_timeout": "5s"}}).start(wait=True, timeout=10)
+        "stop": {"grace_period": "10s", "propagation_timeout": "5s"},
+        "health": False}).start(wait=True, timeout=10)  # no app listens: register at once
 
 
 def restart(dev, keep_state: bool) -> None:

@@ -201,7 +201,8 @@ def agent_on(cluster, instance, ttl="2s"):
         "service": {"name": instance.service, "id": instance.id, "address": instance.address,
                     "port": instance.port},
         "backends": [{"type": "etcd", "endpoints": cluster.endpoints, "ttl": ttl, "timeout": "500ms"}],
-        "stop": {"grace_period": "10s", "propagation_timeout": "5s"}})
+        "stop": {"grace_period": "10s", "propagation_timeout": "5s"},
+        "health": False})  # no app listens: register at once
 
 
 def present_on(cluster, key, members):

@@ -240,7 +240,8 @@ def test_no_secret_in_logs_errors_or_status(server, instance, caplog):
         "service": {"name": instance.service, "id": instance.id, "address": instance.address,
                     "port": instance.port},
         "backends": [server.section()],
-        "stop": {"grace_period": "10s", "propagation_timeout": "5s"}})
+        "stop": {"grace_period": "10s", "propagation_timeout": "5s"},
+        "health": False})  # no app listens: register at once
     tokens: set[str] = set()
     registrar.start(wait=True, timeout=10)
     try:

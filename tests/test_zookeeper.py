@@ -73,7 +73,8 @@ def agent_on(hosts, instance, **section):
                     "port": instance.port},
         "backends": [{"type": "zookeeper", "hosts": hosts, "session_timeout": "2s",
                       "timeout": "1s", **section}],
-        "stop": {"grace_period": "10s", "propagation_timeout": "5s"}})
+        "stop": {"grace_period": "10s", "propagation_timeout": "5s"},
+        "health": False})  # no app listens: register at once
 
 
 # -- what is written ----------------------------------------------------------

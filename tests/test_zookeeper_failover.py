@@ -38,7 +38,8 @@ def registrar(ensemble):
                     "port": 8080},
         "backends": [{"type": "zookeeper", "hosts": ensemble.hosts,
                       "session_timeout": f"{SESSION_TIMEOUT:g}s"}],
-        "stop": {"grace_period": "10s", "propagation_timeout": "5s"}})
+        "stop": {"grace_period": "10s", "propagation_timeout": "5s"},
+        "health": False})  # no app listens: register at once
     agent.start(wait=True, timeout=10)
     yield agent
     report = agent.stop()

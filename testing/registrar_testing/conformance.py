@@ -82,7 +82,8 @@ class Harness(abc.ABC):
                         "address": instance.address, "port": instance.port,
                         "tags": list(instance.tags), "meta": dict(instance.meta)},
             "backends": [self.section()],
-            "stop": {"grace_period": "20s", "propagation_timeout": "5s", **stop}})
+            "stop": {"grace_period": "20s", "propagation_timeout": "5s", **stop},
+            "health": False})  # no app listens on the instance's port: register at once
 
 
 class BackendConformance:
