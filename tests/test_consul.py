@@ -13,17 +13,20 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
 import yaml
 
 from registrar import Instance, Registrar
+from registrar.clock import Clock, Deadline
 from registrar.config import StopConfig
 from registrar.errors import ConfigError, RegistrationRejected, RegistryUnavailable
 from registrar_consul import ConsulBackend, ConsulConfig
 from registrar_testing import free_ports, wait_until
 from registrar_testing.conformance import registration_refusal
+from registrar_testing.load import count_sends
 from registrar_testing.consul import (ConsulAgent, ConsulCluster, ConsulDev, consul_binary,
                                       passing_ids)
 
@@ -234,34 +237,28 @@ def test_health_filter_any_waits_for_the_deregistration(consul_cluster, instance
         backend.close()
 
 
-def test_observer_watcher_stops_when_idle_and_at_close(consul_cluster, instance, monkeypatch):
-    import registrar_consul
-
-    monkeypatch.setattr(registrar_consul, "WATCH_IDLE", 0.3)
-    monkeypatch.setattr(registrar_consul, "WATCH_START", 0.1)
-    monkeypatch.setattr(registrar_consul, "WATCH_WAIT", 0.5)
+def test_wait_gone_holds_one_blocking_query_until_the_server_changes(consul_cluster, instance):
     backend = on_cluster(consul_cluster, instance)
     try:
         backend.register()
         observer = backend.observers()[0]
-        observer.sees(instance)
-        assert observer._thread is None  # one question: one plain read
         wait_until(lambda: observer.sees(instance), 5, "seen")
-        observer.sees(instance)
-        thread = observer._thread
-        assert thread.is_alive()
-        thread.join(timeout=0.3 + 0.5 * 17 / 16 + 1 + 0.5)  # idle + one wait (+jitter) + timeout
-        assert not thread.is_alive(), "the watcher did not stop when nobody asked"
-        assert observer.sees(instance)  # a fresh read, and no watcher for one question
-        assert observer._thread is thread
-        backend.deregister()
-        wait_until(lambda: not observer.sees(instance), 5, "gone")
-        thread = observer._thread
-        assert thread.is_alive()
+        port = urlsplit(observer.address).port
+        result: list[bool] = []
+        with count_sends([port]) as sent:
+            waiter = threading.Thread(target=lambda: result.append(observer.wait_gone(
+                instance, None, Deadline.after(10, Clock()))))
+            waiter.start()
+            time.sleep(0.5)  # the blocking query is held meanwhile
+            assert not result
+            backend.deregister()
+            waiter.join(10)
+        assert result == [True]
+        # One read, one blocking query answered by the change (a second if
+        # the server applied the drain's and the removal's changes apart).
+        assert sent[port] <= 3, dict(sent)
     finally:
         backend.close()
-    thread.join(timeout=0.5 * 17 / 16 + 1 + 0.5)
-    assert not thread.is_alive(), "close() did not stop the watcher"
 
 
 def test_a_dead_observer_is_a_typed_error(tmp_path, instance):

@@ -8,8 +8,11 @@ harness's own client, never through the code under test.
 from __future__ import annotations
 
 import abc
+import contextlib
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +25,10 @@ from registrar.errors import RegistrationRejected, RegistryUnavailable
 
 from . import wait_until
 from .faults import Blackhole
+from .load import count_sends
+
+#: Most requests one stopping pod may send to one member (issue 17).
+REQUESTS_PER_MEMBER = 10
 
 
 def registration_refusal(backend: Backend, secrets: tuple[str, ...] = ()) -> str:
@@ -70,6 +77,35 @@ class Harness(abc.ABC):
     @abc.abstractmethod
     def member_ports(self) -> list[int]:
         """The client ports of every member the backend talks to."""
+
+    def freeze_follower(self) -> contextlib.AbstractContextManager[tuple[int, int]]:
+        """Freeze (SIGSTOP) a member that is not the leader; yields (the
+        index of its observer, its client port); thaws it at exit and waits
+        until it serves again. Backends whose harness cannot do it skip."""
+        pytest.skip("this harness cannot freeze a member")
+
+    _thaw = None
+
+    @contextlib.contextmanager
+    def frozen(self, member: Any, index: int, port: int,
+               serving: Any) -> Iterator[tuple[int, int]]:
+        """freeze_follower()'s body for a member of the test kit (an etcd
+        member, a ZooKeeper server, a Consul agent: freeze() and thaw()),
+        ``serving()`` true once it serves again."""
+        member.freeze()
+        self._thaw = member.thaw
+        try:
+            yield index, port
+        finally:
+            member.thaw()  # SIGCONT again is harmless
+            self._thaw = None
+            wait_until(serving, 30, "the thawed member serves again", interval=0.05,
+                       ignore=Exception)
+
+    def thaw(self) -> None:
+        """Thaw the member frozen by freeze_follower() before the block ends."""
+        if self._thaw is not None:
+            self._thaw()
 
     def backend(self, instance: Instance, **overrides: Any) -> Backend:
         section = self.section(**overrides)
@@ -222,6 +258,55 @@ class BackendConformance:
         # The entry expires by itself: never left behind past its TTL.
         wait_until(lambda: not any(harness.views(instance)),
                  harness.ttl + harness.expiry_slack + 2, "the orphaned entry expires")
+
+
+    def test_a_stop_costs_few_requests_per_member_on_a_healthy_cluster(self, harness, instance):
+        registrar = harness.registrar(instance)
+        registrar.start(wait=True, timeout=10)
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        ports = harness.member_ports()
+        with count_sends(ports) as sent:
+            report = registrar.stop("test")
+        assert report.ok, report.summary()
+        assert max(sent.values()) <= REQUESTS_PER_MEMBER, dict(sent)
+
+    def test_a_lagging_member_confirms_once_caught_up_at_a_bounded_cost(self, harness, backend,
+                                                                         instance):
+        backend.register()
+        wait_until(lambda: all(harness.views(instance)), 5, "every member lists the instance")
+        observers = backend.observers()
+        assert all(o.sees(instance) for o in observers)
+        with harness.freeze_follower() as (index, port):
+            backend.drain("conformance test")
+            position = backend.deregister()
+            others = [o for i, o in enumerate(observers) if i != index]
+            assert all(_confirm(o, instance, position, 5) for o in others)
+            lag = 1.5
+            thaw = threading.Timer(lag, harness.thaw)
+            with count_sends([port]) as sent:
+                began = time.monotonic()
+                thaw.start()
+                try:
+                    confirmed = _confirm(observers[index], instance, position, 15)
+                finally:
+                    thaw.join()
+                waited = time.monotonic() - began
+        assert confirmed, "the member never confirmed after it was thawed"
+        assert waited >= lag - 0.05, "a frozen member cannot have confirmed"
+        # However long it lagged: a watch, a blocking query, a few pings.
+        assert sent[port] <= REQUESTS_PER_MEMBER, dict(sent)
+
+
+def _confirm(observer, instance: Instance, position: Any, seconds: float) -> bool:
+    """What the stop sequence does with one observer: wait_gone(), asked
+    again after a transient error, until ``seconds`` have passed."""
+    deadline = Deadline.after(seconds, Clock())
+    while not deadline.expired:
+        try:
+            return observer.wait_gone(instance, position, deadline)
+        except RegistryUnavailable:
+            time.sleep(0.05)
+    return False
 
 
 def _skip():

@@ -39,6 +39,15 @@ class ConsulHarness(Harness):
     def member_ports(self):
         return [urlsplit(a).port for a in [self.cluster.client_addr, *self.cluster.server_addrs]]
 
+    def freeze_follower(self):
+        # The observers are the servers, in server_addrs' order.
+        servers = self.cluster.servers
+        index = next(i for i, s in enumerate(servers)
+                     if s.get("/v1/agent/self").json()["Stats"]["consul"]["leader"] == "false")
+        server = servers[index]
+        return self.frozen(server, index, urlsplit(server.http_addr).port,
+                           lambda: bool(server.leader()))
+
 
 class TestConsulConformance(BackendConformance):
     @pytest.fixture

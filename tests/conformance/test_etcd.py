@@ -39,6 +39,12 @@ class EtcdHarness(Harness):
     def member_ports(self):
         return [urlsplit(ep).port for ep in self.cluster.endpoints]
 
+    def freeze_follower(self):
+        leader = self.cluster.leader_index()
+        index = next(i for i in range(len(self.cluster.members)) if i != leader)
+        member = self.cluster.members[index]
+        return self.frozen(member, index, member.client_port, member.healthy)
+
 
 def _post(endpoint, path, body):
     req = urllib.request.Request(endpoint + path, data=json.dumps(body).encode())

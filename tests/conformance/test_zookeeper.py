@@ -31,6 +31,13 @@ class ZooKeeperHarness(Harness):
     def member_ports(self):
         return [s.client_port for s in self.ensemble.servers]
 
+    def freeze_follower(self):
+        leader = self.ensemble.wait_leader()
+        index = next(i for i in range(len(self.ensemble.servers)) if i != leader)
+        server = self.ensemble.servers[index]
+        return self.frozen(server, index, server.client_port,
+                           lambda: server.mode() in ("leader", "follower"))
+
 
 @pytest.fixture(scope="module")
 def zk_views(zk_ensemble):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -22,7 +21,7 @@ from typing import TypeVar
 import consul
 from urllib3.exceptions import InsecureRequestWarning
 
-from registrar.plugin import (Backend, ConfigError, Instance, Observer, RegistrarError,
+from registrar.plugin import (Backend, ConfigError, Deadline, Instance, Observer, RegistrarError,
                               RegistrationRejected, RegistryUnavailable, read_token)
 
 from ._client import Forgotten, TLSRejected, go_duration, make_client, quote, read_health, request
@@ -35,15 +34,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Longest a blocking query is held by a server (bounds how long a watcher
+#: Longest a blocking query is held by a server (bounds how long a wait
 #: lingers after close(), and how long a silent server goes unnoticed).
 WATCH_WAIT = 5.0
-#: A sees() this soon after the previous one starts the watcher (a single
-#: question, such as the start-up warm-up or `status`, is one plain read).
-WATCH_START = 0.5
-#: A watcher nobody has asked for this long stops: no pod keeps long-polls
-#: open on the servers for its whole life.
-WATCH_IDLE = 10.0
 
 
 @dataclass(frozen=True)
@@ -265,41 +258,38 @@ class ConsulBackend(Backend):
 
 
 class ConsulObserver(Observer):
-    """One agent's or server's view (``?stale``: its own replica), kept
-    current by a background blocking query so that ``sees()`` answers at
-    once from the latest result.
+    """One agent's or server's view (``?stale``: its own replica).
 
-    Without a watcher, ``sees()`` reads synchronously; a second ``sees()``
-    within WATCH_START seconds (someone polls: the stop sequence) also
-    starts the watcher, which stops after WATCH_IDLE seconds without a
-    ``sees()``, and at ``close()``.
-    """
+    ``sees()`` is one read. After a removal, ``wait_gone()`` reads once,
+    then holds a blocking query from the index it read (``?index=&wait=``,
+    still ``stale``) which the server answers when its own view of the
+    service changes: a server that lags costs one request per change of
+    the service it applies (and one per WATCH_WAIT it stays silent), not
+    one every few milliseconds."""
 
     def __init__(self, backend: ConsulBackend, address: str):
         self.backend = backend
         self.address = address
         self.name = f"{backend.name} {address}"
         self._client = backend._client_for(address)
-        self._lock = threading.Lock()
-        self._view: tuple[int, list[dict]] = (0, [])
-        self._error: RegistryUnavailable | None = None  # the last read's, if it failed
-        self._asked = 0.0
-        self._thread: threading.Thread | None = None
-        self._closed = threading.Event()
 
     def sees(self, instance: Instance, since: ConsulRemoval | None = None) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            polled, self._asked = now - self._asked < WATCH_START, now
-            if self._thread is None or not self._thread.is_alive():
-                self._fetch()  # raises RegistryUnavailable
-                if polled:  # asked again soon: someone polls, keep the view current
-                    self._thread = threading.Thread(target=self._watch, daemon=True,
-                                                    name=f"watch-{self.name}")
-                    self._thread.start()
-            elif self._error is not None:
-                raise type(self._error)(str(self._error))  # MemberDown stays MemberDown
-            index, entries = self._view
+        return self._listed(*self._fetch(), since)
+
+    def wait_gone(self, instance: Instance, since: ConsulRemoval | None,
+                  deadline: Deadline) -> bool:
+        end = time.monotonic() + deadline.remaining()
+        index, entries = self._fetch()
+        while self._listed(index, entries, since):
+            wait = end - time.monotonic()
+            if wait < 0.001:
+                return False
+            # Consul takes a whole number of milliseconds; it adds up to
+            # wait/16 of jitter, which the client's timeout allows for.
+            index, entries = self._fetch(max(index, 1), max(0.001, min(WATCH_WAIT, wait)))
+        return True
+
+    def _listed(self, index: int, entries: list[dict], since: ConsulRemoval | None) -> bool:
         if since is None or since.gone_index is None:
             return self.backend.lists(entries)
         if index < since.gone_index:
@@ -310,34 +300,17 @@ class ConsulObserver(Observer):
         # Past our removal, a listing is a new incarnation's (same node, same id).
         return self.backend.lists(entries) and (removed is None or index < removed)
 
-    def _fetch(self, index: int = 0) -> None:
+    def _fetch(self, index: int = 0, wait: float = WATCH_WAIT) -> tuple[int, list[dict]]:
+        """(index, our entries) from this server; a blocking query from
+        ``index`` (held up to ``wait`` seconds) when it is not 0."""
         b = self.backend
         try:
-            view = request(self.address, "read the health view", lambda: b._read(
-                self._client, b.config.health_filter == "passing", stale=True, index=index),
+            return request(self.address, "read the health view", lambda: read_health(
+                self._client, b.instance.service, b.instance.id,
+                b.config.health_filter == "passing", True, b.config.datacenter, index, wait),
                 b._token, b._source, self._client)
         except RegistrationRejected as exc:  # sees() must raise the transient kind only
-            self._error = RegistryUnavailable(str(exc))
-            raise self._error from None
-        except RegistryUnavailable as exc:
-            self._error = exc
-            raise
-        # Taken as it comes, even an index that went backwards (a restored
-        # snapshot): the next blocking query then starts from it.
-        self._view = view
-        self._error = None
-
-    def _watch(self) -> None:
-        backoff = 0.05
-        while not self._closed.is_set() and time.monotonic() - self._asked < WATCH_IDLE:
-            try:
-                self._fetch(self._view[0])
-                backoff = 0.05
-            except RegistryUnavailable as exc:
-                log.debug("%s: watch failed, again in %.2fs: %s", self.name, backoff, exc)
-                self._closed.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
+            raise RegistryUnavailable(str(exc)) from None
 
     def close(self) -> None:
-        self._closed.set()
         self._client.http.session.close()

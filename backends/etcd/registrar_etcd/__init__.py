@@ -28,10 +28,11 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from registrar.plugin import (Backend, Instance, Observer, RegistrationRejected,
+from registrar.plugin import (Backend, Deadline, Instance, Observer, RegistrationRejected,
                               RegistryUnavailable)
 
 from ._gateway import Cluster, Credentials, Member, NotFound, b64
@@ -40,6 +41,17 @@ from .config import PASSWORD_ENV, EtcdConfig, EtcdTLS, read_password
 __all__ = ["EtcdBackend", "EtcdConfig", "EtcdObserver", "EtcdTLS", "PASSWORD_ENV"]
 
 log = logging.getLogger(__name__)
+
+#: How long a watch waits for the member to reach the removal's revision
+#: before it is opened again, doubling up to a cap: (first, cap) in seconds.
+#: When the removal deleted our key, its DELETE event comes the moment the
+#: member applies it, so the watch is simply left open (re-opened only in
+#: case the key went some other way before: the registry's say-so about
+#: whether it deleted it is not in a revoke's answer). When nothing of ours
+#: was deleted, no event will come: the watch is opened again soon, to read
+#: the member's revision from its "created" header once more.
+WINDOWS_WITH_EVENT = (0.5, 8.0)
+WINDOWS_WITHOUT_EVENT = (0.02, 1.0)
 
 
 class EtcdBackend(Backend):
@@ -59,6 +71,8 @@ class EtcdBackend(Backend):
                                 self._credentials)
         self._lease: int | None = None
         self._removed_revision: int | None = None
+        #: Whether the removal deleted the key (a DELETE event marks its revision).
+        self.removal_deleted = False
 
     def value(self, status: str | None = None) -> str:
         """The entry's JSON text, in the configured ``metadata`` form. The
@@ -136,14 +150,17 @@ class EtcdBackend(Backend):
             # Not registered by this process (the `deregister` command):
             # remove whatever entry the key holds.
             result = self._call("/kv/deleterange", {"key": b64(self.key)})
+            self.removal_deleted = int(result.get("deleted", 0)) > 0
         else:
             # Revoking the lease deletes the key in the same step, and only
             # while the key is still ours: a new incarnation that took the
             # key over holds it with a lease of its own.
             try:
                 result = self._call("/kv/lease/revoke", {"ID": self._lease})
+                self.removal_deleted = True  # our key was on the lease (heartbeats checked)
             except NotFound:  # expired: the key went with it
                 result = self._call("/kv/range", {"key": b64(self.key), "count_only": True})
+                self.removal_deleted = False
             self._lease = None
         self.registered = False
         # The revision at which the removal happened (or a later one):
@@ -169,7 +186,8 @@ def entry_key(prefix: str, instance: Instance) -> str:
 
 class EtcdObserver(Observer):
     """One member's own view: a serializable read (answered from the
-    member's local state, not through the leader)."""
+    member's local state, not through the leader); after a removal, a
+    watch on that member (see wait_gone())."""
 
     def __init__(self, backend: EtcdBackend, url: str):
         self.backend = backend
@@ -189,5 +207,55 @@ class EtcdObserver(Observer):
         # key holds now (if anything) was written after us by someone else.
         return int(result["header"]["revision"]) < since
 
+    def wait_gone(self, instance: Instance, since: int | None, deadline: Deadline) -> bool:
+        """A watch of our key from the removal's revision, on this member.
+
+        A member serves a watch from its own store (etcd's v3rpc/watch.go:
+        the "created" header carries ``watchStream.Rev()``, the revision the
+        member has applied; mvcc's watchable store sends an event when the
+        member applies it): so the member has applied the removal once the
+        created header's revision reaches ``since``, or once the DELETE of
+        our key at ``since`` (or any later event of the key) arrives. One
+        request per member on a healthy cluster; a member that lags gets a
+        new watch only after windows that double (WINDOWS_WITH_EVENT), a
+        handful of requests however long it lags."""
+        if since is None:
+            return super().wait_gone(instance, since, deadline)
+        key = b64(self.backend.key)
+        window, cap = (WINDOWS_WITH_EVENT if self.backend.removal_deleted
+                       else WINDOWS_WITHOUT_EVENT)
+        while True:
+            end = time.monotonic() + deadline.remaining()
+            until = min(end, time.monotonic() + window)
+            try:
+                for result in self._member.watch(key, since, until):
+                    if _reached(result, since):
+                        return True
+            except RegistrationRejected as exc:  # the core asks again until its deadline
+                raise RegistryUnavailable(str(exc)) from None
+            except RegistryUnavailable:
+                if time.monotonic() >= end - 0.001:
+                    raise  # the member said nothing: the report says so
+                if not _silent(until):
+                    raise
+            if time.monotonic() >= end - 0.001:
+                return False
+            window = min(window * 2, cap)
+
     def close(self) -> None:
         self._member.close()
+
+
+def _silent(until: float) -> bool:
+    """Whether a watch that raised had merely reached its window's end."""
+    return time.monotonic() >= until - 0.001
+
+
+def _reached(result: dict, since: int) -> bool:
+    """Whether a watch message shows the member at or past ``since``: its
+    header revision (for the "created" message, the member's own), an
+    event's revision, or a compaction past it."""
+    revisions = [int(result.get("header", {}).get("revision", 0)),
+                 int(result.get("compact_revision", 0))]
+    revisions += [int(e.get("kv", {}).get("mod_revision", 0)) for e in result.get("events", ())]
+    return max(revisions) >= since

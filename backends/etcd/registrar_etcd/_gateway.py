@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
+from collections.abc import Iterator
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -132,6 +134,79 @@ class Member:
             self._auth_off = False
             self._authenticate()
             return self._post(path, payload)
+
+    def watch(self, key: str, start_revision: int, until: float) -> Iterator[dict]:
+        """A watch of ``key`` (base64) from ``start_revision`` on this member,
+        through the gateway's streaming POST /v3/watch: yields each message's
+        ``result`` (the first is the "created" one, whose header carries the
+        revision this member has applied) until ``until`` (time.monotonic()),
+        then ends. Closing the generator closes the stream (etcd cancels the
+        watch with the connection). Raises like ``post()``; a member that
+        says nothing at all by ``until`` raises RegistryUnavailable."""
+        if self.credentials and self._token is None and not self._auth_off:
+            self._authenticate()
+        try:
+            yield from self._watch(key, start_revision, until)
+        except TokenRejected:
+            if not self.credentials:
+                raise RegistrationRejected(
+                    f"{self.url}: etcd requires authentication: configure username and "
+                    f"password_file (or $ETCD_PASSWORD)") from None
+            self._auth_off = False
+            self._authenticate()
+            yield from self._watch(key, start_revision, until)
+
+    def _watch(self, key: str, start_revision: int, until: float) -> Iterator[dict]:
+        c = self.client
+        began = time.monotonic()
+        body = {"create_request": {"key": key, "start_revision": start_revision}}
+        answered = False
+        with client_errors(c.base_url, self._classify, secrets=self.secrets):
+            try:
+                # The read timeout bounds each wait for the next bytes: the
+                # headers, then every message.
+                resp = c.session.post(c.get_url("/watch"), json=body, stream=True,
+                                      timeout=(c.timeout, max(0.001, until - began)))
+            except requests.exceptions.ReadTimeout:
+                raise RegistryUnavailable(f"{c.base_url}: no answer to a watch within "
+                                          f"{until - began:.1f}s") from None
+            except requests.exceptions.Timeout as exc:
+                raise etcd_exc.ConnectionTimeoutError(str(exc)) from None
+            except requests.exceptions.ConnectionError as exc:
+                raise etcd_exc.ConnectionFailedError(str(exc)) from None
+            try:
+                if resp.status_code != requests.codes["ok"]:
+                    raise etcd_exc.Etcd3Exception(resp.text, resp.reason)
+                pending = b""
+                chunks = resp.iter_content(chunk_size=None)
+                while time.monotonic() < until:
+                    try:
+                        chunk = next(chunks)
+                    except StopIteration:
+                        raise etcd_exc.ConnectionFailedError("the watch stream ended") from None
+                    except requests.exceptions.ConnectionError as exc:
+                        if "Read timed out" in str(exc):
+                            break  # until has come
+                        raise etcd_exc.ConnectionFailedError(str(exc)) from None
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in filter(None, (ln.strip() for ln in lines)):
+                        message = json.loads(line)
+                        if "error" in message:
+                            raise etcd_exc.Etcd3Exception(json.dumps(message["error"]),
+                                                          "watch failed")
+                        result = message.get("result", {})
+                        answered = True
+                        reason = result.get("cancel_reason")
+                        if reason and int(result.get("compact_revision", 0)) <= 0:
+                            raise etcd_exc.Etcd3Exception(json.dumps({"message": reason}),
+                                                          "watch canceled")
+                        yield result
+            finally:
+                resp.close()
+        if not answered:
+            raise RegistryUnavailable(f"{c.base_url}: no answer to a watch within "
+                                      f"{until - began:.1f}s")
 
     def _post(self, path: str, payload: dict) -> dict:
         c = self.client

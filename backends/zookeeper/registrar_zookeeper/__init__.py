@@ -27,7 +27,7 @@ from kazoo.exceptions import (AuthFailedError, BadArgumentsError, BadVersionErro
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, KeeperState
 
-from registrar.plugin import (Backend, ConfigError, Instance, MemberDown, Observer,
+from registrar.plugin import (Backend, ConfigError, Deadline, Instance, MemberDown, Observer,
                               RegistrarError, RegistrationRejected, RegistryUnavailable,
                               client_errors)
 
@@ -40,6 +40,20 @@ __all__ = ["ZooKeeperBackend", "ZooKeeperObserver", "ZooKeeperConfig", "ZooKeepe
            "ZooKeeperTLS", "Superseded", "parse_acl", "split_hosts", "uri_spec"]
 
 log = logging.getLogger(__name__)
+
+#: An observer's session (one per server) closes after this many seconds
+#: unused: a pod holds its one registration session, and 1 + N only while
+#: it stops (drain() opens them, in parallel with the drain and the
+#: delete), or for this long after a `status` or the registration's
+#: warm-up. Opening them at the stop measured +~1 ms of propagation
+#: (bench/propagation.py, see the README's performance section) against
+#: N sessions per pod held for its whole life, each pinging every few seconds.
+OBSERVER_IDLE = 5.0
+#: After a removal, an observer whose server lags waits for the exists-watch
+#: to fire; without one (nothing of ours was deleted there), it reads again
+#: after a window doubling up to a cap: (first, cap) in seconds, per case.
+WINDOWS_WITH_EVENT = (0.5, 8.0)
+WINDOWS_WITHOUT_EVENT = (0.02, 1.0)
 
 #: Answers that retrying will not change.
 _REJECTED = (NoAuthError, AuthFailedError, InvalidACLError, BadArgumentsError, MarshallingError,
@@ -95,6 +109,8 @@ class ZooKeeperBackend(Backend):
         self._owner: int | None = None
         self._registered_at: int | None = None
         self._removed_zxid: int | None = None
+        #: Whether the removal deleted a node (a NodeDeleted watch marks it).
+        self.removal_deleted = False
         self._closer: threading.Thread | None = None
 
     @property
@@ -278,6 +294,7 @@ class ZooKeeperBackend(Backend):
         return self._removed_zxid
 
     def _remove(self, client: KazooClient, end: float) -> int:
+        self.removal_deleted = False
         for _attempt in range(4):
             stat = _get(client, client.exists_async(self.path), end)
             if stat is None:
@@ -291,6 +308,7 @@ class ZooKeeperBackend(Backend):
             # path holds goes.
             try:
                 _get(client, client.delete_async(self.path, stat.version), end)
+                self.removal_deleted = True
                 break
             except NoNodeError:
                 break
@@ -323,15 +341,22 @@ class ZooKeeperBackend(Backend):
 
 class ZooKeeperObserver(Observer):
     """One server's own view, through a session held with that server alone
-    (opened once, reused). After deregister() it asks exists(path) and reads
-    the zxid of the reply, which is the zxid the server had applied: the
-    instance is gone from this view once that reaches the removal's zxid.
-    No sync there: it would cost a round trip through the leader on every
-    poll, and a sync the leader is slow to answer holds up every later
-    request of the session (a session's requests are answered in order); a
-    server still behind is simply asked again at the next poll. Before any
-    removal (status, the warm-up after registering) it asks sync(path) then
-    exists(path), pipelined: what the server holds once caught up."""
+    (a ZooKeeper session's reads are answered by the server it is connected
+    to, so that is the only way to read each server's view). The session
+    opens on first use (drain() opens every observer's, while the removal
+    is written) and closes after OBSERVER_IDLE seconds unused.
+
+    After a removal, ``sees()`` asks exists(path) and reads the zxid of the
+    reply, which is the zxid the server had applied: the instance is gone
+    from this view once that reaches the removal's zxid; ``wait_gone()``
+    does the same with an exists-watch, so a server that lags costs one
+    more read per change of our node there, not one every few
+    milliseconds. No sync there: it would cost a round trip through the
+    leader, and a sync the leader is slow to answer holds up every later
+    request of the session (a session's requests are answered in order).
+    Before any removal (status, the warm-up after registering) it asks
+    sync(path) then exists(path), pipelined: what the server holds once
+    caught up."""
 
     def __init__(self, backend: ZooKeeperBackend, server: str):
         self.backend = backend
@@ -340,35 +365,109 @@ class ZooKeeperObserver(Observer):
         self._lock = threading.Lock()
         self._client: KazooClient | None = None
         self._live: threading.Event | None = None
+        self._used = 0.0
+        self._busy = 0
+        self._reaper: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def connect(self) -> tuple[KazooClient, threading.Event]:
         """Start the session (in the background) unless it is there."""
         with self._lock:
-            if self.backend._closed:
+            if self.backend._closed or self._closed.is_set():
                 raise RegistryUnavailable(f"{self.name}: closed")
             if self._client is None:
                 self._client = self.backend.new_client(self.server + self.backend.chroot)
                 self._live = self._client.start_async()
+            self._used = time.monotonic()
+            if self._reaper is None or not self._reaper.is_alive():
+                self._reaper = threading.Thread(target=self._reap, daemon=True,
+                                                name=f"zk-observer-idle-{self.server}")
+                self._reaper.start()
             return self._client, self._live
+
+    def _reap(self) -> None:
+        """Close the session once it has been unused for OBSERVER_IDLE."""
+        while True:
+            with self._lock:
+                idle = time.monotonic() - self._used
+                if self._client is None:
+                    return
+                if self._busy == 0 and idle >= OBSERVER_IDLE:
+                    client, self._client = self._client, None
+                    break
+            if self._closed.wait(max(0.05, OBSERVER_IDLE - idle)):
+                return
+        stop_in_background(client)
+
+    def _session(self, timeout: float) -> KazooClient:
+        """The live session, or MemberDown / RegistryUnavailable."""
+        client, live = self.connect()
+        if not live.is_set() and _refuses(self.server, self.backend.config.timeout):
+            raise MemberDown(f"{self.name}: connection refused")
+        if not live.wait(max(0.0, timeout)):
+            raise RegistryUnavailable(f"{self.name}: no session within {timeout:.3g}s")
+        return client
+
+    def _in_use(self, delta: int) -> None:
+        with self._lock:
+            self._busy += delta
+            self._used = time.monotonic()
 
     def sees(self, instance: Instance, since: int | None = None) -> bool:
         timeout = self.backend.config.timeout
         end = time.monotonic() + timeout
-        client, live = self.connect()
-        if not live.is_set() and _refuses(self.server, timeout):
-            raise MemberDown(f"{self.name}: connection refused")
-        if not live.wait(timeout):
-            raise RegistryUnavailable(f"{self.name}: no session within {timeout:g}s")
+        self._in_use(+1)
+        try:
+            client = self._session(timeout)
+            path = self.backend.path
+            with client_errors(self.name, _classify):
+                if since is not None:
+                    _get(client, client.exists_async(path), end)
+                    # A node there now, if any, is a newer registration's.
+                    return client.last_zxid < since
+                client.sync_async(path)
+                return _get(client, client.exists_async(path), end) is not None
+        finally:
+            self._in_use(-1)
+
+    def wait_gone(self, instance: Instance, since: int | None, deadline: Deadline) -> bool:
+        """exists(path) with a watch on this server until the reply's zxid
+        reaches ``since``. A lagging server fires the watch when it applies
+        a change of our node (the drain's write, the delete), and we read
+        again then; where no change of ours is on its way (nothing was
+        deleted) we read again after windows that double
+        (WINDOWS_WITHOUT_EVENT). Waits for a reply as long as the deadline
+        allows, with no poll: a frozen server costs what kazoo's own pings
+        and reconnections cost, whatever the lag."""
+        if since is None:
+            return super().wait_gone(instance, since, deadline)
+        end = time.monotonic() + deadline.remaining()
+        window, cap = (WINDOWS_WITH_EVENT if self.backend.removal_deleted
+                       else WINDOWS_WITHOUT_EVENT)
+        fired = threading.Event()
+
+        def watch(_event: Any) -> None:
+            fired.set()
+
         path = self.backend.path
-        with client_errors(self.name, _classify):
-            if since is not None:
-                _get(client, client.exists_async(path), end)
-                # A node there now, if any, is a newer registration's.
-                return client.last_zxid < since
-            client.sync_async(path)
-            return _get(client, client.exists_async(path), end) is not None
+        self._in_use(+1)
+        try:
+            client = self._session(min(self.backend.config.timeout, end - time.monotonic()))
+            with client_errors(self.name, _classify):
+                while True:
+                    fired.clear()
+                    _get(client, client.exists_async(path, watch=watch), end)
+                    if client.last_zxid >= since:
+                        return True
+                    if not fired.wait(max(0.0, min(window, end - time.monotonic()))):
+                        if time.monotonic() >= end:
+                            return False
+                        window = min(window * 2, cap)
+        finally:
+            self._in_use(-1)
 
     def _release(self) -> KazooClient | None:
+        self._closed.set()
         with self._lock:
             client, self._client = self._client, None
             return client

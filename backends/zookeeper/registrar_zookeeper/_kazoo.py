@@ -264,8 +264,10 @@ def stop_in_background(client: KazooClient) -> threading.Thread:
     return thread
 
 
-#: Seconds without a reply after which wait() nudges the server.
+#: Seconds without a reply after which wait() nudges the server; the
+#: next nudges come after doubling pauses, up to NUDGE_MAX.
 NUDGE_AFTER = 0.05
+NUDGE_MAX = 1.0
 
 
 def wait(result: Any, end: float, nudge: Callable[[], Any]) -> Any:
@@ -276,14 +278,17 @@ def wait(result: Any, end: float, nudge: Callable[[], Any]) -> Any:
     session sends them something else (measured here: about one write in
     5,000 through a follower, held until the client's next ping, seconds
     later; both TCP queues empty meanwhile). Any request releases it, so
-    every NUDGE_AFTER seconds without a reply we send ``nudge()``, a cheap
-    read on the same session.
+    after NUDGE_AFTER seconds without a reply we send ``nudge()``, a cheap
+    read on the same session, and again after pauses that double: a server
+    that does not answer at all (frozen) is not sent 20 reads a second.
     """
+    pause = NUDGE_AFTER
     while True:
         remaining = end - time.monotonic()
         try:
-            return result.get(timeout=max(0.0, min(remaining, NUDGE_AFTER)))
+            return result.get(timeout=max(0.0, min(remaining, pause)))
         except KazooTimeoutError:
-            if remaining <= NUDGE_AFTER:
+            if remaining <= pause:
                 raise
             nudge()
+            pause = min(pause * 2, NUDGE_MAX)
