@@ -145,11 +145,16 @@ class StopSequence:
         self.slots = slots
         self.config = config
         self.clock = clock
+        #: What each backend's removal is at, and its observers' waits: the
+        #: progress line of a stop that takes longer than PROGRESS_EVERY.
+        self._stage: dict[str, str] = {s.name: "starting" for s in slots}
+        self._observing: dict[str, list] = {}
 
     def run(self, trigger: Trigger, deadline: Deadline) -> StopReport:
         start = self.clock.now()
         log.info("stopping after %s: deregistering %s (budget %.1fs)", trigger,
-                 self.instance.id, deadline.remaining())
+                 self.instance.id, deadline.remaining(),
+                 extra={"trigger": str(trigger), "seconds": round(deadline.remaining(), 3)})
         reports = [BackendReport(s.name) for s in self.slots]
         futures = [spawn(self._remove, s, r, deadline, trigger, name=f"deregister-{s.name}")
                    for s, r in zip(self.slots, reports)]
@@ -168,7 +173,8 @@ class StopSequence:
             spawn(_close, slot, name=f"close-{slot.name}")
         ok = not cut and all(r.confirmed and not r.cut for r in reports)
         report = StopReport(trigger, ok, self.clock.now() - start, waited, reports, cut)
-        (log.info if ok else log.error)("%s", report.summary())
+        (log.info if ok else log.error)("%s", report.summary(), extra={
+            "trigger": str(trigger), "seconds": round(report.seconds, 3), "ok": ok})
         return report
 
     def _wait_noting_progress(self, futures: list, deadline: Deadline) -> None:
@@ -180,15 +186,25 @@ class StopSequence:
         for _round in range(int(deadline.remaining() / PROGRESS_EVERY) + 1):
             if deadline.expired:
                 return
-            pending = [s.name for s, f in zip(self.slots, futures) if not f.done()]
-            if not pending:
+            if all(f.done() for f in futures):
                 return
             first = next(f for f in futures if not f.done())
             if not settled(first, min(PROGRESS_EVERY, deadline.remaining())):
                 if deadline.expired:
                     return
-                log.info("stopping: still waiting for %s to be removed and confirmed "
-                         "(%.1fs of the budget left)", ", ".join(pending), deadline.remaining())
+                pending = [self._awaited(s.name) for s, f in zip(self.slots, futures)
+                           if not f.done()]
+                log.info("stopping: still waiting for %s (%.1fs of the budget left)",
+                         "; ".join(pending), deadline.remaining(),
+                         extra={"awaiting": pending, "seconds": round(deadline.remaining(), 3)})
+
+    def _awaited(self, name: str) -> str:
+        """What one backend's removal still waits for, in words."""
+        stage = self._stage.get(name, "starting")
+        if stage != "confirming":
+            return f"{name} ({stage})"
+        left = [obs for obs, future in self._observing.get(name, ()) if not future.done()]
+        return f"{name} (to be confirmed by {', '.join(left) or 'its observers'})"
 
     def _remove(self, slot: Slot, report: BackendReport, deadline: Deadline,
                 trigger: Trigger) -> None:
@@ -202,6 +218,7 @@ class StopSequence:
             return
         slot.registered.clear()
         slot.state = BackendState.STOPPING
+        self._stage[slot.name] = "a call in flight"
         # An in-flight heartbeat or registration finishes first (bounded by
         # the backend's request timeout), so its write cannot follow ours.
         if not slot.lock.acquire(timeout=deadline.remaining()):
@@ -209,13 +226,16 @@ class StopSequence:
             return
         try:
             begin = self.clock.now()
+            self._stage[slot.name] = "draining"
             try:
                 slot.backend.drain(str(trigger))
             except Exception as exc:  # noqa: BLE001 - a failed drain must not stop removal
                 report.errors.append(f"drain failed: {exc}")
                 log.warning("%s: drain failed, deregistering anyway: %s", slot.name, exc,
-                            exc_info=not isinstance(exc, RegistrarError))
+                            exc_info=not isinstance(exc, RegistrarError),
+                            extra={"backend": slot.name})
             dereg_start = self.clock.now()
+            self._stage[slot.name] = "deregistering"
             # Retrying past the TTL is pointless: by then the entry has
             # expired by itself (heartbeats stopped).
             retry_for = Deadline(min(deadline.at, dereg_start + slot.backend.ttl), self.clock)
@@ -228,7 +248,8 @@ class StopSequence:
             except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
                 report.errors.append(f"deregister failed: {exc}")
                 log.error("%s: deregister failed: %s", slot.name, exc,
-                          exc_info=not isinstance(exc, RegistrarError))
+                          exc_info=not isinstance(exc, RegistrarError),
+                          extra={"backend": slot.name})
                 return
             report.removed = True
             report.deregister_seconds = self.clock.now() - begin
@@ -257,6 +278,8 @@ class StopSequence:
         limit = deadline if timeout is None else Deadline(min(deadline.at, since + timeout), self.clock)
         futures = [spawn(self._wait_gone, o, report.position, limit, name=f"observe-{o.name}")
                    for o in observers]
+        self._observing[slot.name] = [(o.name, f) for o, f in zip(observers, futures)]
+        self._stage[slot.name] = "confirming"
         last = since
         for obs, future in zip(observers, futures):
             seen_gone_at = (future.result() if settled(future, limit.remaining() + _HAND_IN / 2)
@@ -268,7 +291,8 @@ class StopSequence:
                 report.observers_down.append(obs.name)
                 report.errors.append(f"{obs.name} is down: {seen_gone_at}")
                 log.warning("%s: %s refuses connections: not waiting for it (%s)", slot.name,
-                            obs.name, seen_gone_at)
+                            obs.name, seen_gone_at,
+                            extra={"backend": slot.name, "observer": obs.name})
             else:
                 report.observers_unconfirmed.append(obs.name)
                 if isinstance(seen_gone_at, str):

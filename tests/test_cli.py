@@ -77,6 +77,16 @@ def test_the_log_variables_apply_when_no_option_is_given(cfg):
     assert records and {r["level"] for r in records} == {"error"}
 
 
+def test_json_logs_carry_structured_fields(cfg):
+    proc = run("--log-format", "json", "deregister", "-c", str(cfg))
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    first, last = records[0], records[-1]
+    assert first["msg"].startswith("stopping after deregister command")
+    assert first["trigger"] == "deregister command" and 0 < first["seconds"] <= 1
+    assert last["msg"].startswith("stop incomplete") and last["ok"] is False
+    assert last["trigger"] == "deregister command" and last["seconds"] >= 0
+
+
 @pytest.mark.parametrize("argv,env,expected", [
     (["prestop", "--control", "garbage"], {},
      "registrar prestop: --control: expected host:port, http://host:port or unix:/path, "

@@ -179,7 +179,21 @@ def test_a_stop_waiting_on_a_stalled_registry_says_so_every_second(caplog):
     assert not report.ok
     notes = [r.getMessage() for r in caplog.records if "still waiting for" in r.getMessage()]
     assert 1 <= len(notes) <= 2, notes  # about every second (at 1 s and 2 s), none after
-    assert notes[0].startswith("stopping: still waiting for memory to be removed and confirmed")
+    assert notes[0].startswith("stopping: still waiting for memory (draining)"), notes
+
+
+def test_the_progress_line_names_the_observers_still_awaited(caplog):
+    registry = MemoryRegistry(members=3)
+    registrar, _ = make(registry)
+    registrar.start(wait=True, timeout=5)
+    registry.freeze(2)  # member 2 never applies the removal
+    with caplog.at_level(logging.INFO, logger="registrar.stopping"):
+        report = registrar.stop(deadline=Deadline.after(1.6, Clock()))
+    assert not report.ok and report.backends[0].observers_unconfirmed == ["memory member 2"]
+    notes = [r for r in caplog.records if "still waiting for" in r.getMessage()]
+    assert notes and notes[0].getMessage().startswith(
+        "stopping: still waiting for memory (to be confirmed by memory member 2) ("), notes
+    assert notes[0].awaiting == ["memory (to be confirmed by memory member 2)"]  # a JSON log field
 
 
 def test_no_heartbeat_lands_after_deregistration():
