@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two "still waiting" lines of a long wait (the stop's
+#: wait on a backend, the wait for the app's connections).
+PROGRESS_EVERY = 1.0
+
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
@@ -206,9 +210,17 @@ class Drain:
             log.info("waiting for %d %sconnection(s) to port %d%s: %s", len(holding),
                      "busy " if busy else "", self.port, "" if busy else " to close",
                      "; ".join(holding[:5]))
+        noted = began
         while holding and self.clock() < until:
             self.sleep(max(0.0, min(self.INTERVAL, until - self.clock())))
             holding = self.holding()
+            if holding and self.clock() - noted >= PROGRESS_EVERY:
+                noted = self.clock()  # a long wait is not silent: once a second, who
+                log.info("still waiting for %d %sconnection(s) to port %d (%.1fs left): %s",
+                         len(holding), "busy " if busy else "", self.port,
+                         until - self.clock(), "; ".join(holding[:5]),
+                         extra={"connections": holding[:20],
+                                "seconds": round(until - self.clock(), 3)})
         report.seconds = self.clock() - began
         if holding:
             report.cut = holding

@@ -14,7 +14,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, wait_exponen
 from ._threads import settled, spawn
 from .clock import Clock, Deadline
 from .config import StopConfig
-from .connections import DrainReport
+from .connections import PROGRESS_EVERY, DrainReport
 from .errors import MemberDown, RegistrarError, RegistryUnavailable
 from .instance import Instance
 from .plugin import POLL_FIRST, POLL_MAX, Observer
@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 #: Past a deadline, how long to wait for worker threads that stop by
 #: themselves at it to hand in their results.
 _HAND_IN = 0.05
-#: Seconds between two "still waiting" lines while the stop waits on a backend.
-PROGRESS_EVERY = 1.0
 #: An observer whose member refuses connections for this long (asked at
 #: least twice) is reported down instead of awaited.
 DOWN_AFTER = 0.02

@@ -2,6 +2,7 @@
 about real sockets on loopback."""
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -121,3 +122,15 @@ def test_the_drain_returns_once_the_request_is_answered_and_reports_a_cut_otherw
     client.sendall(b"again")  # and never answered
     report = Drain(port, "busy", QUIET).wait(until=time.monotonic() + 0.3)
     assert report.cut and "busy" in report.summary()
+
+
+def test_a_long_drain_says_every_second_which_connections_it_waits_for(pair, caplog):
+    port, client, accepted = pair
+    client.sendall(b"GET /")  # a request never answered
+    accepted.recv(10)
+    with caplog.at_level(logging.INFO, logger="registrar.connections"):
+        report = Drain(port, "busy", QUIET).wait(until=time.monotonic() + 2.3)
+    assert report.cut
+    notes = [r for r in caplog.records if r.getMessage().startswith("still waiting for 1 busy")]
+    assert 1 <= len(notes) <= 2, [r.getMessage() for r in caplog.records]  # at 1 s and 2 s
+    assert notes[0].connections and notes[0].connections[0].startswith(f"127.0.0.1:")
