@@ -77,28 +77,37 @@ def consul_setup(cluster, service: str, ttl: float = 3.0) -> Setup:
 
 class Agent:
     """`registrar agent` as a child process (under ``gid`` if given), with a
-    control server on a free port and its log in a file."""
+    control server on a free port and its log in a file.
 
-    def __init__(self, tmp_path: Path, service: str, backend: dict, gid: int | None = AGENT_GID,
-                 **stop):
+    By default it has no app (``health: false``, port 8080) and runs as
+    POD_NAME/POD_IP above. A fleet gives each agent its own ``port`` and
+    ``health`` gate, ``env`` (added to and overriding the environment:
+    POD_NAME, POD_IP, PYTHONPATH), ``backend`` a list of sections to
+    register in several registries, and a ``cwd`` other than the work tree
+    when PYTHONPATH must win over it (the current directory comes first)."""
+
+    def __init__(self, tmp_path: Path, service: str, backend: dict | list[dict],
+                 gid: int | None = AGENT_GID, *, port: int = 8080,
+                 health: dict | bool = False, env: dict[str, str] | None = None,
+                 cwd: Path | None = None, **stop):
         self.control = f"127.0.0.1:{free_port()}"
         config = tmp_path / "agent.yaml"
         config.write_text(yaml.safe_dump({
-            "service": {"name": service, "port": 8080},
-            "backends": [backend],
+            "service": {"name": service, "port": port},
+            "backends": backend if isinstance(backend, list) else [backend],
             "stop": {"grace_period": "10s", "safety_margin": "1s", **stop},
             "control": {"listen": self.control},
-            "health": False,  # no app here: register at once
+            "health": health,  # False: no app here, register at once
         }))
         self.log_path = tmp_path / "agent.log"
-        env = {**os.environ, "POD_NAME": POD_NAME, "POD_IP": POD_IP}
+        env = {**os.environ, "POD_NAME": POD_NAME, "POD_IP": POD_IP, **(env or {})}
         for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN"):
             env.pop(name, None)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "registrar", "agent", "--config", str(config)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                group=gid)
+                group=gid, cwd=cwd)
 
     @property
     def log(self) -> str:

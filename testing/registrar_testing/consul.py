@@ -197,11 +197,16 @@ class ConsulCluster(_Agents):
     With ``dns`` (the default; costs nothing measurable at start) every
     agent answers DNS (UDP and TCP) on 127.0.0.1 at its `dns_port`, with
     Consul's default `dns_config`: ``<service>.service.consul`` lists the
-    instances with no critical check, read from any server (stale allowed)."""
+    instances with no critical check, read from any server (stale allowed).
+
+    ``extra_config`` adds or overrides keys of every agent's config file
+    (e.g. ``{"telemetry": {"prometheus_retention_time": "1h"}}`` for
+    cumulative counters at ``/v1/agent/metrics?format=prometheus``)."""
 
     def __init__(self, base_dir: Path | str, servers: int = 3, clients: int = 1,
                  acl: bool = False, tls: CertificateAuthority | None = None,
-                 datacenter: str = "dc1", dns: bool = True):
+                 datacenter: str = "dc1", dns: bool = True,
+                 extra_config: dict | None = None):
         binary = consul_binary()
         self.datacenter = datacenter
         self.management_token = str(uuid.uuid4()) if acl else None
@@ -255,6 +260,7 @@ class ConsulCluster(_Agents):
             if is_server:
                 config["bootstrap_expect"] = servers
             config.update(tls_files.get(is_server, {}))
+            config.update(extra_config or {})
             if acl:
                 # Client agents cache token lookups, "not found" included, for
                 # token_ttl (default 30 s): a token revoked, or used before
