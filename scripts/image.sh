@@ -19,6 +19,7 @@ SUITE=bookworm
 # merged-usr hook: without it bookworm pulls usrmerge and with it perl (~40 MB).
 # tzdata: /etc/localtime (UTC), else tzlocal (APScheduler) warns at every start.
 # Docs, man pages and translations are left out; copyright files stay.
+# shellcheck disable=SC2054  # --include takes a comma-separated list
 BASE_RECIPE=(--variant=essential --include=python3,python3-venv,passwd,ca-certificates,tzdata
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
