@@ -8,9 +8,12 @@ ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS builder
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+COPY pyproject.toml constraints.txt ./
 COPY registrar/ registrar/
 COPY backends/ backends/
+# pyproject.toml names README.md as the long description: an empty one keeps an edit of the
+# README from invalidating the install layer below (nothing in the image reads it).
+RUN touch README.md
 # Install with the pinned versions into a venv, then take pip and setuptools out of it: the
 # final stage gets only this directory. setuptools (9 MB) is there only because pbr, which
 # etcd3gw uses for its version string, declares it; nothing imports it at run time (the
