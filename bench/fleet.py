@@ -49,7 +49,9 @@ Figures, per registry and phase:
                phases, requests per stopping pod: the phase's requests less what the pods
                still running sent at the steady phase's rate per pod, per pod stopped
                (this includes ~1 request per member and removal from the bench's watchers
-               on ZooKeeper and Consul).
+               on ZooKeeper and Consul); none for the faulted server (its sessions moved
+               or stalled: only its raw rate says something), and the stop table's req/pod
+               sums the others.
                Request counters: see bench/fleet_parts/registries.py.
   propagation  from each stop's trigger (POST /prestop) to the last member's watcher no
                longer listing the pod: p50/p99/max; and the agents' own reports (the stop's
@@ -149,6 +151,7 @@ class Phase:
     stopped: list[Pod] = field(default_factory=list)
     pod_seconds: float = 0.0  # pods running, summed over the phase
     watchers: list[int] = field(default_factory=list)  # the views propagation counts
+    faulted: tuple[str, str] | None = None  # (registry, server) cut off or frozen
     load: tuple = ()
     note: str = ""
 
@@ -208,7 +211,10 @@ def server_rows(phase: Phase, clusters: list[Cluster], steady: Phase | None) -> 
                    "cpu_pct": None if cpu is None else round(
                        100 * cpu / CLK_TCK / phase.seconds, 1),
                    "connections": phase.conns[key], c.sessions_label: b["sessions"]}
-            if phase.stopped and steady is not None and req is not None:
+            # The faulted server's load is not the pods' baseline minus the stops: cut off
+            # from the agents or frozen, it loses what its sessions sent; shown raw only.
+            if (phase.stopped and steady is not None and req is not None
+                    and key != phase.faulted):
                 sa, sb = steady.start[key], steady.end[key]
                 if None not in (sa["requests"], sb["requests"]) and steady.pod_seconds:
                     per_pod_s = (sb["requests"] - sa["requests"]) / steady.pod_seconds
@@ -223,11 +229,13 @@ def ms(value: float | None) -> float | None:
 
 
 def stop_row(phase: Phase, watch: Watch, servers: list[dict]) -> dict:
-    """``requests_per_stopping_pod``: summed over every server of the phase (where a fault
-    moves the pods' sessions from one member to another, one member's figure is not)."""
+    """``requests_per_stopping_pod``: summed over the servers of the phase but the faulted
+    one (a fault moves the pods' sessions from one member to the others: one member's
+    figure alone says little)."""
     pods = phase.stopped
-    mine = [s.get("requests_per_stopping_pod") for s in servers if s["phase"] == phase.name]
-    per_pod = None if None in mine or not mine else round(sum(mine), 1)
+    mine = [s["requests_per_stopping_pod"] for s in servers
+            if s["phase"] == phase.name and "requests_per_stopping_pod" in s]
+    per_pod = round(sum(mine), 1) if mine else None
     external = [watch.propagation(p, phase.watchers) for p in pods]
     seen = [v for v in external if v is not None]
     reports = [p.report for p in pods if p.report]
@@ -300,8 +308,15 @@ def run(names: list[str], args, workdir: Path) -> dict:
         progress(f"{'+'.join(names)}: starting {args.pods} agents, {args.batch} at a time")
         pods += start_pods(0, args.pods, apps, workdir / "pods", sections, env, args.batch,
                            progress)
-        wait_until(lambda: watch.all_list([p.addr for p in pods]), 60,
-                   "every member lists every pod", interval=0.2)
+        listed_in = 120 + args.pods
+        try:
+            wait_until(lambda: watch.all_list([p.addr for p in pods]), listed_in,
+                       "every member lists every pod", interval=0.5)
+        except TimeoutError:
+            counts = [len(set(w.addresses()) & {p.addr for p in pods}) for w in watch.watchers]
+            raise TimeoutError(f"after {listed_in}s the members list {counts} of "
+                               f"{len(pods)} pods") from None
+        progress(f"  every member lists every pod after {time.monotonic() - start.began:.1f}s")
         phases.append(end(start, clusters, pods))
 
         steady = None
@@ -326,6 +341,7 @@ def run(names: list[str], args, workdir: Path) -> dict:
                                   if mode != "freeze" or watch.labels[i] != (cluster.name,
                                                                              cluster.faulted)]
                 phase.note = f"{mode} {server.name} ({server.role})"
+                phase.faulted = (cluster.name, server.name)
                 progress(f"{cluster.name}: {phase.note}; stopping {len(group)} pods")
                 if mode == "blackhole":
                     hole = Blackhole(cluster.fault_port, gid=AGENT_GID)
@@ -383,6 +399,9 @@ def table(results: list[dict]) -> str:
     out = []
     for r in results:
         name = "+".join(r["registries"])
+        if "error" in r:
+            out += [f"== {name}: FAILED: {r['error']}", ""]
+            continue
         out.append(f"== {name}: {r['pods']} pods ({r['source']})")
         out += [f"   {n}" for n in r["notes"]]
         out.append(f"{'phase':<16}{'server':<18}{'role':<9}{'s':>6}{'req/s':>9}{'CPU%':>7}"
@@ -468,8 +487,13 @@ def main() -> int:
     source = describe_source(args.source)
     for group in runs:
         cpu0 = cpu_ticks(os.getpid())
-        with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
-            result = run(group, args, Path(tmp))
+        try:
+            with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
+                result = run(group, args, Path(tmp))
+        except Exception as exc:  # noqa: BLE001 - the other registries still run
+            progress(f"{'+'.join(group)}: FAILED: {exc}")
+            results.append({"registries": group, "error": str(exc)})
+            continue
         result["source"] = source
         result["bench_cpu_s"] = round((cpu_ticks(os.getpid()) - cpu0) / CLK_TCK, 1)
         result["load"] = [round(x, 2) for x in os.getloadavg()]
