@@ -178,12 +178,12 @@ def test_first_endpoint_down_fails_over(etcd_cluster, instance):
 def test_blackholed_member_fails_over_within_the_request_timeout(etcd_cluster, instance):
     backend = make(etcd_cluster, instance, timeout=0.5)
     backend.register()
-    assert backend._cluster.current == 0
-    with Blackhole(urlsplit(etcd_cluster.endpoints[0]).port, mode="drop"):
+    used = backend._cluster.current  # a member chosen at random
+    with Blackhole(urlsplit(etcd_cluster.endpoints[used]).port, mode="drop"):
         began = time.monotonic()
         assert backend.heartbeat() is False
         assert time.monotonic() - began < 1.5
-        assert backend._cluster.current == 1
+        assert backend._cluster.current == (used + 1) % 3
     backend.deregister()
     backend.close()
 
@@ -254,3 +254,17 @@ def _quietly(fn, *args):
         return all(fn(*args))
     except OSError:
         return False
+
+
+def test_a_fleet_sharing_one_config_spreads_over_the_members():
+    """Each backend starts at a member of its own choosing: 200 pods with
+    the same endpoints list used to send every call to the first one."""
+    from registrar_etcd._gateway import Cluster
+
+    endpoints = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+    firsts = [Cluster("etcd", endpoints, 1.0) for _ in range(60)]
+    try:
+        assert {c.current for c in firsts} == {0, 1, 2}  # all three: 3 * (2/3)**60 ~ 1e-10
+    finally:
+        for c in firsts:
+            c.close()
