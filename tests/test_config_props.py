@@ -326,8 +326,9 @@ def test_check_with_any_config_and_environment_exits_0_or_2_with_one_line(case, 
     finally:
         os.unlink(f.name)
     assert "Traceback" not in err
-    if code == 0:
-        assert out.startswith(f"{f.name}: valid: "), out
+    if code == 0:  # the verdict on stderr, the effective configuration on stdout
+        assert err.startswith(f"{f.name}: valid: ") and err.count("\n") == 1, err
+        assert isinstance(yaml.safe_load(out), dict), out
     else:
         assert code == 2 and err.count("\n") == 1 and err.endswith("\n"), (code, err)
         assert err[:-1].isprintable(), repr(err)

@@ -107,7 +107,10 @@ def test_example_registers_and_leaves_on_sigterm(name, prefix, status, tmp_path,
 
         wait_until(lambda: all(listed()) or not app.running, 15, "every etcd member lists it")
         assert app.running, f"{command} exited: {app.proc.returncode}\n{app.log_tail()}"
-        wait_until(lambda: answers(port) or not app.running, 15, "the app answers")
+        try:
+            wait_until(lambda: answers(port) or not app.running, 15, "the app answers")
+        except TimeoutError as exc:
+            pytest.fail(f"{exc}\n{app.log_tail()}")
         assert app.running, f"{command} exited: {app.proc.returncode}\n{app.log_tail()}"
         app.proc.send_signal(signal.SIGTERM)
         returncode = app.proc.wait(timeout=15)
