@@ -13,6 +13,8 @@
 # default nofile/nproc limits exceed the machine's hard limits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source-path=SCRIPTDIR source=lib/apt-sources.sh
+. scripts/lib/apt-sources.sh
 
 SUITE=bookworm
 # essential: Essential:yes packages and the ones named, no apt (129 MB -> 109 MB).
@@ -61,29 +63,8 @@ install_tools() {
 # then the one-line format): entries for the suite we bootstrap, or whose URI names debian
 # (not a third-party repository); the security one may be empty.
 mirror_uris() {
-    local files=() f
-    for f in /etc/apt/sources.list.d/*.sources; do [[ -r $f ]] && files+=("$f"); done
-    {
-        ((${#files[@]} == 0)) || awk '
-            function flush() {
-                if (uri != "" && types ~ /(^|[ \t])deb([ \t]|$)/ && enabled != "no")
-                    print (suites ~ /-security/ ? "security " : "main ") uri, suites
-                uri = ""; types = ""; suites = ""; enabled = ""
-            }
-            /^[ \t]*#/ { next }
-            /^[ \t]*$/ { flush(); next }
-            tolower($1) == "types:"   { $1 = ""; types = $0 }
-            tolower($1) == "uris:"    { uri = $2 }
-            tolower($1) == "suites:"  { $1 = ""; suites = $0 }
-            tolower($1) == "enabled:" { enabled = tolower($2) }
-            END { flush() }
-        ' "${files[@]}"
-        [[ ! -r /etc/apt/sources.list ]] || awk '$1 == "deb" {
-                 i = 2; if ($2 ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
-                 print ($(i + 1) ~ /-security/ ? "security " : "main ") $i, $(i + 1)
-             }' /etc/apt/sources.list
-    } | awk -v suite="$SUITE" '($2 ~ /debian/ || index($0, " " suite)) && !seen[$1]++ \
-                { print $1, $2 }'
+    apt_deb_sources | awk -v suite="$SUITE" '($2 ~ /debian/ || index($0, " " suite)) \
+                                             && !seen[$1]++ { print $1, $2 }'
 }
 
 make_base() {

@@ -13,6 +13,8 @@ DEST="$CACHE_ROOT/consul-$CONSUL_VERSION"
 CACHED_BIN="$DEST/usr/bin/consul"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
+# shellcheck source-path=SCRIPTDIR source=lib/apt-sources.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/apt-sources.sh"
 log() { echo "install-consul: $*" >&2; }
 
 if [[ -n "${CONSUL_BIN:-}" && -x "${CONSUL_BIN}" ]]; then
@@ -28,31 +30,7 @@ fi
 # The URI of the main Debian archive (not -security / -updates) already
 # configured here: deb822 files first, then the one-line format.
 mirror_uri() {
-    local f
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [[ -r "$f" ]] || continue
-        awk '
-            function flush() {
-                if (uri != "" && types ~ /(^|[ \t])deb([ \t]|$)/ && enabled != "no" &&
-                    uri !~ /security/ && suites !~ /-security/ && !done) { print uri; done = 1 }
-                uri = ""; types = ""; suites = ""; enabled = ""
-            }
-            /^[ \t]*#/ { next }
-            /^[ \t]*$/ { flush(); next }
-            tolower($1) == "types:"   { $1 = ""; types = $0 }
-            tolower($1) == "uris:"    { uri = $2 }
-            tolower($1) == "suites:"  { $1 = ""; suites = $0 }
-            tolower($1) == "enabled:" { enabled = tolower($2) }
-            END { flush() }
-        ' "$f"
-    done
-    if [[ -r /etc/apt/sources.list ]]; then
-        # deb [options] URI suite components...
-        awk '$1 == "deb" {
-                 i = 2; if ($2 ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
-                 if ($i !~ /security/ && $(i + 1) !~ /-security/) print $i
-             }' /etc/apt/sources.list
-    fi
+    apt_deb_sources | awk '$1 == "main" && $2 !~ /security/ { print $2 }'
 }
 
 URI="$(mirror_uri | head -n1)"
