@@ -167,6 +167,7 @@ def test_first_endpoint_down_fails_over(etcd_cluster, instance):
     dead = "http://127.0.0.1:1"  # nothing listens on port 1
     backend = EtcdBackend(instance, EtcdConfig(type="etcd", ttl=2, timeout=1,
                                                endpoints=[dead, *etcd_cluster.endpoints]))
+    backend._cluster.current = 0  # as if the random start had picked the dead one
     backend.register()
     assert backend.heartbeat() is False
     assert backend._cluster.current == 1

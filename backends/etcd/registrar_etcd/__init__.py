@@ -215,12 +215,19 @@ class EtcdObserver(Observer):
         member has applied; mvcc's watchable store sends an event when the
         member applies it): so the member has applied the removal once the
         created header's revision reaches ``since``, or once the DELETE of
-        our key at ``since`` (or any later event of the key) arrives. One
-        request per member on a healthy cluster; a member that lags gets a
+        our key at ``since`` (or any later event of the key) arrives. One or
+        two requests per member on a healthy cluster; a member that lags gets a
         new watch only after windows that double (WINDOWS_WITH_EVENT), a
         handful of requests however long it lags."""
         if since is None:
             return super().wait_gone(instance, since, deadline)
+        # One serializable read first: the member has usually applied the
+        # removal by now, and a read answers that faster than a new watch
+        # through the gateway (measured, 200 stops: p99 29-31 ms read-first
+        # against 41 ms watch-only; the 2 ms poll gave 25 ms). The watch is
+        # for a member still behind.
+        if not self.sees(instance, since):
+            return True
         key = b64(self.backend.key)
         window, cap = (WINDOWS_WITH_EVENT if self.backend.removal_deleted
                        else WINDOWS_WITHOUT_EVENT)
