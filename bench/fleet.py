@@ -203,6 +203,11 @@ def server_rows(phase: Phase, clusters: list[Cluster], steady: Phase | None) -> 
             a, b = phase.start[key], phase.end[key]
             req = (b["requests"] - a["requests"]
                    if None not in (a["requests"], b["requests"]) else None)
+            if b["reads"] == a["reads"]:
+                req = None  # no read of the counter succeeded in this phase: unknown, not 0
+            if b["failed"] > a["failed"]:
+                print(f"  {c.name} {s.name}: {b['failed'] - a['failed']} request-counter reads "
+                      f"failed in {phase.name} (last: {b['last_error']})", file=sys.stderr)
             cpu = (b["cpu_ticks"] - a["cpu_ticks"]
                    if None not in (a["cpu_ticks"], b["cpu_ticks"]) else None)
             row = {"registry": c.name, "phase": phase.name, "server": s.name, "role": s.role,

@@ -81,6 +81,9 @@ class Server:
     def __post_init__(self) -> None:
         self._total: float | None = None
         self._last: float | None = None
+        self.reads = 0  # counter reads that succeeded
+        self.failed = 0  # and that failed (frozen, cut off, or a slow metrics endpoint)
+        self.last_error = ""
         self._lock = threading.Lock()
         self._stopped = threading.Event()
 
@@ -90,11 +93,15 @@ class Server:
         all of its new value is new."""
         try:
             value = self.requests()
-        except (OSError, ValueError, KeyError):
-            return  # frozen or cut off: the next read catches up
+        except (OSError, ValueError, KeyError) as exc:
+            with self._lock:
+                self.failed += 1  # frozen or cut off: the next read catches up
+                self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            return
         if value is None:
             return
         with self._lock:
+            self.reads += 1
             if self._last is None:
                 self._total = 0.0
             else:
@@ -116,13 +123,14 @@ class Server:
     def snapshot(self) -> dict:
         self.sample()
         with self._lock:
-            req = self._total
+            req, reads, failed, error = self._total, self.reads, self.failed, self.last_error
         try:
             sessions = self.sessions()
         except (OSError, ValueError):
             sessions = None
         return {"cpu_ticks": cpu_ticks(self.process.pid) if self.process.running else None,
-                "requests": req, "sessions": sessions}
+                "requests": req, "sessions": sessions, "reads": reads, "failed": failed,
+                "last_error": error}
 
 
 @dataclass
