@@ -239,9 +239,12 @@ def _consul_requests(agent) -> float:
 
 
 def start_consul(workdir: Path, clients: int) -> Cluster:
+    # limits: Consul accepts at most 200 HTTP connections per client IP (by default); here
+    # every pod is 127.0.0.1, and with 200 pods the bench's own metrics reads were reset.
     cluster = ConsulCluster(workdir / "consul", servers=3, clients=clients, dns=False,
                             extra_config={"telemetry": {"prometheus_retention_time": "1h",
-                                                        "disable_hostname": True}})
+                                                        "disable_hostname": True},
+                                          "limits": {"http_max_conns_per_client": 4096}})
     cluster.start()
     leader_port = int(cluster.servers[0].leader().rpartition(":")[2])
     ports = {a.name: json.loads((a.process.workdir / "config.json").read_text())["ports"]
