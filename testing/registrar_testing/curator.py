@@ -16,6 +16,8 @@ from . import wait_until
 
 PROBE_SOURCE = Path(__file__).resolve().parent / "java" / "CuratorProbe.java"
 WATCH_SOURCE = Path(__file__).resolve().parent / "java" / "CuratorCacheWatch.java"
+#: Compiled with each of them: the stdin hold both share.
+HOLD_SOURCE = Path(__file__).resolve().parent / "java" / "StdinHold.java"
 CURATOR_CLASSPATH = ":".join(f"/usr/share/java/{jar}.jar" for jar in (
     "curator-x-discovery", "curator-framework", "curator-client", "zookeeper",
     "zookeeper-jute", "guava", "jackson-databind", "jackson-core",
@@ -32,7 +34,7 @@ JVM_ARGS = ["-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:a
 def compile_probe(out_dir: Path) -> list[str]:
     """javac CuratorProbe into out_dir; return the argv prefix that runs it."""
     subprocess.run(["javac", "-Xlint:-path", "-cp", CURATOR_CLASSPATH, "-d", str(out_dir),
-                    str(PROBE_SOURCE)], check=True, timeout=120)
+                    str(PROBE_SOURCE), str(HOLD_SOURCE)], check=True, timeout=120)
     return ["java", *JVM_ARGS, "-Dorg.slf4j.simpleLogger.defaultLogLevel=error",
             "-cp", f"{CURATOR_CLASSPATH}:{out_dir}", "CuratorProbe"]
 
@@ -59,7 +61,7 @@ def compile_watch(out_dir: Path) -> list[str]:
         raise FileNotFoundError(f"Curator's ServiceCache needs {', '.join(missing)}: "
                                 "run scripts/install-zookeeper.sh")
     subprocess.run(["javac", "-Xlint:-path", "-cp", WATCH_CLASSPATH, "-d", str(out_dir),
-                    str(WATCH_SOURCE)], check=True, timeout=120)
+                    str(WATCH_SOURCE), str(HOLD_SOURCE)], check=True, timeout=120)
     # Curator logs what it swallows (a payload it cannot read) at ERROR.
     return ["java", *JVM_ARGS, "-Dorg.slf4j.simpleLogger.defaultLogLevel=error",
             "-cp", f"{WATCH_CLASSPATH}:{out_dir}", "CuratorCacheWatch"]

@@ -57,18 +57,7 @@ public final class CuratorCacheWatch {
                 open.addAll(watch(client, args[1], args[2], name));
             }
             emit(event(null, "ready", null));
-            Thread stdin = new Thread(() -> {
-                try {
-                    while (System.in.read() != -1) {
-                        // drain until EOF
-                    }
-                } catch (IOException ignored) {
-                    // EOF or closed: stop watching
-                }
-            });
-            stdin.setDaemon(true);
-            stdin.start();
-            stdin.join(holdMs);
+            StdinHold.untilEof(holdMs);
         } finally {
             for (int i = open.size() - 1; i >= 0; i--) {
                 open.get(i).close();

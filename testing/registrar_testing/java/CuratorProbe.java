@@ -105,18 +105,7 @@ public final class CuratorProbe {
         out.put("znode", MAPPER.readTree(client.getData().forPath(path)));
         System.out.println(MAPPER.writeValueAsString(out));
         System.out.flush();
-        Thread stdin = new Thread(() -> {
-            try {
-                while (System.in.read() != -1) {
-                    // drain until EOF
-                }
-            } catch (IOException ignored) {
-                // EOF or closed: stop holding
-            }
-        });
-        stdin.setDaemon(true);
-        stdin.start();
-        stdin.join(holdMs);
+        StdinHold.untilEof(holdMs);
         // ServiceDiscovery.close() (try-with-resources) deletes the instance.
     }
 }
