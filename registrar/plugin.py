@@ -27,7 +27,7 @@ from .instance import Instance
 __all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Model", "Duration",
            "StrList", "SecretFile", "read_token", "format_duration", "RegistrarError", "ConfigError",
            "RegistryUnavailable", "RegistrationRejected", "MemberDown", "client_errors",
-           "short_reason", "scrub", "show", "Deadline", "POLL_FIRST", "POLL_MAX"]
+           "short_reason", "scrub", "show", "Deadline", "POLL_FIRST", "POLL_MAX", "watch_windows"]
 
 #: The default ``Observer.wait_gone()`` asks again after POLL_FIRST seconds,
 #: doubling up to POLL_MAX: a removal that reaches the member within a few
@@ -35,6 +35,16 @@ __all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Mod
 #: member that lags costs ~10 requests a second instead of 500.
 POLL_FIRST = 0.002
 POLL_MAX = 0.1
+
+
+def watch_windows(removal_deleted: bool) -> tuple[float, float]:
+    """(first, cap) seconds of the windows, doubling, after which a
+    watch-based ``wait_gone()`` asks a member that lags once more. When the
+    removal deleted something there, its event comes the moment the member
+    applies it: the watch is simply left open (re-asked only in case the
+    entry went some other way meanwhile). When it deleted nothing, no event
+    will come: it reads the member's position again soon."""
+    return (0.5, 8.0) if removal_deleted else (0.02, 1.0)
 
 
 class BackendConfig(Model):

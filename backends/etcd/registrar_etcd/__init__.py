@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from registrar.plugin import (Backend, Deadline, Instance, Observer, RegistrationRejected,
-                              RegistryUnavailable)
+                              RegistryUnavailable, watch_windows)
 
 from ._gateway import Cluster, Credentials, Member, NotFound, b64
 from .config import PASSWORD_ENV, EtcdConfig, EtcdTLS, read_password
@@ -41,17 +41,6 @@ from .config import PASSWORD_ENV, EtcdConfig, EtcdTLS, read_password
 __all__ = ["EtcdBackend", "EtcdConfig", "EtcdObserver", "EtcdTLS", "PASSWORD_ENV"]
 
 log = logging.getLogger(__name__)
-
-#: How long a watch waits for the member to reach the removal's revision
-#: before it is opened again, doubling up to a cap: (first, cap) in seconds.
-#: When the removal deleted our key, its DELETE event comes the moment the
-#: member applies it, so the watch is simply left open (re-opened only in
-#: case the key went some other way before: the registry's say-so about
-#: whether it deleted it is not in a revoke's answer). When nothing of ours
-#: was deleted, no event will come: the watch is opened again soon, to read
-#: the member's revision from its "created" header once more.
-WINDOWS_WITH_EVENT = (0.5, 8.0)
-WINDOWS_WITHOUT_EVENT = (0.02, 1.0)
 
 
 class EtcdBackend(Backend):
@@ -217,7 +206,7 @@ class EtcdObserver(Observer):
         created header's revision reaches ``since``, or once the DELETE of
         our key at ``since`` (or any later event of the key) arrives. One or
         two requests per member on a healthy cluster; a member that lags gets a
-        new watch only after windows that double (WINDOWS_WITH_EVENT), a
+        new watch only after windows that double (``watch_windows()``), a
         handful of requests however long it lags."""
         if since is None:
             return super().wait_gone(instance, since, deadline)
@@ -229,8 +218,7 @@ class EtcdObserver(Observer):
         if not self.sees(instance, since):
             return True
         key = b64(self.backend.key)
-        window, cap = (WINDOWS_WITH_EVENT if self.backend.removal_deleted
-                       else WINDOWS_WITHOUT_EVENT)
+        window, cap = watch_windows(self.backend.removal_deleted)
         while True:
             end = time.monotonic() + deadline.remaining()
             until = min(end, time.monotonic() + window)

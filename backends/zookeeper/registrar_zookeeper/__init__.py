@@ -29,7 +29,7 @@ from kazoo.protocol.states import KazooState, KeeperState
 
 from registrar.plugin import (Backend, ConfigError, Deadline, Instance, MemberDown, Observer,
                               RegistrarError, RegistrationRejected, RegistryUnavailable,
-                              client_errors)
+                              client_errors, watch_windows)
 
 from ._kazoo import (new_client, stop_clients, stop_in_background, tls_context, tls_failure,
                      wait)
@@ -52,11 +52,6 @@ log = logging.getLogger(__name__)
 #: and 2 more requests per server (connect, close), against N sessions per
 #: pod held for its whole life, each pinging every few seconds.
 OBSERVER_IDLE = 5.0
-#: After a removal, an observer whose server lags waits for the exists-watch
-#: to fire; without one (nothing of ours was deleted there), it reads again
-#: after a window doubling up to a cap: (first, cap) in seconds, per case.
-WINDOWS_WITH_EVENT = (0.5, 8.0)
-WINDOWS_WITHOUT_EVENT = (0.02, 1.0)
 
 #: Answers that retrying will not change.
 _REJECTED = (NoAuthError, AuthFailedError, InvalidACLError, BadArgumentsError, MarshallingError,
@@ -439,14 +434,13 @@ class ZooKeeperObserver(Observer):
         a change of our node (the drain's write, the delete), and we read
         again then; where no change of ours is on its way (nothing was
         deleted) we read again after windows that double
-        (WINDOWS_WITHOUT_EVENT). Waits for a reply as long as the deadline
+        (``watch_windows()``). Waits for a reply as long as the deadline
         allows, with no poll: a frozen server costs what kazoo's own pings
         and reconnections cost, whatever the lag."""
         if since is None:
             return super().wait_gone(instance, since, deadline)
         end = time.monotonic() + deadline.remaining()
-        window, cap = (WINDOWS_WITH_EVENT if self.backend.removal_deleted
-                       else WINDOWS_WITHOUT_EVENT)
+        window, cap = watch_windows(self.backend.removal_deleted)
         fired = threading.Event()
 
         def watch(_event: Any) -> None:
