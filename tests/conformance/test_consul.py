@@ -2,6 +2,10 @@
 servers (the observers) and one client agent (where the backend registers)."""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -40,13 +44,39 @@ class ConsulHarness(Harness):
         return [urlsplit(a).port for a in [self.cluster.client_addr, *self.cluster.server_addrs]]
 
     def freeze_follower(self):
-        # The observers are the servers, in server_addrs' order.
+        # The observers are the servers, in server_addrs' order. Not the server
+        # the client agent sends its RPCs to: the agent answers a registration
+        # or deregistration only once it has synced it to a server, and it stays
+        # on a frozen one for 30 s and more (the removal would never be made).
         servers = self.cluster.servers
+        busy = _rpc_peers(self.cluster.clients[0].process.proc.pid)
         index = next(i for i, s in enumerate(servers)
-                     if s.get("/v1/agent/self").json()["Stats"]["consul"]["leader"] == "false")
+                     if s.get("/v1/agent/self").json()["Stats"]["consul"]["leader"] == "false"
+                     and _config(s)["ports"]["server"] not in busy)
         server = servers[index]
         return self.frozen(server, index, urlsplit(server.http_addr).port,
                            lambda: bool(server.leader()))
+
+
+def _config(agent) -> dict:
+    return json.loads((agent.process.workdir / "config.json").read_text())
+
+
+def _rpc_peers(pid: int) -> set[int]:
+    """The remote ports of the established TCP connections of process ``pid``."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED, ours
+                ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
 
 
 class TestConsulConformance(BackendConformance):
