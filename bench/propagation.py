@@ -106,7 +106,7 @@ def percentiles(values: list[float], unit: float = 1000, fmt: str = "6.2f",
 def run(cluster: Cluster, cycles: int, lag: float) -> dict[str, list[float]]:
     section = cluster.section
     cls = backend_class(section["type"])
-    config = cls.config_model.model_validate(section)
+    config = cls.config_model.parse(section)
     out: dict[str, list[float]] = {"propagation": [], "deregister": [], "stop": [],
                                    "sent_max": [], "sent_frozen": [], "sent_others": []}
     for i in range(cycles):

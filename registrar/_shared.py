@@ -7,10 +7,8 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from pydantic import Field, field_validator, model_validator
-
 from .errors import MemberDown, RegistrarError, RegistryUnavailable
-from .fields import Model, show
+from .fields import Annotated, Model, Rule, doc, show
 
 #: Causes worth a few words instead of a client library's paragraph.
 KNOWN_CAUSES = (("Connection refused", "connection refused"),
@@ -84,31 +82,32 @@ def refused(exc: BaseException) -> bool:
     return False
 
 
+def _readable(path: str) -> str:
+    try:
+        readable = os.path.isfile(path) and os.access(path, os.R_OK)
+    except ValueError:  # a NUL in the path
+        readable = False
+    if not readable:
+        why = "no such file" if "\0" not in path and not os.path.exists(path) else \
+            "not a readable file"
+        raise ValueError(f"cannot read {show(path)}: {why}")
+    return path
+
+
+#: A path to a file that must be readable.
+ReadableFile = Annotated[str, Rule(_readable)]
+
+
 class TLSConfig(Model):
     """TLS to the registry: the same keys for every backend."""
-    ca_file: str | None = Field(None, description="CA bundle (PEM) that signed the servers' "
-                                                  "certificates.")
-    cert_file: str | None = Field(None, description="Client certificate (PEM), for mutual TLS.")
-    key_file: str | None = Field(None, description="Key of cert_file (if not in cert_file itself).")
-    verify: bool = Field(True, description="Verify the servers' certificates.")
+    ca_file: Annotated[ReadableFile | None, doc(
+        "CA bundle (PEM) that signed the servers' certificates.")] = None
+    cert_file: Annotated[ReadableFile | None, doc(
+        "Client certificate (PEM), for mutual TLS.")] = None
+    key_file: Annotated[ReadableFile | None, doc(
+        "Key of cert_file (if not in cert_file itself).")] = None
+    verify: Annotated[bool, doc("Verify the servers' certificates.")] = True
 
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _readable(cls, path: str | None) -> str | None:
-        if path is None:
-            return path
-        try:
-            readable = os.path.isfile(path) and os.access(path, os.R_OK)
-        except ValueError:  # a NUL in the path
-            readable = False
-        if not readable:
-            why = "no such file" if "\0" not in path and not os.path.exists(path) else \
-                "not a readable file"
-            raise ValueError(f"cannot read {show(path)}: {why}")
-        return path
-
-    @model_validator(mode="after")
-    def _pair(self) -> "TLSConfig":
+    def check(self) -> None:
         if self.key_file and not self.cert_file:
             raise ValueError("key_file needs cert_file")
-        return self

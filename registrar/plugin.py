@@ -15,17 +15,18 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-from pydantic import Field
-
 from ._shared import TLSConfig, client_errors, scrub, short_reason
 from .clock import Deadline
 from .errors import (ConfigError, MemberDown, RegistrarError, RegistrationRejected,
                      RegistryUnavailable)
-from .fields import Duration, Model, SecretFile, StrList, format_duration, read_token, show
+from .fields import (Annotated, Duration, Meta, Model, Rule, Secret, SecretFile, SecretText, StrList,
+                     at_least, doc, field, format_duration, more_than, non_empty, read_token,
+                     show)
 from .instance import Instance
 
 __all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Model", "Duration",
-           "StrList", "SecretFile", "read_token", "format_duration", "RegistrarError", "ConfigError",
+           "StrList", "SecretFile", "SecretText", "Secret", "Annotated", "Meta", "Rule", "doc",
+           "field", "at_least", "more_than", "non_empty", "read_token", "format_duration", "RegistrarError", "ConfigError",
            "RegistryUnavailable", "RegistrationRejected", "MemberDown", "client_errors",
            "short_reason", "scrub", "show", "Deadline", "POLL_FIRST", "POLL_MAX", "watch_windows"]
 
@@ -49,9 +50,10 @@ def watch_windows(removal_deleted: bool) -> tuple[float, float]:
 
 class BackendConfig(Model):
     """Base of a backend's config section: subclass it with
-    ``type: Literal["<type>"]`` and the backend's own keys."""
+    ``type: Literal["<type>"]`` and the backend's own keys (msgspec
+    fields: see registrar.fields for Duration, StrList, Rule, check())."""
     type: str
-    name: str | None = Field(None, description="Name in logs and reports (default: the type).")
+    name: Annotated[str | None, doc("Name in logs and reports (default: the type).")] = None
 
 
 class Observer(abc.ABC):
@@ -115,7 +117,7 @@ class Backend(abc.ABC):
     - After ``close()`` nothing may open a connection again.
     """
 
-    #: The pydantic model of this backend's config section.
+    #: The model of this backend's config section (a BackendConfig).
     config_model: ClassVar[type[BackendConfig]]
     #: The config field that holds the registration's time to live.
     ttl_field: ClassVar[str] = "ttl"

@@ -16,19 +16,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import typing
 from pathlib import Path
 from unittest import mock
 
 import yaml
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
-from pydantic import BaseModel
 
 from registrar import cli, config
 from registrar.clock import Deadline
 from registrar.discovery import available_backends
 from registrar.errors import ConfigError
-from registrar.fields import MAX_DURATION
+from registrar.fields import MAX_DURATION, Model, _hints, _models_in
 from registrar.instance import Instance
 from registrar.registration import Slot
 from registrar.stopping import StopSequence, Trigger
@@ -54,15 +52,14 @@ def good(backend: str = "etcd") -> dict:
             "backends": [dict(SECTIONS.get(backend, {"type": backend}))]}
 
 
-def _model_paths(model: type[BaseModel], prefix: str) -> list[str]:
+def _model_paths(model: type[Model], prefix: str) -> list[str]:
     """Every field of a model, nested sections included, as dotted paths."""
     paths = []
-    for name, info in model.model_fields.items():
+    for name, hint in _hints(model).items():
         path = f"{prefix}.{name}" if prefix else name
         paths.append(path)
-        for arg in typing.get_args(info.annotation) or (info.annotation,):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                paths.extend(_model_paths(arg, path))
+        for sub in _models_in(hint):
+            paths.extend(_model_paths(sub, path))
     return paths
 
 
@@ -168,10 +165,10 @@ def assert_names_the_field(error: ConfigError, path: str) -> None:
 
 # -- what an accepted configuration promises ---------------------------------------------
 
-def _numbers(model: BaseModel, where: str):
-    for name in type(model).model_fields:
+def _numbers(model: Model, where: str):
+    for name in type(model).__struct_fields__:
         value = getattr(model, name)
-        if isinstance(value, BaseModel):
+        if isinstance(value, Model):
             yield from _numbers(value, f"{where}.{name}")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             yield f"{where}.{name}", value

@@ -57,7 +57,7 @@ class Secure:
                 "token_file": str(self.token_file), "tls": self.tls(), **overrides}
 
     def backend(self, instance, **overrides) -> ConsulBackend:
-        return ConsulBackend(instance, ConsulConfig.model_validate(self.section(**overrides)),
+        return ConsulBackend(instance, ConsulConfig.parse(self.section(**overrides)),
                              environ={})
 
     def views(self, instance) -> list[bool]:

@@ -126,7 +126,7 @@ def instance():
 
 
 def backend_for(server, instance, environ=None, **overrides) -> EtcdBackend:
-    config = EtcdConfig.model_validate(server.section(**overrides))
+    config = EtcdConfig.parse(server.section(**overrides))
     return EtcdBackend(instance, config, environ={} if environ is None else environ)
 
 
@@ -384,12 +384,12 @@ def test_observers_report_tls_failures_as_unavailable(server, instance):
     ({"tls": {"key_file": "/etc/hostname"}}, "key_file needs cert_file"),
 ])
 def test_config_errors(server, overrides, message):
-    with pytest.raises(ValueError, match=message):
-        EtcdConfig.model_validate(server.section(**overrides))
+    with pytest.raises(ConfigError, match=message):
+        EtcdConfig.parse(server.section(**overrides))
 
 
 def test_a_username_without_a_password_is_a_config_error_naming_the_field(server, instance):
-    config = EtcdConfig.model_validate(server.section(password_file=None))
+    config = EtcdConfig.parse(server.section(password_file=None))
     with pytest.raises(ConfigError) as info:
         EtcdBackend(instance, config, environ={})
     assert info.value.path == "password_file" and "ETCD_PASSWORD" in str(info.value)

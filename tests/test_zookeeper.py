@@ -48,7 +48,7 @@ def make():
     made = []
 
     def build(hosts, instance, **kw):
-        backend = ZooKeeperBackend(instance, ZooKeeperConfig.model_validate(
+        backend = ZooKeeperBackend(instance, ZooKeeperConfig.parse(
             {"type": "zookeeper", "hosts": hosts, "session_timeout": "2s", "timeout": "1s", **kw}))
         made.append(backend)
         return backend
@@ -229,11 +229,11 @@ def test_config_parsing():
     ({"acl": ["world:anyone:rx"]}, 'backends[0].acl: expected "scheme:id:perms"'),
     ({"auth": {"file": "/f", "env": "E"}}, "backends[0].auth: give exactly one of file or env"),
     ({"session_timeout": "500ms"},
-     'backends[0].session_timeout: should be from 1s to 24h, got "500ms"'),
-    ({"base_path": "services"}, "backends[0].base_path: string should match pattern"),
+     'backends[0].session_timeout: should be from 1s to 24h, got 500ms'),
+    ({"base_path": "services"}, "backends[0].base_path: should match the pattern '^/', got \"services\""),
     ({"uri_spec": "{a"}, "backends[0].uri_spec: unbalanced braces"),
     ({"tls": {"verfy": False}}, "backends[0].tls.verfy: unknown key"),
-    ({"payload": "null"}, "backends[0].payload: input should be 'map' or 'none', got \"null\""),
+    ({"payload": "null"}, "backends[0].payload: expected one of \"map\", \"none\", got \"null\""),
     ({"payload": "none", "payload_class": "x.Y"},
      "backends[0].payload_class: a payload class needs a payload"),
 ])
@@ -250,8 +250,8 @@ def test_tls_settings_reach_kazoo(instance, tmp_path):
     authority = CertificateAuthority(tmp_path)
     pair = authority.client()
     ca, cert, key = authority.ca_file, pair.cert_file, pair.key_file
-    backend = ZooKeeperBackend(instance, ZooKeeperConfig(
-        type="zookeeper", tls={"ca_file": ca, "cert_file": cert, "key_file": key}))
+    backend = ZooKeeperBackend(instance, ZooKeeperConfig.parse(
+        {"type": "zookeeper", "tls": {"ca_file": ca, "cert_file": cert, "key_file": key}}))
     client = backend.new_client("127.0.0.1:2281")
     assert (client.use_ssl, client.ca, client.certfile, client.keyfile, client.verify_certs) == (
         True, ca, cert, key, True)

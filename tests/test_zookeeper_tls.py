@@ -84,7 +84,7 @@ def make(zk_tls, pki):
     made = []
 
     def build(instance, tls=None, **section):
-        backend = ZooKeeperBackend(instance, ZooKeeperConfig.model_validate({
+        backend = ZooKeeperBackend(instance, ZooKeeperConfig.parse({
             "type": "zookeeper", "hosts": zk_tls.secure_hosts, "session_timeout": "3s",
             "timeout": "2s", "tls": tls or tls_section(pki), **section}))
         made.append(backend)
@@ -170,10 +170,10 @@ def test_a_refused_certificate_is_one_clear_line_not_a_retry_forever(make, pki, 
 def test_unusable_tls_files_are_a_config_error(pki, instance, tmp_path):
     wrong_key = pki["rogue_client"].key_file  # a key, not the certificate's
     with pytest.raises(ConfigError, match=r"^tls: cannot use these files: "):
-        ZooKeeperBackend(instance, ZooKeeperConfig.model_validate({
+        ZooKeeperBackend(instance, ZooKeeperConfig.parse({
             "type": "zookeeper", "tls": tls_section(pki, key_file=wrong_key)}))
-    with pytest.raises(ValueError, match="check_hostname needs verify"):
-        ZooKeeperConfig.model_validate({"type": "zookeeper",
+    with pytest.raises(ConfigError, match="check_hostname needs verify"):
+        ZooKeeperConfig.parse({"type": "zookeeper",
                                         "tls": {"verify": False, "check_hostname": True}})
 
 

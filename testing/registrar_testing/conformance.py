@@ -110,7 +110,7 @@ class Harness(abc.ABC):
     def backend(self, instance: Instance, **overrides: Any) -> Backend:
         section = self.section(**overrides)
         cls = backend_class(section["type"])
-        return cls(instance, cls.config_model.model_validate(section))
+        return cls(instance, cls.config_model.parse(section))
 
     def registrar(self, instance: Instance, **stop: Any) -> Registrar:
         return Registrar.from_config({

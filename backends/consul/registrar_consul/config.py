@@ -5,9 +5,8 @@ import ssl
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-
-from registrar.plugin import BackendConfig, Duration, SecretFile, StrList, TLSConfig
+from registrar.plugin import (Annotated, BackendConfig, Duration, Rule, SecretFile, SecretText,
+                              StrList, TLSConfig, at_least, doc, field, more_than)
 
 
 def parse_address(text: str, https: bool = False) -> tuple[str, str, int]:
@@ -28,8 +27,7 @@ def parse_address(text: str, https: bool = False) -> tuple[str, str, int]:
 class ConsulTLS(TLSConfig):
     """TLS to the agent and the observers (https addresses)."""
 
-    @model_validator(mode="after")
-    def _loadable(self) -> "ConsulTLS":
+    def check(self) -> None:
         """Load the files the way every request will, so that a file that is
         not what it should be is a config error naming it, not a failed
         handshake later (and never OpenSSL's password prompt: an encrypted
@@ -46,7 +44,6 @@ class ConsulTLS(TLSConfig):
                 key = self.key_file or "the key in it"
                 raise ValueError(f"cert_file {self.cert_file} with {key}: not a PEM certificate "
                                  f"and its unencrypted private key ({_ssl_reason(exc)})") from None
-        return self
 
 
 def _ssl_reason(exc: BaseException) -> str:
@@ -54,46 +51,43 @@ def _ssl_reason(exc: BaseException) -> str:
     return text.split("]", 1)[-1].split("(_ssl", 1)[0].strip() or text
 
 
+def _address(value: str) -> str:
+    parse_address(value)
+    return value
+
+
+def _observers(value: list[str]) -> list[str] | None:
+    for address in value:
+        parse_address(address)
+    return value or None  # empty (e.g. "${CONSUL_OBSERVERS:-}"): the default
+
+
 class ConsulConfig(BackendConfig):
     type: Literal["consul"]
-    address: str | None = Field(
-        None, description="The local Consul agent (default: $CONSUL_HTTP_ADDR, else "
-                          "http://127.0.0.1:8500, or https://127.0.0.1:8501 with tls).")
-    token: SecretStr | None = Field(
-        None, description="ACL token (default: token_file, else $CONSUL_HTTP_TOKEN, else "
-                          "$CONSUL_HTTP_TOKEN_FILE). Never logged.")
-    token_file: SecretFile | None = Field(None, description="File holding the ACL token (a mounted Secret).")
-    tls: ConsulTLS = Field(default_factory=ConsulTLS)
-    datacenter: str | None = Field(
-        None, description="The local agent's datacenter, named in every read (default: the agent's).")
-    ttl: Duration = Field(10.0, ge=1.0, description="TTL of the service's check.")
-    deregister_critical_after: Duration = Field(
-        60.0, ge=60.0, description="Consul reaps the service once its check has been critical "
-                                   "this long (Consul's minimum is 1m).")
-    observers: StrList | None = Field(
-        None, description="Consul HTTP addresses whose view must drop the instance before "
-                          "the pod stops: the servers or other agents (default, or empty: address).")
-    health_filter: Literal["passing", "any"] = Field(
-        "passing", description="What consumers query: passing (the ?passing view; maintenance "
-                               "drops the instance at once) or any (every registered instance).")
-    timeout: Duration = Field(2.0, gt=0, description="Timeout of one request to one agent.")
+    address: Annotated[str | None, Rule(_address), doc(
+        "The local Consul agent (default: $CONSUL_HTTP_ADDR, else http://127.0.0.1:8500, or "
+        "https://127.0.0.1:8501 with tls).")] = None
+    token: Annotated[SecretText | None, doc(
+        "ACL token (default: token_file, else $CONSUL_HTTP_TOKEN, else "
+        "$CONSUL_HTTP_TOKEN_FILE). Never logged.")] = None
+    token_file: Annotated[SecretFile | None, doc(
+        "File holding the ACL token (a mounted Secret).")] = None
+    tls: ConsulTLS = field(default_factory=ConsulTLS)
+    datacenter: Annotated[str | None, doc(
+        "The local agent's datacenter, named in every read (default: the agent's).")] = None
+    ttl: Annotated[Duration, at_least(1.0), doc("TTL of the service's check.")] = 10.0
+    deregister_critical_after: Annotated[Duration, at_least(60.0), doc(
+        "Consul reaps the service once its check has been critical this long (Consul's "
+        "minimum is 1m).")] = 60.0
+    observers: Annotated[StrList | None, Rule(_observers), doc(
+        "Consul HTTP addresses whose view must drop the instance before the pod stops: the "
+        "servers or other agents (default, or empty: address).")] = None
+    health_filter: Annotated[Literal["passing", "any"], doc(
+        "What consumers query: passing (the ?passing view; maintenance drops the instance at "
+        "once) or any (every registered instance).")] = "passing"
+    timeout: Annotated[Duration, more_than(0), doc(
+        "Timeout of one request to one agent.")] = 2.0
 
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_address(value)
-        return value
-
-    @field_validator("observers")
-    @classmethod
-    def _observers(cls, value: list[str] | None) -> list[str] | None:
-        for address in value or ():
-            parse_address(address)
-        return value or None  # empty (e.g. "${CONSUL_OBSERVERS:-}"): the default
-
-    @model_validator(mode="after")
-    def _one_token(self) -> "ConsulConfig":
+    def check(self) -> None:
         if self.token is not None and self.token_file is not None:
             raise ValueError("give token or token_file, not both")
-        return self

@@ -6,9 +6,8 @@ import re
 from typing import Any, Literal
 
 from kazoo.security import ACL, Id, Permissions
-from pydantic import Field, ValidationInfo, field_validator, model_validator
-
-from registrar.plugin import (BackendConfig, ConfigError, Duration, Model, StrList, TLSConfig,
+from registrar.plugin import (Annotated, BackendConfig, ConfigError, Duration, Meta, Model, Rule,
+                              StrList, TLSConfig, at_least, doc, field, more_than, non_empty,
                               read_token)
 
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?$")
@@ -67,99 +66,90 @@ class ZooKeeperAuth(Model):
     """Digest credentials user:password, read from a file or an environment
     variable when the backend is built; never written in the configuration
     itself, never logged."""
-    file: str | None = Field(None, description="A file holding user:password (a mounted Secret).")
-    env: str | None = Field(None, description="An environment variable holding user:password.")
+    file: Annotated[str | None, doc("A file holding user:password (a mounted Secret).")] = None
+    env: Annotated[str | None, doc("An environment variable holding user:password.")] = None
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "ZooKeeperAuth":
+    def check(self) -> None:
         if (self.file is None) == (self.env is None):
             raise ValueError("give exactly one of file or env")
-        return self
 
 
 class ZooKeeperTLS(TLSConfig):
     """TLS to the servers (their secureClientPort), as kazoo supports it."""
-    check_hostname: bool = Field(False, description="Check the certificate names the server.")
+    check_hostname: Annotated[bool, doc("Check the certificate names the server.")] = False
 
-    @model_validator(mode="after")
-    def _hostname_needs_verify(self) -> "ZooKeeperTLS":
+    def check(self) -> None:
+        super().check()
         if self.check_hostname and not self.verify:
             raise ValueError("check_hostname needs verify")
-        return self
+
+
+def _hosts(hosts: list[str]) -> list[str]:
+    split_hosts(hosts)
+    return hosts
+
+
+def _base_path(path: str) -> str:
+    path = path.rstrip("/") or "/"
+    if any(part in ("", ".", "..") for part in path.split("/")[1:]) and path != "/":
+        raise ValueError(f"not a valid znode path: {path!r}")
+    return path
+
+
+def _uri_spec(template: str) -> str:
+    uri_spec(template)
+    return template
 
 
 class ZooKeeperConfig(BackendConfig):
     type: Literal["zookeeper"]
-    hosts: StrList = Field(default_factory=lambda: ["127.0.0.1:2181"], min_length=1,
-                           description="Servers as host:port; the last may end with a chroot "
-                                       "(/path, created if missing). One observer per server.")
-    base_path: str = Field("/services", pattern=r"^/", description=(
+    hosts: Annotated[StrList, Rule(non_empty), Rule(_hosts), doc(
+        "Servers as host:port; the last may end with a chroot (/path, created if missing). "
+        "One observer per server.")] = field(default_factory=lambda: ["127.0.0.1:2181"])
+    base_path: Annotated[str, Meta(pattern=r"^/"), Rule(_base_path), doc(
         "Parent of the service nodes: the node is <base_path>/<service>/<id> "
-        "(Curator's ServiceDiscoveryBuilder.basePath)."))
-    session_timeout: Duration = Field(10.0, ge=1.0, description=(
+        "(Curator's ServiceDiscoveryBuilder.basePath).")] = "/services"
+    session_timeout: Annotated[Duration, at_least(1.0), doc(
         "Session timeout asked of the servers (they clamp it to their min/maxSessionTimeout); "
-        "a crashed pod's node goes this long after its last ping."))
-    timeout: Duration = Field(2.0, gt=0, description="Longest wait for one request, or for a "
-                                                     "session to be (re)established.")
-    auth: ZooKeeperAuth | None = Field(None, description="Digest authentication.")
-    acl: StrList | None = Field(None, description=(
+        "a crashed pod's node goes this long after its last ping.")] = 10.0
+    timeout: Annotated[Duration, more_than(0), doc(
+        "Longest wait for one request, or for a session to be (re)established.")] = 2.0
+    auth: Annotated[ZooKeeperAuth | None, doc("Digest authentication.")] = None
+    acl: Annotated[StrList | None, doc(
         'ACL of the node and of the parents this backend creates, as "scheme:id:perms" '
         '(perms from rwcda, or all). Default with auth: ["auth::all", "world:anyone:r"] '
-        "(no other client can change or delete our node); without: world:anyone:all."))
-    tls: ZooKeeperTLS | None = Field(None, description="Connect with TLS.")
-    ssl_port: int | None = Field(None, ge=1, le=65535,
-                                 description="Curator sslPort (default null).")
-    uri_spec: str | None = Field(None, description='Curator uriSpec template, e.g. '
-                                                   '"{scheme}://{address}:{port}" (default null).')
-    payload: Literal["map", "none"] = Field("map", description=(
+        "(no other client can change or delete our node); without: world:anyone:all.")] = None
+    tls: Annotated[ZooKeeperTLS | None, doc("Connect with TLS.")] = None
+    ssl_port: Annotated[Annotated[int, Meta(ge=1, le=65535)] | None, doc(
+        "Curator sslPort (default null).")] = None
+    uri_spec: Annotated[str | None, Rule(_uri_spec), doc(
+        'Curator uriSpec template, e.g. "{scheme}://{address}:{port}" (default null).')] = None
+    payload: Annotated[Literal["map", "none"], doc(
         'What the ServiceInstance\'s "payload" holds. map: {"tags": [...], "meta": {...}}, '
         'plus "status": "draining" while draining (Curator readers built with Object.class or '
         'Map.class). none: null, for readers built with Void.class, which drop any instance '
-        "whose payload is not null; the drain then leaves the node as it is."))
-    payload_class: str | None = Field(None, description=(
+        "whose payload is not null; the drain then leaves the node as it is.")] = "map"
+    payload_class: Annotated[str | None, doc(
         'The payload\'s "@class", for Curator readers with a typed payload (Spring Cloud '
         "Zookeeper: org.springframework.cloud.zookeeper.discovery.ZookeeperInstance). "
-        "Default: none, read as a map. Only with payload: map."))
+        "Default: none, read as a map. Only with payload: map.")] = None
 
-    @field_validator("hosts")
-    @classmethod
-    def _hosts(cls, hosts: list[str]) -> list[str]:
-        split_hosts(hosts)
-        return hosts
-
-    @field_validator("base_path")
-    @classmethod
-    def _base_path(cls, path: str) -> str:
-        path = path.rstrip("/") or "/"
-        if any(part in ("", ".", "..") for part in path.split("/")[1:]) and path != "/":
-            raise ValueError(f"not a valid znode path: {path!r}")
-        return path
-
-    @field_validator("acl")
-    @classmethod
-    def _acl(cls, acl: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        if acl is not None:
-            if not acl:
-                raise ValueError("an empty ACL would lock everyone out; "
+    def check(self) -> None:
+        if self.acl is not None:
+            if not self.acl:
+                raise ValueError("acl: an empty ACL would lock everyone out; "
                                  "leave acl out for the default")
-            for entry in acl:
-                if parse_acl(entry).id.scheme == "auth" and info.data.get("auth") is None:
-                    raise ValueError(f"{entry!r} grants the authenticated creator: configure auth")
-        return acl
-
-    @field_validator("payload_class")
-    @classmethod
-    def _payload_class(cls, name: str | None, info: ValidationInfo) -> str | None:
-        if name is not None and info.data.get("payload") == "none":
-            raise ValueError("a payload class needs a payload: leave it out with payload: none")
-        return name
-
-    @field_validator("uri_spec")
-    @classmethod
-    def _uri_spec(cls, template: str | None) -> str | None:
-        if template is not None:
-            uri_spec(template)
-        return template
+            for entry in self.acl:
+                try:
+                    scheme = parse_acl(entry).id.scheme
+                except ValueError as exc:
+                    raise ValueError(f"acl: {exc}") from None
+                if scheme == "auth" and self.auth is None:
+                    raise ValueError(f"acl: {entry!r} grants the authenticated creator: "
+                                     "configure auth")
+        if self.payload_class is not None and self.payload == "none":
+            raise ValueError("payload_class: a payload class needs a payload: leave it out "
+                             "with payload: none")
 
 
 def read_credentials(auth: ZooKeeperAuth | None) -> str | None:
