@@ -31,7 +31,10 @@ class ConsulTLS(TLSConfig):
         """Load the files the way every request will, so that a file that is
         not what it should be is a config error naming it, not a failed
         handshake later (and never OpenSSL's password prompt: an encrypted
-        key is refused)."""
+        key is refused). Without files there is nothing to load: the system's
+        CA bundle is what requests itself falls back on."""
+        if self.ca_file is None and self.cert_file is None:
+            return
         try:
             context = ssl.create_default_context(cafile=self.ca_file)
         except (ssl.SSLError, OSError) as exc:
