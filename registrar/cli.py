@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import logs
 
             logs.setup(args.log_level, args.log_format)
+            if argv is None:  # the command's own process, not a caller's
+                from ._deferred import defer_charset_detection
+
+                defer_charset_detection()
         return args.func(args)
     except UsageError as exc:
         print(f"registrar {args.command}: {_one_line(str(exc))}", file=sys.stderr)
