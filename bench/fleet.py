@@ -311,8 +311,8 @@ def run(names: list[str], args, workdir: Path) -> dict:
         phases: list[Phase] = []
         start = begin(Phase("start"), clusters)
         progress(f"{'+'.join(names)}: starting {args.pods} agents, {args.batch} at a time")
-        pods += start_pods(0, args.pods, apps, workdir / "pods", sections, env, args.batch,
-                           progress)
+        start_pods(0, args.pods, apps, workdir / "pods", sections, env, args.batch, progress,
+                   pods)
         listed_in = 120 + args.pods
         try:
             wait_until(lambda: watch.all_list([p.addr for p in pods]), listed_in,

@@ -137,20 +137,32 @@ class Pod:
 
 
 def start_pods(first: int, count: int, apps: Apps, workdir: Path, sections, env: dict[str, str],
-               batch: int, progress) -> list[Pod]:
+               batch: int, progress, pods: list[Pod]) -> None:
     """Start ``count`` pods, ``batch`` at a time; each batch is ready (/readyz 200: the
-    app's port passed the gate and every backend holds the entry) before the next starts."""
-    pods: list[Pod] = []
+    app's port passed the gate and every backend holds the entry) before the next starts.
+    Each pod goes into ``pods`` as it starts, so that the caller stops it even when a
+    later one fails."""
+    retries: dict[int, int] = {}
     for at in range(first, first + count, batch):
         began = time.monotonic()
-        group = [Pod(i, apps.ports[i], workdir / f"pod-{i:03d}", sections(i), env)
-                 for i in range(at, min(at + batch, first + count))]
-        pods += group
+        group: list[Pod] = []
+        for i in range(at, min(at + batch, first + count)):
+            group.append(Pod(i, apps.ports[i], workdir / f"pod-{i:03d}", sections(i), env))
+            pods.append(group[-1])
 
         def ready(group=group) -> bool:
-            dead = [p for p in group if not p.alive]
-            if dead:
-                raise RuntimeError(f"{dead[0].name} exited at start:\n{dead[0].log_tail()}")
+            for k, pod in enumerate(group):
+                if pod.alive:
+                    continue
+                log = pod.log_tail()
+                tries = retries.get(pod.index, 0)
+                if "Address already in use" not in log or tries >= 3:
+                    raise RuntimeError(f"{pod.name} exited at start:\n{log}")
+                # Its free control port was taken between the pick and the bind: a new one.
+                retries[pod.index] = tries + 1
+                group[k] = Pod(pod.index, pod.port, workdir / f"{pod.name}.{tries + 1}",
+                               sections(pod.index), env)
+                pods[pods.index(pod)] = group[k]
             return all(p.agent.readyz(timeout=2) == 200 for p in group)
 
         try:
@@ -161,7 +173,6 @@ def start_pods(first: int, count: int, apps: Apps, workdir: Path, sections, env:
             raise TimeoutError(f"{late.name} not ready:\n{late.log_tail()}") from None
         progress(f"  pods {group[0].index}-{group[-1].index} ready in "
                  f"{time.monotonic() - began:.1f}s (load {os.getloadavg()[0]:.1f})")
-    return pods
 
 
 def stop_pods(pods: list[Pod], apps: Apps) -> None:
