@@ -55,7 +55,9 @@ Figures, per registry and phase:
                Request counters: see bench/fleet_parts/registries.py.
   propagation  from each stop's trigger (POST /prestop) to the last member's watcher no
                longer listing the pod: p50/p99/max; and the agents' own reports (the stop's
-               seconds, deregister -> last observer), with how many were confirmed;
+               seconds, deregister -> last observer), with how many were confirmed; and the
+               CPU an agent spent on its stop (trigger to /prestop's answer), the mean: what
+               bounds propagation when many stop at once on few cores;
   agents       at the steady phase's end, per agent: RSS (VmRSS) and PSS (smaps_rollup: pages
                shared between agents divided among them) p50/max in MB, and CPU % of a core
                over the steady phase, p50/max.
@@ -256,6 +258,8 @@ def stop_row(phase: Phase, watch: Watch, servers: list[dict]) -> dict:
             "agent_propagation_ms": {"p50": ms(pct(reported, .5)),
                                      "p99": ms(pct(reported, .99)),
                                      "max": ms(max(reported, default=None))},
+            "agent_cpu_ms_per_stop": ms(statistics.mean(cpu)) if (cpu := [
+                p.stop_cpu_s for p in pods if p.stop_cpu_s is not None]) else None,
             "confirmed": sum(1 for r in reports if r.get("ok")),
             "errors": [f"{p.name}: {p.error}" for p in pods if p.error][:5],
             "views": len(phase.watchers), "load": [round(x, 2) for x in phase.load],
@@ -430,7 +434,8 @@ def table(results: list[dict]) -> str:
                            f"{'/'.join(fmt(a[k], 1) for k in ('p50', 'max')):<23}"
                            f"{'/'.join(fmt(q[k], 1) for k in ('p50', 'p99', 'max')):<27}"
                            f"{s['confirmed']}/{s['stopped']}{listed}  [{s['note']}; load "
-                           f"{s['load'][0]}]")
+                           f"{s['load'][0]}; agent CPU {fmt(s['agent_cpu_ms_per_stop'], 1)} "
+                           "ms per stop]")
                 for e in s["errors"]:
                     out.append(f"    {e}")
         if r["agents"]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from registrar_testing import wait_until
 from registrar_testing.agents import Agent
 
-from .registries import SERVICE, cpu_ticks
+from .registries import CLK_TCK, SERVICE, cpu_ticks
 
 HERE = Path(__file__).resolve().parent
 STOP_TIMEOUT = 45.0  # the default grace period is 30 s: a stop never takes longer
@@ -81,6 +81,7 @@ class Pod:
         self.exited: float | None = None
         self.report: dict | None = None
         self.error: str | None = None
+        self.stop_cpu_s: float | None = None
 
     @property
     def pid(self) -> int:
@@ -95,6 +96,7 @@ class Pod:
         the hook (POST /prestop) returns once the pod is out of the registry; then the app
         stops listening and the agent gets SIGTERM; it exits."""
         self.trigger = time.monotonic()
+        cpu0 = self.cpu()
         try:
             req = urllib.request.Request(f"http://{self.agent.control}/prestop", data=b"",
                                          method="POST")
@@ -106,6 +108,9 @@ class Pod:
             self.report = json.loads(body)
         except (OSError, ValueError) as exc:
             self.error = f"/prestop: {exc!r}"
+        cpu1 = self.cpu()
+        if cpu0 is not None and cpu1 is not None:
+            self.stop_cpu_s = (cpu1 - cpu0) / CLK_TCK  # the stop's own work, to /prestop's answer
         apps.close(self.port)
         self.agent.proc.send_signal(signal.SIGTERM)
         try:
