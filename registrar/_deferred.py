@@ -57,13 +57,19 @@ def defer_charset_detection() -> bool:
     it is already imported or not installed."""
     if DETECTOR in sys.modules:
         return False
-    from importlib import metadata
+    from importlib import metadata, util
 
     try:
         version = metadata.version(DETECTOR.replace("_", "-"))
-    except metadata.PackageNotFoundError:
+        spec = util.find_spec(DETECTOR)
+    except (metadata.PackageNotFoundError, ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
         return False
     stub = _Deferred(DETECTOR)
     stub.__version__ = version
+    # A package's path, so that importing one of its submodules (a plugin that
+    # does ``from charset_normalizer.api import from_bytes``) still works.
+    stub.__path__ = list(spec.submodule_search_locations)
     sys.modules[DETECTOR] = stub
     return True

@@ -27,8 +27,7 @@ def test_a_running_agent_has_not_loaded_the_detector(etcd_cluster, tmp_path):
         agent.terminate()
 
 
-def test_the_detector_still_answers_once_asked():
-    script = """
+ASKED = """
 import sys
 from registrar._deferred import defer_charset_detection
 assert defer_charset_detection()
@@ -43,7 +42,27 @@ assert charset_normalizer.from_bytes is not None
 assert sys.modules["requests.packages.chardet"] is sys.modules["charset_normalizer"]
 assert not defer_charset_detection()  # already imported: nothing to do
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+
+SUBMODULE_FIRST = """
+import sys
+from registrar._deferred import defer_charset_detection
+assert defer_charset_detection()
+import requests
+from charset_normalizer.api import from_bytes  # a submodule before anything else
+assert str(from_bytes("Grüße".encode("utf-8")).best()) == "Grüße"
+import charset_normalizer
+assert charset_normalizer.detect("Grüße aus Köln".encode("latin-1"))["encoding"]
+"""
+
+
+def test_the_detector_still_answers_once_asked():
+    done = subprocess.run([sys.executable, "-c", ASKED], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "no encoding detected"
+
+
+def test_a_submodule_imported_first_still_works():
+    done = subprocess.run([sys.executable, "-c", SUBMODULE_FIRST], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
