@@ -368,10 +368,12 @@ def _config_error(text: str, model: type, prefix: str, data: Any) -> ConfigError
     elif "matching regex" in message:
         pattern = message.split("matching regex ", 1)[1]
         words = f"should match the pattern {pattern}"
-    elif message.startswith("Invalid enum value"):
-        choices = [a for m in [hint, *typing.get_args(hint)] if typing.get_origin(m) is
-                   typing.Literal for a in typing.get_args(m)]
-        words = "expected one of " + ", ".join(show(c) for c in choices)
+    elif message.startswith("Invalid enum value") or (_models_in(hint) and _literals(hint)):
+        choices = [show(c) for c in _literals(hint)]
+        if _models_in(hint):  # a section that may also be given as one of these
+            words = "expected a mapping or " + " or ".join(choices)
+        else:
+            words = "expected one of " + ", ".join(choices)
     else:
         wanted = re.match(r"Expected `([^`]*)`", message)
         kinds = [_WORDS.get(k.strip(), k.strip()) for k in wanted.group(1).split("|")] \
@@ -381,6 +383,15 @@ def _config_error(text: str, model: type, prefix: str, data: Any) -> ConfigError
         if in_values:
             words = f"expected {' or '.join(kinds)} as every value"
     return ConfigError(path(loc), f"{words}{got}")
+
+
+def _literals(hint: Any) -> list[Any]:
+    """The values a Literal in ``hint`` allows (through Annotated and unions)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    if typing.get_origin(hint) is Annotated:
+        return _literals(typing.get_args(hint)[0])
+    return [v for arg in typing.get_args(hint) for v in _literals(arg)]
 
 
 def _range(hint: Any) -> str:

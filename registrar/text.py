@@ -18,6 +18,8 @@ def show(value: Any) -> str:
     error message."""
     if isinstance(value, str):
         text = f'"{printable(value)}"'
+    elif value is None or isinstance(value, bool):
+        text = {None: "null", True: "true", False: "false"}[value]  # as YAML writes them
     elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
         text = f"a {value.bit_length()}-bit number"  # repr() refuses past 4,300 digits
     else:

@@ -89,6 +89,10 @@ BROKEN = [
     (with_("stop.signal", "SIGFOO"), "stop.signal: unknown signal 'SIGFOO'"),
     (with_("health", {"tcp": "unix:/run/app.sock"}),
      "health.tcp: expected \"host:port\" (port 1..65535), got \"unix:/run/app.sock\""),
+    (with_("health", True), "health: expected a mapping or false, got true"),
+    (with_("backends[0].ttl", True), 'backends[0].ttl: expected a duration like "10s", got true'),
+    (with_("stop.drain_connections", "maybe"),
+     'stop.drain_connections: expected one of "busy", "all", "none", got "maybe"'),
     (with_("health", {"tcp": "app"}), "health.tcp: expected \"host:port\" (port 1..65535) or \"unix:/path.sock\", got \"app\""),
 ]
 
