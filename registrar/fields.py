@@ -27,7 +27,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ConfigError
-from .text import printable, show
+from .text import join_key, printable, show
 
 __all__ = [
     "MAX_DURATION",
@@ -116,8 +116,8 @@ class _Bound(Rule):
 
     def _check(self, seconds: float) -> float:
         if seconds < self.least or (self.strict and seconds == self.least):
-            words = (f"more than {format_duration(self.least)} and at most 24h" if self.strict
-                     else f"from {format_duration(self.least)} to 24h")
+            words = _between(("gt" if self.strict else "ge", self.least), ("le", MAX_DURATION),
+                             format_duration)
             raise ValueError(f"should be {words}, got {format_duration(seconds)}")
         return seconds
 
@@ -336,8 +336,7 @@ def _config_error(text: str, model: type, prefix: str, data: Any) -> ConfigError
     def path(parts: list[Any]) -> str:
         out = prefix
         for part in parts:
-            out = f"{out}[{part}]" if isinstance(part, int) else \
-                f"{out}.{printable(part)}" if out else printable(part)
+            out = f"{out}[{part}]" if isinstance(part, int) else join_key(out, part)
         return out
 
     known = re.match(r"Object (missing required|contains unknown) field `(.+)`$", message, re.DOTALL)
@@ -394,20 +393,31 @@ def _literals(hint: Any) -> list[Any]:
     return [v for arg in typing.get_args(hint) for v in _literals(arg)]
 
 
+_BOUND_WORDS = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+
+
+def _between(low: tuple[str, Any] | None, high: tuple[str, Any] | None,
+             say: Callable[[Any], str] = str) -> str:
+    """A range in words ("from 1 to 65535", "more than 0s and at most 24h")
+    from its bounds, each (``ge``/``gt``/``le``/``lt``, value) or None."""
+    if low and high and low[0] == "ge" and high[0] == "le":
+        return f"from {say(low[1])} to {say(high[1])}"
+    return " and ".join(f"{_BOUND_WORDS[key]} {say(value)}"
+                        for key, value in (b for b in (low, high) if b)) or "in range"
+
+
 def _range(hint: Any) -> str:
-    """A number field's whole range in words ("from 1 to 65535")."""
+    """A number field's whole range in words, from its Meta bounds."""
     low = high = None
     for meta in _metadata(hint):
         if isinstance(meta, Meta):
-            for key, words in (("ge", "at least"), ("gt", "more than")):
+            for key in ("ge", "gt"):
                 if getattr(meta, key, None) is not None:
-                    low = (key, words, getattr(meta, key))
-            for key, words in (("le", "at most"), ("lt", "less than")):
+                    low = (key, getattr(meta, key))
+            for key in ("le", "lt"):
                 if getattr(meta, key, None) is not None:
-                    high = (key, words, getattr(meta, key))
-    if low and high and low[0] == "ge" and high[0] == "le":
-        return f"from {low[2]} to {high[2]}"
-    return " and ".join(f"{bound[1]} {bound[2]}" for bound in (low, high) if bound) or "in range"
+                    high = (key, getattr(meta, key))
+    return _between(low, high)
 
 
 def _hint_at(model: type, loc: list[Any]) -> Any:
@@ -424,8 +434,7 @@ def _hint_at(model: type, loc: list[Any]) -> Any:
 
 
 def _fields_at(model: type, loc: list[Any]) -> tuple[str, ...]:
-    hint = model if not loc else _hint_at(model, loc)
-    models = _models_in(hint)
+    models = _models_in(_hint_at(model, loc))
     return models[0].__struct_fields__ if models else ()
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
-from .text import printable, show
+from .text import join_key, printable, show
 
 
 #: Limits that turn a hostile file into one line instead of a traceback or
@@ -127,7 +127,7 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, budget: _Budget,
     YAML, so ``port: ${PORT}`` gives a number."""
     budget.spend(path, depth)
     if isinstance(node, Mapping):
-        return {k: _interpolate(v, env, _join(path, k), budget, depth + 1)
+        return {k: _interpolate(v, env, join_key(path, k), budget, depth + 1)
                 for k, v in node.items()}
     if isinstance(node, list):
         return [_interpolate(v, env, f"{path}[{i}]", budget, depth + 1)
@@ -167,11 +167,6 @@ def _typed(text: str) -> Any:
         return yaml.safe_load(plain)
     except (yaml.YAMLError, ValueError, OverflowError):  # an integer of 5,000 digits
         return text
-
-
-def _join(path: str, key: Any) -> str:
-    key = printable(key) if isinstance(key, str) else repr(key)
-    return f"{path}.{key}" if path else key
 
 
 #: The longest path a unix socket address holds (sun_path, less its NUL).

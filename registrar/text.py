@@ -20,7 +20,7 @@ def show(value: Any) -> str:
         text = f'"{printable(value)}"'
     elif value is None or isinstance(value, bool):
         text = {None: "null", True: "true", False: "false"}[value]  # as YAML writes them
-    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+    elif isinstance(value, int) and value.bit_length() > 200:
         text = f"a {value.bit_length()}-bit number"  # repr() refuses past 4,300 digits
     else:
         try:
@@ -28,3 +28,10 @@ def show(value: Any) -> str:
         except ValueError:  # a container holding such a number
             text = f"a {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def join_key(path: str, key: Any) -> str:
+    """``path.key`` (the key made printable), or ``key`` at the top: where a
+    message names a field of the configuration."""
+    key = printable(key) if isinstance(key, str) else repr(key)
+    return f"{path}.{key}" if path else key
