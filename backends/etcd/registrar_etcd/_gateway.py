@@ -121,20 +121,27 @@ class Member:
     def post(self, path: str, payload: dict) -> dict:
         """One gateway call, authenticating first (or again once, if the
         token is rejected) when credentials are configured."""
-        if self.credentials and self._token is None and not self._auth_off:
-            self._authenticate()
+        self._authenticate_first()
         try:
             return self._post(path, payload)
         except TokenRejected as exc:
-            if not self.credentials:
-                raise RegistrationRejected(
-                    f"{self.url}: etcd requires authentication: configure username and "
-                    f"password_file (or $ETCD_PASSWORD)") from None
-            log.debug("%s: %s; authenticating again as %s", self.url, exc,
-                      self.credentials.username)
-            self._auth_off = False
-            self._authenticate()
+            self._authenticate_again(exc)
             return self._post(path, payload)
+
+    def _authenticate_first(self) -> None:
+        if self.credentials and self._token is None and not self._auth_off:
+            self._authenticate()
+
+    def _authenticate_again(self, exc: TokenRejected) -> None:
+        """After the member rejected our token (or asked for one): a new
+        token, or RegistrationRejected when no credentials are configured."""
+        if not self.credentials:
+            raise RegistrationRejected(
+                f"{self.url}: etcd requires authentication: configure username and "
+                f"password_file (or $ETCD_PASSWORD)") from None
+        log.debug("%s: %s; authenticating again as %s", self.url, exc, self.credentials.username)
+        self._auth_off = False
+        self._authenticate()
 
     def watch(self, key: str, start_revision: int, until: float) -> Iterator[dict]:
         """A watch of ``key`` (base64) from ``start_revision`` on this member,
@@ -144,17 +151,11 @@ class Member:
         then ends. Closing the generator closes the stream (etcd cancels the
         watch with the connection). Raises like ``post()``; a member that
         says nothing at all by ``until`` raises RegistryUnavailable."""
-        if self.credentials and self._token is None and not self._auth_off:
-            self._authenticate()
+        self._authenticate_first()
         try:
             yield from self._watch(key, start_revision, until)
-        except TokenRejected:
-            if not self.credentials:
-                raise RegistrationRejected(
-                    f"{self.url}: etcd requires authentication: configure username and "
-                    f"password_file (or $ETCD_PASSWORD)") from None
-            self._auth_off = False
-            self._authenticate()
+        except TokenRejected as exc:
+            self._authenticate_again(exc)
             yield from self._watch(key, start_revision, until)
 
     def _watch(self, key: str, start_revision: int, until: float) -> Iterator[dict]:
