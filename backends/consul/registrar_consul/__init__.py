@@ -223,11 +223,12 @@ class ConsulBackend(Backend):
             filter_expr=f"CheckID == {quote(self.check_id)}")) or {}
         return checks.get(self.check_id, {}).get("Node")
 
-    def _read(self, c: consul.Consul, passing: bool, stale: bool,
-              index: int = 0) -> tuple[int, list[dict]]:
-        """Our entries in the health view, as (index, entries)."""
+    def _read(self, c: consul.Consul, passing: bool, stale: bool, index: int = 0,
+              wait: float = WATCH_WAIT) -> tuple[int, list[dict]]:
+        """Our entries in the health view, as (index, entries); a blocking
+        query from ``index`` (held up to ``wait`` seconds) when it is not 0."""
         return read_health(c, self.instance.service, self.instance.id, passing, stale,
-                           self.config.datacenter, index, WATCH_WAIT)
+                           self.config.datacenter, index, wait)
 
     def lists(self, entries: list[dict]) -> bool:
         """Whether health entries list this instance (on our agent's node,
@@ -305,10 +306,9 @@ class ConsulObserver(Observer):
         ``index`` (held up to ``wait`` seconds) when it is not 0."""
         b = self.backend
         try:
-            return request(self.address, "read the health view", lambda: read_health(
-                self._client, b.instance.service, b.instance.id,
-                b.config.health_filter == "passing", True, b.config.datacenter, index, wait),
-                b._token, b._source, self._client)
+            return request(self.address, "read the health view", lambda: b._read(
+                self._client, b.config.health_filter == "passing", stale=True, index=index,
+                wait=wait), b._token, b._source, self._client)
         except RegistrationRejected as exc:  # sees() must raise the transient kind only
             raise RegistryUnavailable(str(exc)) from None
 
