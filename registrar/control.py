@@ -110,11 +110,7 @@ class ControlServer:
         self._pending: dict[str, deque] = {kind: deque() for kind in WORKERS}
         self._where = parse_listen(listen)
         self._sock = _bind(self._where)
-        if isinstance(self._where, str):
-            self._address = f"unix:{self._where}"
-        else:
-            host, port = self._sock.getsockname()[:2]
-            self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._address = _sock_address(self._where, self._sock)
         self._report_path = report_file(self._where) if isinstance(self._where, str) else None
         if self._report_path:
             _unlink(self._report_path)  # a report left by a previous run of this container
@@ -128,6 +124,10 @@ class ControlServer:
                 if isinstance(exc, OSError):
                     raise MetricsListenError(exc.errno, exc.strerror) from exc
                 raise
+        #: (where, socket, serves /metrics alone) for each address listened on.
+        self._listening = [(self._where, self._sock, False)]
+        if self._metrics_sock is not None:
+            self._listening.append((self._metrics_where, self._metrics_sock, True))
         self._loop = asyncio.new_event_loop()
         self._servers: list[asyncio.AbstractServer] = []
         self._thread: threading.Thread | None = None
@@ -143,10 +143,7 @@ class ControlServer:
         """Where /metrics is served without a token, if anywhere."""
         if self._metrics_sock is None:
             return None
-        if isinstance(self._metrics_where, str):
-            return f"unix:{self._metrics_where}"
-        host, port = self._metrics_sock.getsockname()[:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return _sock_address(self._metrics_where, self._metrics_sock)
 
     def render_metrics(self) -> tuple[bytes, str]:
         """The Prometheus text; the metrics stack is imported at the first call."""
@@ -217,23 +214,17 @@ class ControlServer:
             self._thread.join(2)
         if not self._loop.is_running():
             self._loop.close()
-        self._sock.close()
-        if isinstance(self._where, str):
-            _unlink(self._where)
-        if self._metrics_sock is not None:
-            self._metrics_sock.close()
-            if isinstance(self._metrics_where, str):
-                _unlink(self._metrics_where)
+        for where, sock, _metrics_only in self._listening:
+            sock.close()
+            if isinstance(where, str):
+                _unlink(where)
 
     # -- the loop (every method below runs in the loop's thread) ----------------
 
     def _run(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            listening = [(self._where, self._sock, False)]
-            if self._metrics_sock is not None:
-                listening.append((self._metrics_where, self._metrics_sock, True))
-            for where, sock, metrics_only in listening:
+            for where, sock, metrics_only in self._listening:
                 make = (self._loop.create_unix_server if isinstance(where, str)
                         else self._loop.create_server)
                 # asyncio accepts up to ``backlog`` connections in one go and
@@ -687,6 +678,15 @@ def _response(status: HTTPStatus, body: Any, headers: dict[str, str] | None = No
     if close:
         lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else data)
+
+
+def _sock_address(where: tuple[str, int] | str, sock: socket.socket) -> str:
+    """A listening socket's address as the logs and `status` show it (the
+    port is real when 0 was asked)."""
+    if isinstance(where, str):
+        return f"unix:{where}"
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _bind(where: tuple[str, int] | str) -> socket.socket:
