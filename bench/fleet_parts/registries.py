@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registrar_testing import ESTABLISHED, tcp_sockets
 from registrar_testing.agents import consul_setup, etcd_setup, port_of, zookeeper_setup
 from registrar_testing.consul import ConsulCluster
 from registrar_testing.etcd import EtcdCluster
@@ -51,17 +52,9 @@ def established(ports: set[int]) -> dict[int, int]:
     """Established TCP connections per local port (the server's side of each connection),
     from /proc/net/tcp and tcp6 (a JVM listens on a dual-stack socket)."""
     counts = dict.fromkeys(ports, 0)
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] == "01":  # ESTABLISHED
-                port = int(parts[1].rsplit(":", 1)[1], 16)
-                if port in counts:
-                    counts[port] += 1
+    for sock in tcp_sockets():
+        if sock.state == ESTABLISHED and sock.local_port in counts:
+            counts[sock.local_port] += 1
     return counts
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, TypeVar
 
-__all__ = ["free_port", "free_ports", "wait_until"]
+__all__ = ["free_port", "free_ports", "wait_until", "TcpSocket", "tcp_sockets", "ESTABLISHED"]
 
 T = TypeVar("T")
 
@@ -63,3 +63,31 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+#: The state column of /proc/net/tcp for an established connection.
+ESTABLISHED = "01"
+
+
+class TcpSocket(NamedTuple):
+    """One row of /proc/net/tcp{,6}: the state (ESTABLISHED, ...), the ports
+    at both ends, and the socket's inode (as /proc/<pid>/fd links name it)."""
+    state: str
+    local_port: int
+    remote_port: int
+    inode: str
+
+
+def tcp_sockets() -> Iterator[TcpSocket]:
+    """Every TCP socket of this network namespace, IPv4 and IPv6 (a JVM
+    listens on a dual-stack socket); a table that cannot be read is skipped."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            yield TcpSocket(fields[3], int(fields[1].rsplit(":", 1)[1], 16),
+                            int(fields[2].rsplit(":", 1)[1], 16), fields[9])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
+from registrar_testing import ESTABLISHED, tcp_sockets
 from registrar_testing.conformance import BackendConformance, Harness
 from registrar_testing.consul import passing_ids
 
@@ -70,13 +70,8 @@ def _rpc_peers(pid: int) -> set[int]:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
             if target.startswith("socket:["):
                 inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "01" and fields[9] in inodes:  # ESTABLISHED, ours
-                ports.add(int(fields[2].rsplit(":", 1)[1], 16))
-    return ports
+    return {sock.remote_port for sock in tcp_sockets()
+            if sock.state == ESTABLISHED and sock.inode in inodes}
 
 
 class TestConsulConformance(BackendConformance):
