@@ -4,6 +4,7 @@ runs blocks at full scale; scripts/demo.py runs two small ones (``rounds``
 and ``watch`` are the demo's hooks)."""
 from __future__ import annotations
 
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -12,12 +13,18 @@ from pathlib import Path
 from .consumers import Consumer
 from .pods import PodRun, make_pod
 from .registries import Registry
-from .report import Block
+from .report import Block, PodSpan
 
 WARMUP = 1.0  # traffic before the first deletion
 TAIL = 1.0  # traffic after the last replacement is listed
 READY_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 30.0  # the TTLs are 10 s
+# A cached consumer lists a change up to its cache's seconds later: both
+# timeouts are that much longer for it.
+
+
+def cache_lag(consumers: list[Consumer]) -> float:
+    return max((c.cache_s or 0.0 for c in consumers), default=0.0)
 
 
 def stderr_progress(msg: str) -> None:
@@ -25,20 +32,22 @@ def stderr_progress(msg: str) -> None:
 
 
 def wait_listed(run: PodRun, consumers: list[Consumer]) -> None:
-    run.pod.wait_ready(lambda: all(c.lists(run.addr) for c in consumers), READY_TIMEOUT,
-                       "listed by every consumer")
+    run.pod.wait_ready(lambda: all(c.lists(run.addr) for c in consumers),
+                       READY_TIMEOUT + cache_lag(consumers), "listed by every consumer")
 
 
 def settle(deleted: list[PodRun], consumers: list[Consumer], block: Block,
            progress: Callable[[str], None] = stderr_progress) -> None:
     """Between rounds: wait (traffic going on) until no consumer lists a
     deleted pod any more, so that every round starts from the same state
-    (naive: until the TTL removed the last one)."""
-    end = time.monotonic() + SETTLE_TIMEOUT
+    (naive: until the TTL removed the last one; a cached consumer: until its
+    cache dropped it too)."""
+    timeout = SETTLE_TIMEOUT + cache_lag(consumers)
+    end = time.monotonic() + timeout
     while any(c.lists(run.addr) for c in consumers for run in deleted):
         if time.monotonic() > end:
             block.unsettled += 1
-            progress(f"  a deleted pod was still listed {SETTLE_TIMEOUT:g} s after its round")
+            progress(f"  a deleted pod was still listed {timeout:g} s after its round")
             return
         time.sleep(0.05)
 
@@ -58,14 +67,18 @@ def run_block(registry: Registry, strategy: str, app: str, args, workdir: Path, 
     # No round starts after `limit`; the consumers stop by themselves at
     # `budget`, which leaves room for a last round of slow pod stops.
     limit = 4 * args.min_requests / args.rate + 300
-    budget = limit + 4 * args.pods * (args.grace + 10) + SETTLE_TIMEOUT
+    lag = (getattr(args, "cache_s", None) or 0.0) if "cached" in args.consumers else 0.0
+    budget = limit + 4 * args.pods * (args.grace + 10 + 2 * lag) + SETTLE_TIMEOUT + lag
     try:
         registry.clear()
         pods = [make_pod(strategy, registry, app, args, workdir, f"web-{i}")
                 for i in range(args.pods)]
         started += pods
-        consumers = [Consumer(kind, registry, workdir / f"{kind}.jsonl", args.rate, budget)
+        cache_s = getattr(args, "cache_s", None)
+        consumers = [Consumer(kind, registry, workdir / f"{kind}.jsonl", args.rate, budget,
+                              cache_s=cache_s if kind == "cached" else None)
                      for kind in args.consumers]
+        block.cache_s = {c.label: c.cache_s for c in consumers if c.cache_s}
         for c in consumers:
             c.wait_ready(30)
         for run in pods:
@@ -85,6 +98,12 @@ def run_block(registry: Registry, strategy: str, app: str, args, workdir: Path, 
             for i in range(args.pods):
                 old = pods[i]
                 round_pods.append(old)
+                if lag:
+                    # The wait for a listing ends just after the cached
+                    # consumer's refresh: deleting at once would always hit
+                    # its worst phase (the pod cached a whole period). A
+                    # real rollout does not wait for a consumer's refresh.
+                    time.sleep(random.uniform(0, lag))
                 old.delete()
                 block.deletions.append(old.deleted_at)
                 if old.stop_seconds is not None:
@@ -97,19 +116,22 @@ def run_block(registry: Registry, strategy: str, app: str, args, workdir: Path, 
             block.rounds += 1
             settle(round_pods, consumers, block, progress)
             progress(f"  [{registry.name} {strategy} {app}] round {block.rounds}: "
-                     + ", ".join(f"{c.client} {c.sent} sent {c.failed} failed" for c in consumers)
+                     + ", ".join(f"{c.label} {c.sent} sent {c.failed} failed" for c in consumers)
                      + f"; {time.monotonic() - began:.0f} s")
         time.sleep(TAIL)
-        for c in consumers:  # both at once: the same traffic window for every row
+        for c in consumers:  # all at once: the same traffic window for every row
             c.request_stop()
         for c in consumers:
-            block.records[c.client] = c.stop()
+            block.records[c.label] = c.stop()
             done = c.done or {}
             if "opened" in done:
-                progress(f"  [{registry.name} {strategy} {app}] {c.client}: {done['opened']} "
+                progress(f"  [{registry.name} {strategy} {app}] {c.label}: {done['opened']} "
                          f"connections opened, {done['dropped']} found closed before reuse")
+            if "refreshes" in done:
+                progress(f"  [{registry.name} {strategy} {app}] {c.label}: its cache was "
+                         f"refreshed {done['refreshes']} times")
             if done.get("fell_behind"):
-                progress(f"  [{registry.name} {strategy} {app}] {c.client}: fell > 200 ms behind "
+                progress(f"  [{registry.name} {strategy} {app}] {c.label}: fell > 200 ms behind "
                          f"its schedule {done['fell_behind']} time(s) (the machine is too busy)")
     except Exception as exc:  # noqa: BLE001 - reported in the row; the next block runs
         block.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -123,5 +145,6 @@ def run_block(registry: Registry, strategy: str, app: str, args, workdir: Path, 
             registry.clear()  # what the SIGKILLed pods left behind
         except Exception as exc:  # noqa: BLE001
             progress(f"  could not clear {registry.name}: {exc!r}")
+    block.pods = [PodSpan(run.addr, run.started_at, run.deleted_at) for run in started]
     block.seconds = time.monotonic() - began
     return block

@@ -13,13 +13,28 @@ from pathlib import Path
 from .pods import APPS, PY
 from .registries import SERVICE, Registry
 
-CLIENTS = ("per-request", "keepalive")
+CLIENTS = ("per-request", "keepalive", "cached")
+
+
+def label(client: str, cache_s: float | None = None) -> str:
+    """A consumer's name in the rows, the plot and the progress: its kind,
+    and for ``cached`` its cache ("cached 2s")."""
+    return f"cached {cache_s:g}s" if client == "cached" else client
+
+
+def labels(args) -> list[str]:
+    """The labels of the consumers of a run (``args.consumers``, ``args.cache_s``)."""
+    return [label(c, getattr(args, "cache_s", None)) for c in args.consumers]
 
 
 class Consumer:
     def __init__(self, client: str, registry: Registry, out: Path, rate: float,
-                 max_seconds: float):
+                 max_seconds: float, cache_s: float | None = None):
+        if client == "cached" and not cache_s:
+            raise ValueError("a cached consumer needs its cache_s")
         self.client = client
+        self.cache_s = cache_s if client == "cached" else None
+        self.label = label(client, self.cache_s)
         self.out = out
         self.endpoints: set[str] = set()
         self.errors: list[str] = []
@@ -34,10 +49,11 @@ class Consumer:
         self.proc = subprocess.Popen(
             [PY, str(APPS / "consumer.py"), "--registry", registry.name,
              "--target", registry.consumer_target(), "--service", SERVICE, "--client", client,
-             "--out", str(out), "--rate", f"{rate:g}", "--max-seconds", f"{max_seconds:g}"],
+             "--out", str(out), "--rate", f"{rate:g}", "--max-seconds", f"{max_seconds:g}",
+             *(["--cache-s", f"{self.cache_s:g}"] if self.cache_s else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             text=True, start_new_session=True)
-        threading.Thread(target=self._read, daemon=True, name=f"consumer-{client}").start()
+        threading.Thread(target=self._read, daemon=True, name=f"consumer-{self.label}").start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -67,11 +83,11 @@ class Consumer:
         while not self._ready.wait(0.05):
             if self.proc.poll() is not None or time.monotonic() > end:
                 err = self.out.with_suffix(".err").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the {self.client} consumer did not start:\n{err}")
+                raise RuntimeError(f"the {self.label} consumer did not start:\n{err}")
 
     def lists(self, addr: str) -> bool:
         if self.errors:
-            raise RuntimeError(f"{self.client} consumer: {self.errors[0]}")
+            raise RuntimeError(f"{self.label} consumer: {self.errors[0]}")
         with self._lock:
             return addr in self.endpoints
 
@@ -88,7 +104,7 @@ class Consumer:
         """End the traffic (if request_stop() did not already); every request it made."""
         self.request_stop()
         if not self._finished.wait(timeout):
-            raise RuntimeError(f"the {self.client} consumer did not finish in time")
+            raise RuntimeError(f"the {self.label} consumer did not finish in time")
         self.proc.wait(5)
         return [json.loads(line) for line in self.out.read_text().splitlines()]
 
