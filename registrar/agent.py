@@ -32,8 +32,7 @@ def run_agent(registrar: Registrar, config: AgentConfig) -> int:
     that, until every /prestop that may still come is answered
     (lifecycle.serve_late_hooks)."""
     pipe = SignalPipe().catch(STOP_SIGNALS)
-    life = Lifecycle(registrar, pipe, drain=make_drain(registrar, config),
-                     app_reserve=config.stop.app_reserve)
+    life = Lifecycle(registrar, pipe, drain=make_drain(registrar, config))
     fatal: list[Exception] = []
     registrar.on_fatal = lambda exc: (fatal.append(exc), pipe.wake())
     stopped = threading.Event()

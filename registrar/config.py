@@ -82,6 +82,16 @@ def _propagation_timeout(value: float) -> float:
     return value
 
 
+def _cidrs(value: list[str]) -> list[str]:
+    for spec in value:
+        try:
+            ipaddress.ip_network(spec, strict=False)
+        except ValueError:
+            raise ValueError(f"expected IP addresses or CIDRs like 10.0.0.0/8, got {show(spec)}") \
+                from None
+    return value
+
+
 def _drain_bool(value: Any) -> Any:
     return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
@@ -106,6 +116,27 @@ class StopConfig(Model):
     propagation_timeout: Annotated[Duration | None, Rule(_propagation_timeout), doc(
         "Longest wait for observers (default: all that the grace period leaves after "
         "safety_margin and min_wait).")] = None
+    quiesce: Annotated[bool, doc(
+        "After the registries have dropped the pod, hold until consumers have stopped "
+        "sending to service.port: no new connection and no request from a peer for a window "
+        "its rate before the stop justifies (consumers that cache, and a Service's "
+        "kube-proxy and ingress, learn of the removal late). Within the deadline, less "
+        "app_shutdown.")] = True
+    quiet_min: Annotated[Duration, more_than(0), doc(
+        "The shortest quiet window, whatever a peer's rate.")] = 0.1
+    quiet_max: Annotated[Duration, more_than(0), doc(
+        "The longest quiet window: a peer that sent too rarely to be judged within it "
+        "(below ln(10^4)/quiet_max requests/s: a scrape, a probe) does not hold the stop; "
+        "its late requests are still reported.")] = 10.0
+    ignore_peers: Annotated[StrList | None, Rule(_cidrs), doc(
+        "Addresses or CIDRs whose traffic is not a consumer's (default: $HOST_IP, the "
+        "node, where the kubelet's probes come from, and the pod's default gateway); [] "
+        "ignores nothing. registrar's own probes are never counted.")] = None
+
+    def check(self) -> None:
+        if self.quiet_min > self.quiet_max:
+            raise ValueError(f"quiet_min: {format_duration(self.quiet_min)} is more than "
+                             f"quiet_max ({format_duration(self.quiet_max)})")
 
     # The stop budget, computed here and nowhere else.
     @property

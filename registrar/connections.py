@@ -43,8 +43,16 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _INET_DIAG_REQ_BYTECODE = 1
 _INET_DIAG_INFO = 2
 _BC_S_GE, _BC_S_LE = 2, 3
-_TCP_ESTABLISHED, _TCP_CLOSE_WAIT = 1, 8
-_STATES = (1 << _TCP_ESTABLISHED) | (1 << _TCP_CLOSE_WAIT)
+_TCP_ESTABLISHED, _TCP_SYN_RECV, _TCP_TIME_WAIT, _TCP_CLOSE_WAIT, _TCP_LISTEN = 1, 3, 6, 8, 10
+_TCP_NEW_SYN_RECV = 12
+#: What the busy drain reads: connections the app still has open.
+OPEN = (1 << _TCP_ESTABLISHED) | (1 << _TCP_CLOSE_WAIT)
+#: Every state of an accepted connection but TIME_WAIT (SYN_RECV to LAST_ACK).
+LIVE = sum(1 << s for s in range(1, 13) if s not in (_TCP_TIME_WAIT, _TCP_LISTEN))
+#: The connections the app closed first, kept by the kernel for 60 s.
+TIME_WAIT = 1 << _TCP_TIME_WAIT
+#: How long the kernel keeps a closed connection in TIME_WAIT (TCP_TIMEWAIT_LEN).
+TIME_WAIT_SECONDS = 60.0
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBBI")  # family, protocol, ext, pad, states; then the socket id
@@ -52,7 +60,9 @@ _SOCKID = struct.Struct("!HH16s16s")  # ports and addresses are in network order
 _MSG = struct.Struct("=BBBB")  # family, state, timer, retrans
 _QUEUES = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 _RTATTR = struct.Struct("=HH")
-_MSG_HEAD = _MSG.size + _SOCKID.size + 4 + 8 + _QUEUES.size  # + interface, cookie
+_COOKIE = struct.Struct("=II")
+_COOKIE_AT = _MSG.size + _SOCKID.size + 4  # after the interface index
+_MSG_HEAD = _COOKIE_AT + _COOKIE.size + _QUEUES.size
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,20 @@ class Connection:
     last_received_ms: int  # since the peer last sent data
     answered: bool  # the peer has acknowledged data from the app
     asked: bool  # the peer has sent data
+    #: The kernel's id of the socket: unique while the host runs, kept in TIME_WAIT.
+    cookie: int = 0
+    #: Segments with data the peer sent (tcpi_data_segs_in); a request is one
+    #: or a few. 0 in TIME_WAIT, which has no tcp_info.
+    data_segs_in: int = 0
+    #: Milliseconds until the kernel's timer for the socket fires: in
+    #: TIME_WAIT, what is left of its 60 s.
+    expires_ms: int = 0
+
+    @property
+    def peer_ip(self) -> str:
+        """The peer's address alone; an IPv4-mapped IPv6 address as IPv4."""
+        ip = self.peer.rsplit(":", 1)[0]
+        return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
     def busy(self, quiet: float) -> str | None:
         """Why the connection is busy (see the module's docstring), or None."""
@@ -82,26 +106,27 @@ class Connection:
         return None
 
 
-def connections(port: int) -> list[Connection]:
-    """The ESTABLISHED and CLOSE_WAIT TCP connections whose local port is
-    ``port``, IPv4 and IPv6, in this network namespace."""
+def connections(port: int, states: int = OPEN) -> list[Connection]:
+    """The TCP connections whose local port is ``port`` in ``states`` (a
+    mask; by default ESTABLISHED and CLOSE_WAIT), IPv4 and IPv6, in this
+    network namespace."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(2.0)
         found: list[Connection] = []
         for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
-            nl.send(_request(family, port, seq))
+            nl.send(_request(family, port, seq, states))
             found += _replies(nl, seq)
         return found
 
 
-def _request(family: int, port: int, seq: int) -> bytes:
+def _request(family: int, port: int, seq: int, states: int = OPEN) -> bytes:
     # The kernel's filter: sport >= port, then sport <= port. Each op is
     # (code, yes, no) with the port in the following op's "no"; a jump to
     # exactly the end accepts, one past it rejects.
     bytecode = struct.pack("=BBHBBH", _BC_S_GE, 8, 20, 0, 0, port) + \
         struct.pack("=BBHBBH", _BC_S_LE, 8, 12, 0, 0, port)
     attr = _RTATTR.pack(_RTATTR.size + len(bytecode), _INET_DIAG_REQ_BYTECODE) + bytecode
-    body = _REQ.pack(family, socket.IPPROTO_TCP, 1 << (_INET_DIAG_INFO - 1), 0, _STATES) + \
+    body = _REQ.pack(family, socket.IPPROTO_TCP, 1 << (_INET_DIAG_INFO - 1), 0, states) + \
         bytes(_SOCKID.size + 12) + attr
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY,
                           _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + body
@@ -130,10 +155,11 @@ def _replies(nl: socket.socket, seq: int) -> list[Connection]:
 def _connection(msg: bytes) -> Connection:
     family, state, _timer, _retrans = _MSG.unpack_from(msg, 0)
     _sport, dport, _src, dst = _SOCKID.unpack_from(msg, _MSG.size)
-    _expires, rqueue, wqueue, _uid, _inode = _QUEUES.unpack_from(msg, _MSG_HEAD - _QUEUES.size)
+    low, high = _COOKIE.unpack_from(msg, _COOKIE_AT)
+    expires, rqueue, wqueue, _uid, _inode = _QUEUES.unpack_from(msg, _MSG_HEAD - _QUEUES.size)
     size = 4 if family == socket.AF_INET else 16
     peer = socket.inet_ntop(family, dst[:size])
-    last_sent = last_received = acked = received = 0
+    last_sent = last_received = acked = received = data_segs_in = 0
     offset = _MSG_HEAD
     while offset + _RTATTR.size <= len(msg):
         length, kind = _RTATTR.unpack_from(msg, offset)
@@ -146,9 +172,12 @@ def _connection(msg: bytes) -> Connection:
             last_sent, = struct.unpack_from("=I", msg, info + 44)
             last_received, = struct.unpack_from("=I", msg, info + 52)
             acked, received = struct.unpack_from("=QQ", msg, info + 120)
+            if length >= _RTATTR.size + 156:  # tcpi_data_segs_in at 152 (Linux 4.6+)
+                data_segs_in, = struct.unpack_from("=I", msg, info + 152)
         offset += (length + 3) & ~3
     return Connection(f"{peer}:{dport}", state, rqueue, wqueue, last_sent, last_received,
-                      answered=acked > 0, asked=received > 0)
+                      answered=acked > 0, asked=received > 0, cookie=low | high << 32,
+                      data_segs_in=data_segs_in, expires_ms=expires)
 
 
 def established_connections(port: int) -> int:

@@ -8,7 +8,6 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 from ._threads import settled, spawn
@@ -18,9 +17,11 @@ from .errors import ConfigError, RegistrarError, RegistrationRejected, RegistryU
 from .fields import show
 from .instance import Instance
 from .plugin import Backend
+from .podstop import PodStop
 from .registration import BackendState, Registration, Slot
 from .signals import chain_stop_handlers
-from .stopping import BackendReport, StopReport, StopSequence, Trigger
+from .stopping import BackendReport, StopReport, Trigger
+from .traffic import Traffic, default_ignored, networks
 
 __all__ = ["Registrar", "StopReport", "BackendReport", "Trigger"]
 
@@ -39,7 +40,8 @@ class Registrar:
     def __init__(self, instance: Instance, backends: Sequence[Backend], *,
                  heartbeat: HeartbeatConfig | None = None, stop: StopConfig | None = None,
                  clock: Clock | None = None,
-                 on_fatal: Callable[[RegistrarError], None] | None = None):
+                 on_fatal: Callable[[RegistrarError], None] | None = None,
+                 environ: Mapping[str, str] | None = None):
         if not backends:
             raise ValueError("a Registrar needs at least one backend")
         self.instance = instance
@@ -52,15 +54,16 @@ class Registrar:
         self._stopping = threading.Event()
         self._registration = Registration(instance, self._slots, self.heartbeat_config,
                                           self._stopping, self._fatal)
-        self._sequence = StopSequence(instance, self._slots, self.stop_config, self.clock)
+        self.traffic = _traffic(instance, self.stop_config, self.clock, environ)
+        #: The stop, under one deadline (podstop.py); `agent` and `run` add
+        #: their drain and the app's reserve to it.
+        self.pod_stop = PodStop(instance, self._slots, self.stop_config, self.clock,
+                                self.traffic)
         self._started = False
         self._gate = None  # library mode's health gate, made by start()
         self._pause_reason = ""
-        self._stop_future: Future[StopReport] | None = None
         #: The validated configuration, when built by from_config().
         self.config = None
-        #: The deadline of the stop sequence, from its first trigger on.
-        self.stop_deadline: Deadline | None = None
 
     @classmethod
     def from_config(cls, source: Any, environ: Mapping[str, str] | None = None,
@@ -87,7 +90,8 @@ class Registrar:
             except ConfigError as exc:  # e.g. a secret file it could not read
                 raise ConfigError(f"backends[{i}].{exc.path}" if exc.path else f"backends[{i}]",
                                   exc.message) from None
-        registrar = cls(instance, backends, heartbeat=cfg.heartbeat, stop=cfg.stop, **kwargs)
+        registrar = cls(instance, backends, heartbeat=cfg.heartbeat, stop=cfg.stop,
+                        environ=environ, **kwargs)
         registrar.config = cfg
         return registrar
 
@@ -127,6 +131,7 @@ class Registrar:
         with self._lock:
             if self._stopping.is_set():
                 raise RegistrarError("cannot start: the registrar is stopping or stopped")
+            self.watch_traffic()
             health = getattr(self.config, "health", None)
             if gate and health is not None and self._gate is None and not self._started:
                 from .health import HealthGate  # health imports this module
@@ -205,35 +210,39 @@ class Registrar:
 
     # -- stopping -----------------------------------------------------------
 
+    def watch_traffic(self) -> None:
+        """Begin sampling the traffic on service.port (what stop.quiesce
+        takes the consumers' rates from); start() does it."""
+        if self.traffic is not None and not self._stopping.is_set():
+            self.traffic.start()
+
     def stop(self, trigger: str | Trigger = "stop", deadline: Deadline | None = None) -> StopReport:
-        """Take the instance out of every registry and wait until every
-        observer has seen it, under one deadline (default: the stop budget,
+        """Take the instance out of every registry, wait until every observer
+        has seen it, then (stop.quiesce) until consumers have stopped sending
+        to service.port, under one deadline (default: the stop budget,
         grace_period - safety_margin, from now). Idempotent and thread-safe:
-        concurrent and later callers wait for the same sequence and get the
-        same report."""
+        concurrent and later callers wait for the same stop and get the same
+        report (podstop.py)."""
+        deadline = deadline or Deadline.after(self.stop_config.budget, self.clock)
         with self._lock:
-            first = self._stop_future is None
+            first = self.pod_stop.begin(deadline)
             if first:
-                self._stop_future = Future()
-                self.stop_deadline = deadline or Deadline.after(self.stop_config.budget, self.clock)
                 self._stopping.set()
-        if first:
-            try:
-                self._registration.halt()
-                self._stop_future.set_result(
-                    self._sequence.run(Trigger.of(trigger), self.stop_deadline))
-            except BaseException as exc:
-                self._stop_future.set_exception(exc)
-                raise
-        return self._stop_future.result()
+        if not first:
+            return self.pod_stop.result()
+        self._registration.halt()
+        began = min(self.clock.now(), deadline.at - self.stop_config.budget)
+        return self.pod_stop.run(Trigger.of(trigger), began)
+
+    @property
+    def stop_deadline(self) -> Deadline | None:
+        """The deadline of the stop, from its first trigger on."""
+        return self.pod_stop.deadline
 
     @property
     def report(self) -> StopReport | None:
-        """The stop report once the sequence has finished, else None."""
-        future = self._stop_future
-        if future is not None and future.done() and future.exception() is None:
-            return future.result()
-        return None
+        """The stop report once the stop has finished, else None."""
+        return self.pod_stop.report
 
     # -- status -------------------------------------------------------------
 
@@ -241,7 +250,7 @@ class Registrar:
         """State per backend and, with ``observe``, what each observer sees."""
         out: dict[str, Any] = {
             "instance": self.instance.to_dict(),
-            "state": "stopped" if self._stop_future and self._stop_future.done()
+            "state": "stopped" if self.pod_stop.report is not None
             else "stopping" if self._stopping.is_set()
             else "registered" if self.registered else "starting" if self._started else "idle",
             "backends": []}
@@ -295,6 +304,8 @@ class Registrar:
         with self._lock:
             self._stopping.set()
         self._registration.halt()
+        if self.traffic is not None:
+            self.traffic.close()
         for slot in self._slots:
             with slot.lock:
                 slot.backend.close()
@@ -304,3 +315,16 @@ class Registrar:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop(trigger="exit")
+
+
+def _traffic(instance: Instance, stop: StopConfig, clock: Clock,
+             environ: Mapping[str, str] | None) -> Traffic | None:
+    """What stop.quiesce watches: the traffic on the instance's port."""
+    if not stop.quiesce:
+        return None
+    import os
+
+    ignore = stop.ignore_peers if stop.ignore_peers is not None else \
+        default_ignored(os.environ if environ is None else environ)
+    return Traffic([instance.port], ignore=networks(ignore), quiet_min=stop.quiet_min,
+                   quiet_max=stop.quiet_max, clock=clock)

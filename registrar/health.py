@@ -16,6 +16,7 @@ from .core import Registrar
 from .errors import RegistrarError
 from .instance import Instance
 from .source import parse_listen
+from .traffic import note_own_connection
 
 log = logging.getLogger(__name__)
 
@@ -147,21 +148,31 @@ def default_target(instance: Instance) -> str:
 
 
 def probe_http(url: str, timeout: float) -> tuple[bool, str]:
-    import urllib.error
-    import urllib.request
+    import http.client
+    from urllib.parse import urlsplit
 
+    parts = urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return 200 <= resp.status < 400, f"HTTP {resp.status}"
-    except urllib.error.HTTPError as exc:
-        return False, f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        return False, str(getattr(exc, "reason", exc))
+        conn = kind(parts.hostname, parts.port, timeout=timeout)
+        try:
+            conn.connect()
+            note_own_connection(conn.sock)  # not a consumer (traffic.py)
+            conn.request("GET", target, headers={"Connection": "close",
+                                                 "User-Agent": "registrar-health"})
+            status = conn.getresponse().status
+        finally:
+            conn.close()
+        return 200 <= status < 400, f"HTTP {status}"
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return False, str(exc) or type(exc).__name__
 
 
 def probe_tcp(target: str, timeout: float) -> tuple[bool, str]:
     try:
-        with socket.create_connection(parse_listen(target), timeout=timeout):
+        with socket.create_connection(parse_listen(target), timeout=timeout) as sock:
+            note_own_connection(sock)  # not a consumer (traffic.py)
             return True, "connected"
     except OSError as exc:
         return False, exc.strerror or str(exc)

@@ -22,21 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class Lifecycle:
-    """The first trigger fixes the deadline; every trigger joins one stop.
-    ``reserve`` seconds of the budget are kept for what comes after the
-    registry steps (the app's own shutdown in `run` mode). With a ``drain``,
-    the stop then waits for the app's busy connections, until
-    ``app_reserve`` seconds before the deadline (the app's own share)."""
+    """The first trigger fixes the deadline; every trigger joins one stop
+    (podstop.py). ``reserve`` seconds of the budget are kept for what comes
+    after the registry steps (the app's own shutdown in `run` mode). With a
+    ``drain``, the stop then waits for the app's busy connections."""
 
     def __init__(self, registrar: Registrar, pipe: SignalPipe | None = None, reserve: float = 0.0,
-                 drain: Drain | None = None, app_reserve: float = 0.0):
+                 drain: Drain | None = None):
         self.registrar = registrar
         self.pipe = pipe
-        self.reserve = reserve
-        self.drain = drain
-        self.app_reserve = app_reserve
+        registrar.pod_stop.registry_reserve = reserve
+        registrar.pod_stop.drain = drain
         self._triggers: list[tuple[Trigger, float]] = []
-        self._drain_lock = threading.Lock()
 
     def note(self, trigger: str | Trigger) -> None:
         self._triggers.append((Trigger.of(trigger), self.registrar.clock.now()))
@@ -62,19 +59,10 @@ class Lifecycle:
                               start=self.first_at)
 
     def stop(self, trigger: str | Trigger) -> StopReport:
-        """Run or join the stop sequence (the registry steps end ``reserve``
-        seconds before the deadline), then the drain; every caller gets the
-        one report."""
+        """Run or join the stop under the deadline of the first trigger;
+        every caller gets the one report."""
         self.note(trigger)
-        end = self.deadline
-        report = self.registrar.stop(self.first, Deadline(end.at - self.reserve, end.clock))
-        if self.drain is not None:
-            with self._drain_lock:
-                if report.drain is None:
-                    report.drain = self.drain.wait(until=end.at - self.app_reserve)
-                    if report.drain.waited_for and not report.drain.cut:
-                        log.info("connections: %s", report.drain.summary())
-        return report
+        return self.registrar.stop(self.first, self.deadline)
 
 
 def make_drain(registrar: Registrar, config: AgentConfig) -> Drain | None:
@@ -97,6 +85,7 @@ def make_gate(registrar: Registrar, config: AgentConfig, done: threading.Event,
 
 def start(registrar: Registrar, gate: HealthGate | None) -> None:
     """Register now, or once the app passes the gate's probe."""
+    registrar.watch_traffic()
     if gate is None:
         registrar.start()
     else:

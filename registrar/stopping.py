@@ -19,6 +19,7 @@ from .errors import MemberDown, RegistrarError, RegistryUnavailable
 from .instance import Instance
 from .plugin import POLL_FIRST, POLL_MAX, Observer
 from .registration import BackendState, Slot
+from .traffic import QuiescenceReport
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,12 @@ class StopReport:
     min_wait_seconds: float
     backends: list[BackendReport]
     cut: list[str] = field(default_factory=list)
-    #: The wait for the app's busy connections that followed (agent, run).
+    #: The wait for consumers to stop sending that followed (stop.quiesce).
+    quiescence: QuiescenceReport | None = None
+    #: The wait for the app's busy connections after it (agent, run).
     drain: DrainReport | None = None
+    #: From the first trigger to the end of the last step, when known.
+    total_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -118,6 +123,16 @@ class StopReport:
 
     def summary(self) -> str:
         """One line for logs and the preStop hook's output."""
+        head = "deregistered" if self.ok else "stop incomplete"
+        text = f"{head} after {self.trigger} in {self.seconds:.3f}s: {self.registries()}"
+        if self.quiescence is not None:
+            text += f"; consumers: {self.quiescence.summary()}"
+        if self.drain is not None and (self.drain.waited_for or self.drain.cut):
+            text += f"; connections: {self.drain.summary()}"
+        return text
+
+    def registries(self) -> str:
+        """What the registry steps achieved, per backend."""
         parts = []
         for b in self.backends:
             n_ok = len(b.observers_confirmed)
@@ -130,8 +145,7 @@ class StopReport:
             down = f", {len(b.observers_down)} down" if b.observers_down else ""
             extra = f" ({'; '.join(b.errors + b.cut)})" if (b.errors or b.cut) else ""
             parts.append(f"{b.name}: {state} {n_ok}/{n_all} observers{down}{prop}{extra}")
-        head = "deregistered" if self.ok else "stop incomplete"
-        return f"{head} after {self.trigger} in {self.seconds:.3f}s: " + "; ".join(parts)
+        return "; ".join(parts)
 
 
 class StopSequence:
@@ -171,8 +185,9 @@ class StopSequence:
             spawn(_close, slot, name=f"close-{slot.name}")
         ok = not cut and all(r.confirmed and not r.cut for r in reports)
         report = StopReport(trigger, ok, self.clock.now() - start, waited, reports, cut)
-        (log.info if ok else log.error)("%s", report.summary(), extra={
-            "trigger": str(trigger), "seconds": round(report.seconds, 3), "ok": ok})
+        (log.info if ok else log.error)("registries %s in %.3fs: %s", "confirmed the removal"
+                                        if ok else "not all confirmed", report.seconds,
+                                        report.registries() + (f"; {'; '.join(cut)}" if cut else ""))
         return report
 
     def _wait_noting_progress(self, futures: list, deadline: Deadline) -> None:

@@ -43,7 +43,7 @@ class Wrapper:
         self.pipe = SignalPipe().catch(STOP_SIGNALS + FORWARDED_SIGNALS + (signal.SIGCHLD,))
         reserve = self.config.stop.app_reserve
         self.life = Lifecycle(self.registrar, self.pipe, reserve=reserve,
-                              drain=make_drain(self.registrar, self.config), app_reserve=reserve)
+                              drain=make_drain(self.registrar, self.config))
         gate = make_gate(self.registrar, self.config, self._done, self._app_running,
                          children=self._probes)
         server = serve_control(self.registrar, self.config, self.life,
@@ -92,10 +92,11 @@ class Wrapper:
         self.report = self.life.stop(self.life.first)
         self._done.set()
         self._handle([])
-        registry_deadline, deadline = self.registrar.stop_deadline, self.life.deadline
+        deadline = self.life.deadline
         if server is not None and self.life.first.cause is Cause.PRESTOP:
             # Let the hook's answer leave before the app (and so we) exit.
-            server.responses_sent.wait(registry_deadline.cap(0.5))
+            server.responses_sent.wait(max(0.0, min(0.5, deadline.remaining()
+                                                    - self.config.stop.app_reserve)))
         stop_signal = signal_named(self.config.stop.signal)
         if self.app_status is None:
             log.info("sending %s to the app (%.1fs left for it)", stop_signal.name,

@@ -85,6 +85,7 @@ def test_json_logs_carry_structured_fields(cfg):
     assert first["trigger"] == "deregister command" and 0 < first["seconds"] <= 1
     assert last["msg"].startswith("stop incomplete") and last["ok"] is False
     assert last["trigger"] == "deregister command" and last["seconds"] >= 0
+    assert "; consumers: quiet" in last["msg"] and last["late"] == []  # none here
 
 
 @pytest.mark.parametrize("argv,env,expected", [

@@ -489,8 +489,8 @@ def test_prestop_sigterm_and_prestop_again_make_one_deregistration(pods, setup, 
     log = pod["c"].log()
     assert log.count("stopping after") == 1, log
     assert log.count("/kv/lease/revoke") == 1, log
-    final = [line.split("registrar.stopping: ", 1)[1] for line in log.splitlines()
-             if "registrar.stopping: deregistered after" in line]
+    final = [line.split("registrar.podstop: ", 1)[1] for line in log.splitlines()
+             if "registrar.podstop: deregistered after" in line]
     assert len(final) == 1, log
     status, body = results["http"]
     assert status == 200, (body, log)
@@ -706,11 +706,12 @@ def _slow_request(port: int, ms: int, out: dict) -> threading.Thread:
 @pytest.mark.parametrize("mode", ["run", "agent"])
 def test_the_stop_waits_for_a_request_in_progress_but_not_for_an_idle_keepalive(pods, setup,
                                                                                 mode):
-    """Default config. An idle keep-alive connection and a request in
-    progress when the pod is deleted: the app gets SIGTERM (run: from the
-    wrapper; agent: from the kubelet, once /prestop returned) right after the
-    request completes, not at the deadline."""
-    cfg = setup.config(grace=10)
+    """Default config but the wait for consumers (test_quiescence.py has the
+    two together). An idle keep-alive connection and a request in progress
+    when the pod is deleted: the app gets SIGTERM (run: from the wrapper;
+    agent: from the kubelet, once /prestop returned) right after the request
+    completes, not at the deadline."""
+    cfg = setup.config(grace=10, quiesce=False)
     app = setup.app()
     if mode == "run":
         containers = [Container("app", [*REGISTRAR, "run", "--config", str(cfg), "--", *app],

@@ -107,8 +107,8 @@ def finished(proc: subprocess.Popen, timeout: float = 15) -> tuple[int, str, str
 
 def summary_of(agent: Agent) -> str:
     """The one report summary the agent logged."""
-    lines = [line.split("registrar.stopping: ", 1)[1].strip() for line in agent.lines
-             if "registrar.stopping: deregistered after" in line]
+    lines = [line.split("registrar.podstop: ", 1)[1].strip() for line in agent.lines
+             if "registrar.podstop: deregistered after" in line]
     assert len(lines) == 1, agent.log()
     return lines[0]
 
