@@ -32,6 +32,7 @@ import yaml
 from registrar.connections import connections as _conns
 from registrar.connections import established_connections
 from registrar_testing import free_ports, wait_until
+from registrar_testing.senders import Sender
 from registrar_testing.faults import Blackhole
 from registrar_testing.kubelet import (Container, EtcdWatch, Exec, HttpGet, Pod, app_event,
                                        children, pid_namespaces_available, process_state,
@@ -775,3 +776,42 @@ def test_a_streaming_response_holds_the_stop_until_its_share_of_the_deadline(pod
     hook = pod.timeline.one("hook_end", "app")
     drain = json.loads(hook.detail["output"])["drain"]
     assert drain["mode"] == "busy" and len(drain["cut"]) == 1, drain
+
+
+# -- stop.quiesce: a consumer that caches ------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["run", "agent"])
+def test_a_consumer_that_caches_loses_nothing_and_is_named(pods, setup, mode):
+    """Default config. A consumer sends 100 requests/s and keeps sending to
+    the pod for 1.5 s after every member dropped it (its cache refreshes
+    then). The app dies on SIGTERM: it gets SIGTERM only once the consumer
+    has stopped, no request fails, and the report names the consumer."""
+    cfg = setup.config(grace=10)
+    app = setup.app("--on-term", "die")
+    if mode == "run":
+        containers = [Container("app", [*REGISTRAR, "run", "--config", str(cfg), "--", *app],
+                                pre_stop=HttpGet(setup.control_port, "/prestop"))]
+    else:
+        containers = [Container("registrar", [*REGISTRAR, "agent", "--config", str(cfg)]),
+                      Container("app", app, pre_stop=HttpGet(setup.control_port, "/prestop"))]
+    watch = setup.watch()
+    pod = start(pods, setup.pod(containers, grace=10), watch,
+                lambda: setup.ready() and watch.listed_everywhere())
+    consumer = Sender(setup.port, 100, "close")
+    consumer.start()
+    time.sleep(2.0)  # its traffic before the stop
+    deleting = threading.Thread(target=pod.delete)
+    deleting.start()
+    watch.wait(watch.gone_everywhere, 3, "the removal reached every member")
+    time.sleep(1.5)  # the consumer's cache still lists the pod
+    last = consumer.stop()
+    deleting.join(15)
+    sigterm = assert_removed_before_sigterm(pod, watch, setup)
+    figures(f"cached consumer ({mode})", pod, watch, setup,
+            **{"last request->app SIGTERM": f"{1000 * (sigterm - last):.0f}ms"})
+    assert consumer.failed == 0, pod.report()
+    assert last < sigterm < last + 1.0, pod.report()  # a window of 0.1 s, then the drain
+    hook = pod.timeline.first("hook_end")
+    assert "late traffic: 127.0.0.1 sent" in hook.detail["output"], pod.report()
+    assert "late traffic: 127.0.0.1 sent" in pod.logs()
+    assert_no_sigkill(pod)
