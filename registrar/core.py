@@ -261,6 +261,16 @@ class Registrar:
             if observe:
                 entry["observers"] = self._observe(slot, timeout)
             out["backends"].append(entry)
+        if self.traffic is not None:
+            # What the wait for consumers will go by: each peer's requests/s.
+            out["consumers"] = {ip: round(rate, 2) for ip, rate in
+                                sorted(self.traffic.rates(look=True).items(), key=lambda kv: -kv[1])[:20]}
+        report = self.report
+        if report is not None:
+            out["stop"] = {"summary": report.summary(), "ok": report.ok,
+                           "seconds": round(report.total_seconds or report.seconds, 3)}
+            if report.quiescence is not None:
+                out["stop"]["late"] = [p.__dict__ for p in report.quiescence.late[:20]]
         return out
 
     def _observe(self, slot: Slot, timeout: float) -> list[dict[str, Any]]:

@@ -61,7 +61,24 @@ class _Collector:
         report = r.report
         if report is not None:  # absent until the stop ran (a NaN would break alert rules)
             yield GaugeMetricFamily("registrar_stop_duration_seconds",
-                                    "Duration of the stop sequence", value=report.seconds)
+                                    "Duration of the stop, from its trigger to the app's turn",
+                                    value=report.total_seconds or report.seconds)
+        if report is not None and report.quiescence is not None:
+            q = report.quiescence
+            yield GaugeMetricFamily("registrar_quiescence_seconds",
+                                    "How long the stop waited for consumers to stop sending",
+                                    value=q.seconds)
+            late = GaugeMetricFamily("registrar_late_requests",
+                                     "Requests a consumer sent after every registry had dropped "
+                                     "the pod (the 20 busiest peers)", labels=["peer"])
+            for p in q.late[:20]:
+                if not p.ignored:
+                    late.add_metric([p.peer], float(p.requests))
+            yield late
+        if r.traffic is not None:
+            yield GaugeMetricFamily("registrar_consumers",
+                                    "Peers that sent to service.port in the last minute "
+                                    "(not counting ignored ones)", value=len(r.traffic.rates(look=True)))
         hist = HistogramMetricFamily("registrar_propagation_seconds",
                                      "deregister() to the last observer's confirmation",
                                      labels=["backend"])

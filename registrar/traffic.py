@@ -273,8 +273,12 @@ class Traffic:
     def close(self) -> None:
         self._halt.set()
 
-    def rates(self, at: float | None = None) -> dict[str, float]:
-        """Requests per second per consumer peer over the HORIZON before ``at``."""
+    def rates(self, at: float | None = None, look: bool = False) -> dict[str, float]:
+        """Requests per second per consumer peer over the HORIZON before
+        ``at``; with ``look``, after reading what closed since (TIME_WAIT:
+        ~4 us a connection of the last minute)."""
+        if look and self._since is None:
+            self._look(time_wait=True)
         at = self.clock.now() if at is None else at
         horizon = self._horizon(at)
         with self._lock:

@@ -210,3 +210,31 @@ def test_no_traffic_at_all_costs_quiet_min(app):
     assert 0.1 <= report.seconds < 0.2 and report.late == [], report
     assert report.why.startswith("no consumer sent"), report
 
+
+
+def test_status_and_metrics_name_the_late_consumers(app):
+    """A library Registrar (an in-memory registry): the stop waits for the
+    consumer, then /status's document and /metrics name it."""
+    from registrar.config import StopConfig
+    from registrar.core import Registrar
+    from registrar.instance import Instance
+    from registrar.metrics import Metrics
+    from registrar_testing.memory import MemoryBackend
+
+    instance = Instance.create("web", app, id="web-1", address="127.0.0.1")
+    registrar = Registrar(instance, [MemoryBackend(instance)],
+                          stop=StopConfig(grace_period=10, ignore_peers=[]))
+    registrar.start(wait=True, timeout=5)
+    sender = Sender(app, 50, "close")
+    sender.start()
+    time.sleep(1.0)
+    assert "127.0.0.1" in registrar.status(observe=False)["consumers"]
+    stale_for([sender], 0.5)
+    report = registrar.stop("test")
+    assert report.quiescence.late[0].peer == "127.0.0.1" and sender.failed == 0
+    status = registrar.status(observe=False)
+    assert status["stop"]["late"][0]["peer"] == "127.0.0.1", status
+    assert "late traffic: 127.0.0.1 sent" in status["stop"]["summary"]
+    text = Metrics(registrar).render()[0].decode()
+    assert 'registrar_late_requests{peer="127.0.0.1"}' in text, text
+    assert "registrar_quiescence_seconds " in text
