@@ -24,6 +24,7 @@ from registrar_testing import wait_until
 
 from registrar import cli, config
 from registrar.source import parse_listen
+from registrar.traffic import default_ignored
 
 K8S = Path(__file__).resolve().parent.parent / "config" / "k8s"
 REGISTRAR = str(Path(sys.executable).with_name("registrar"))
@@ -35,7 +36,8 @@ MODES = {"sidecar.yaml": "sidecar", "native-sidecar.yaml": "native-sidecar",
 #: The kinds each file holds: a Secret wherever a control server needs a token.
 KINDS = {"library.yaml": ["ConfigMap", "Deployment"]}
 #: What the Downward API gives in the tests (fieldPath -> value).
-FIELDS = {"metadata.name": "web-5d8f7c6b9-x2x7q", "status.podIP": "10.244.0.9"}
+FIELDS = {"metadata.name": "web-5d8f7c6b9-x2x7q", "status.podIP": "10.244.0.9",
+          "status.hostIP": "192.0.2.10"}
 #: Resident memory of `registrar agent` / `run` with the etcd backend once
 #: /metrics was scraped (measured 2026-11-26): a request below it is an OOM risk.
 MEASURED_RSS = 48.5 * 2**20
@@ -200,6 +202,9 @@ def test_config_is_valid_and_agrees_with_the_pod(loaded):
     assert effective["service"]["address"] == FIELDS["status.podIP"]
     assert pod.spec["terminationGracePeriodSeconds"] == cfg.stop.grace_period
     assert effective["stop"]["grace_period"] == cfg.stop.grace_period
+    # The kubelet's probes come from the node: not a consumer the stop waits for.
+    assert cfg.stop.quiesce and cfg.stop.ignore_peers is None
+    assert FIELDS["status.hostIP"] in default_ignored(pod.env)
 
     # The readiness probe reaches /readyz: on the control server, or in library
     # mode on the app's own port. The kubelet connects to the pod IP: a probe or
