@@ -6,19 +6,10 @@ reaches an app with nothing in flight. Exits on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import logging
-import threading
 
 from .config import AgentConfig
 from .core import Registrar
-from .lifecycle import (
-    Lifecycle,
-    make_drain,
-    make_gate,
-    readiness,
-    serve_control,
-    serve_late_hooks,
-    start,
-)
+from .lifecycle import Lifecycle, make_drain, serve_control, serve_late_hooks
 from .signals import STOP_SIGNALS, SignalPipe
 from .stopping import Trigger
 
@@ -35,10 +26,8 @@ def run_agent(registrar: Registrar, config: AgentConfig) -> int:
     life = Lifecycle(registrar, pipe, drain=make_drain(registrar, config))
     fatal: list[Exception] = []
     registrar.on_fatal = lambda exc: (fatal.append(exc), pipe.wake())
-    stopped = threading.Event()
-    gate = make_gate(registrar, config, stopped)
-    server = serve_control(registrar, config, life, ready=lambda: readiness(registrar, gate))
-    start(registrar, gate)
+    server = serve_control(registrar, config, life, ready=registrar.readiness)
+    registrar.start()  # registers once the app passes the health gate
     log.info("agent started for %s (%s)", registrar.instance.id, registrar.instance.hostport)
     # A /prestop runs the sequence without ending the agent: it exits on a
     # signal (the kubelet's SIGTERM follows the hook) or a fatal error.
@@ -49,14 +38,13 @@ def run_agent(registrar: Registrar, config: AgentConfig) -> int:
         report = life.stop(Trigger.signal(signals[0]))
     else:
         report = life.stop(Trigger.fatal(fatal[0]))
-    stopped.set()
     if server is not None:
         server.hand_over(report)
         if signals:
             # A regular sidecar gets its SIGTERM as the app's preStop hook
             # starts calling it: stay until no hook can still come.
             serve_late_hooks(server, life, config.control.linger,
-                             registrar.instance.port if gate is not None else None)
+                             registrar.instance.port if registrar.gate is not None else None)
         server.close(grace=min(0.5, max(life.deadline.remaining(), 0)))
     pipe.close()
     return 0 if report.ok and not fatal else 1

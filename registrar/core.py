@@ -15,6 +15,7 @@ from .clock import Clock, Deadline
 from .config import HeartbeatConfig, StopConfig
 from .errors import ConfigError, RegistrarError, RegistrationRejected, RegistryUnavailable
 from .fields import show
+from .health import HealthGate, ProbeProcesses
 from .instance import Instance
 from .plugin import Backend
 from .podstop import PodStop
@@ -60,7 +61,8 @@ class Registrar:
         self.pod_stop = PodStop(instance, self._slots, self.stop_config, self.clock,
                                 self.traffic)
         self._started = False
-        self._gate = None  # library mode's health gate, made by start()
+        self._gate: HealthGate | None = None  # made by start()
+        self._app_running: Callable[[], bool] | None = None
         self._pause_reason = ""
         #: The validated configuration, when built by from_config().
         self.config = None
@@ -115,8 +117,9 @@ class Registrar:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    def start(self, wait: bool = False, timeout: float | None = None, *,
-              gate: bool = True) -> "Registrar":
+    def start(self, wait: bool = False, timeout: float | None = None, *, gate: bool = True,
+              app_running: Callable[[], bool] | None = None,
+              children: ProbeProcesses | None = None) -> "Registrar":
         """Register on every backend in the background and start heartbeats.
         A registry that cannot be reached is retried with exponential backoff
         and jitter until it can. With ``wait=True``, block until registered
@@ -127,16 +130,21 @@ class Registrar:
         service.port accepts a connection), registration begins only once
         the app passes it, as in `agent` and `run`: a pod listed before its
         app listens loses requests (uvicorn, for one, runs the lifespan that
-        calls start() before it binds). ``gate=False`` registers at once."""
+        calls start() before it binds). ``gate=False`` registers at once.
+
+        `run` passes ``app_running`` (readiness is false once the app exited,
+        and the gate stops probing) and the probes' ``children`` (its
+        reaper leaves them alone)."""
         with self._lock:
             if self._stopping.is_set():
                 raise RegistrarError("cannot start: the registrar is stopping or stopped")
+            if app_running is not None:
+                self._app_running = app_running
             self.watch_traffic()
             health = getattr(self.config, "health", None)
             if gate and health is not None and self._gate is None and not self._started:
-                from .health import HealthGate  # health imports this module
-
-                self._gate = HealthGate(self, health, self._stopping)
+                self._gate = HealthGate(self, health, self._stopping,
+                                        self._app_running or (lambda: True), children)
                 self._gate.start()  # calls start(gate=False) once the app passes
             elif not self._started and (self._gate is None or not gate):
                 self._started = True
@@ -161,9 +169,16 @@ class Registrar:
                     raise RegistryUnavailable(
                         f"{slot.name}: not registered after {timeout}s: {slot.last_error}")
 
+    @property
+    def gate(self) -> HealthGate | None:
+        """The health gate, once start() made it (None with ``health: false``)."""
+        return self._gate
+
     def readiness(self) -> tuple[bool, str]:
         """Whether the instance is registered everywhere and not stopping,
-        and if not, why: what /readyz answers."""
+        and if not, why: what /readyz answers, in every mode."""
+        if self._app_running is not None and not self._app_running():
+            return False, "the app is not running"
         if self._stopping.is_set():
             return False, "stopping"
         if not self._started:

@@ -10,13 +10,16 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .config import HealthConfig
-from .core import Registrar
 from .errors import RegistrarError
 from .instance import Instance
 from .source import parse_listen
 from .traffic import note_own_connection
+
+if TYPE_CHECKING:
+    from .core import Registrar
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class HealthGate:
     #: Seconds between two reminders that the app has not passed yet.
     REMIND_EVERY = 30.0
 
-    def __init__(self, registrar: Registrar, health: HealthConfig, done: threading.Event,
+    def __init__(self, registrar: "Registrar", health: HealthConfig, done: threading.Event,
                  app_running: Callable[[], bool] = lambda: True,
                  children: ProbeProcesses | None = None):
         self.registrar = registrar

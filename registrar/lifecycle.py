@@ -1,12 +1,11 @@
 """What `agent` and `run` share: the one grace deadline, counted from the
-first trigger (preStop, a signal, the app's exit); after the registry steps,
-the wait for the app's busy connections; the health gate; and the control
-server that serves /prestop into it, and late /prestop calls after it."""
+first trigger (preStop, a signal, the app's exit), that every trigger's
+stop joins (the stop itself is podstop.py's); the wait for the app's busy
+connections they add to it; and the control server that serves /prestop
+into it, and late /prestop calls after it."""
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 
 from .clock import Deadline
 from .config import AgentConfig
@@ -14,7 +13,6 @@ from .connections import Drain
 from .core import Registrar
 from .errors import ConfigError
 from .fields import read_token
-from .health import HealthGate
 from .signals import SignalPipe
 from .stopping import StopReport, Trigger
 
@@ -73,34 +71,6 @@ def make_drain(registrar: Registrar, config: AgentConfig) -> Drain | None:
     clock = registrar.clock
     return Drain(registrar.instance.port, stop.drain_connections, stop.drain_quiet,
                  clock=clock.now, sleep=clock.sleep)
-
-
-def make_gate(registrar: Registrar, config: AgentConfig, done: threading.Event,
-              app_running: Callable[[], bool] = lambda: True, **options) -> HealthGate | None:
-    """The health gate (not started), or None with ``health: false``."""
-    if config.health is None:
-        return None
-    return HealthGate(registrar, config.health, done, app_running, **options)
-
-
-def start(registrar: Registrar, gate: HealthGate | None) -> None:
-    """Register now, or once the app passes the gate's probe."""
-    registrar.watch_traffic()
-    if gate is None:
-        registrar.start()
-    else:
-        gate.start()
-
-
-def readiness(registrar: Registrar, gate: HealthGate | None = None,
-              app_running: Callable[[], bool] | None = None) -> tuple[bool, str]:
-    """What /readyz answers: ready only while registered everywhere, and
-    otherwise why not."""
-    if app_running is not None and not app_running():
-        return False, "the app is not running"
-    if gate is not None and not gate.passed and not registrar.stopping:
-        return False, f"waiting for the app: {gate.last_failure}"
-    return registrar.readiness()
 
 
 def serve_late_hooks(server, life: Lifecycle, linger: float, app_port: int | None) -> None:

@@ -4,7 +4,8 @@ sequence"). It reads top to bottom:
   1. the registries: drain and deregister every backend, wait until every
      observer has dropped the pod, then ``min_wait`` (stopping.StopSequence);
   2. the consumers: hold until the traffic on the app's port has stopped
-     for the window its rate justifies (traffic.Traffic);
+     for the window its rate justifies (traffic.Traffic); not when the app
+     has exited (steps 2 and 3 are about serving);
   3. what is in flight: wait until no connection to the app's port is busy
      (connections.Drain; `agent` and `run`);
   4. the report, complete before any caller sees it, and its one line.
@@ -25,7 +26,7 @@ from .config import StopConfig
 from .connections import Drain
 from .instance import Instance
 from .registration import Slot
-from .stopping import StopReport, StopSequence, Trigger
+from .stopping import Cause, StopReport, StopSequence, Trigger
 from .traffic import Traffic
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,16 @@ class PodStop:
         report = self._sequence.run(trigger, Deadline(deadline.at - self.registry_reserve,
                                                       self.clock))
         dropped_at = self.clock.now() - report.min_wait_seconds
+        # With the app gone there is nothing to serve the consumers with:
+        # holding the pod would only delay the container's restart.
+        serving = trigger.cause is not Cause.APP_EXIT
         # 2. The consumers.
-        if self.traffic is not None and self.config.quiesce:
+        if self.traffic is not None and self.config.quiesce and serving:
             report.quiescence = self.traffic.quiesce(began, dropped_at, app_share)
         if self.traffic is not None:
             self.traffic.close()
         # 3. What is in flight.
-        if self.drain is not None:
+        if self.drain is not None and serving:
             report.drain = self.drain.wait(until=app_share)
             if report.drain.waited_for and not report.drain.cut:
                 log.info("connections: %s", report.drain.summary())

@@ -282,8 +282,11 @@ class Traffic:
         at = self.clock.now() if at is None else at
         horizon = self._horizon(at)
         with self._lock:
-            return {ip: p.count(at - horizon, at) / horizon for ip, p in self._peers.items()
-                    if not p.ignored and p.count(at - horizon, at)}
+            counts = {ip: p.count(at - horizon, at) for ip, p in self._peers.items()
+                      if not p.ignored}
+        # n arrivals are n - 1 gaps: one request alone tells no rate (and the
+        # estimate errs low, which lengthens the window, never shortens it).
+        return {ip: (n - 1) / horizon for ip, n in counts.items() if n > 1}
 
     def _horizon(self, at: float) -> float:
         # Short connections are known for the last minute whenever we began

@@ -9,13 +9,12 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 from collections.abc import Sequence
 
 from .config import AgentConfig, signal_named
 from .core import Registrar
 from .health import ProbeProcesses
-from .lifecycle import Lifecycle, make_drain, make_gate, readiness, serve_control, start
+from .lifecycle import Lifecycle, make_drain, serve_control
 from .signals import STOP_SIGNALS, SignalPipe
 from .stopping import Cause, StopReport, Trigger
 
@@ -36,7 +35,6 @@ class Wrapper:
         self.app: subprocess.Popen | None = None
         self.app_status: int | None = None
         self._probes = ProbeProcesses()  # the reaper never steals a probe's child
-        self._done = threading.Event()  # the stop sequence has finished
         self.report: StopReport | None = None
 
     def run(self) -> int:
@@ -44,17 +42,16 @@ class Wrapper:
         reserve = self.config.stop.app_reserve
         self.life = Lifecycle(self.registrar, self.pipe, reserve=reserve,
                               drain=make_drain(self.registrar, self.config))
-        gate = make_gate(self.registrar, self.config, self._done, self._app_running,
-                         children=self._probes)
         server = serve_control(self.registrar, self.config, self.life,
-                               ready=lambda: readiness(self.registrar, gate, self._app_running))
+                               ready=self.registrar.readiness)
         try:
             self.app = subprocess.Popen(self.argv, process_group=0)
         except OSError as exc:
             log.error("cannot start %s: %s", self.argv[0], exc.strerror)
             return 127
         log.info("started %s (pid %d)", " ".join(self.argv), self.app.pid)
-        start(self.registrar, gate)
+        # Registers once the app passes the health gate.
+        self.registrar.start(app_running=self._app_running, children=self._probes)
         code = self._main_loop(server)
         if server is not None:
             if self.report is not None:
@@ -82,7 +79,6 @@ class Wrapper:
             if self.app_status is not None and not self.life.triggered:
                 log.warning("the app exited with status %d: deregistering", self.app_status)
                 self.report = self.life.stop(Trigger.app_exit(self.app_status))
-                self._done.set()
                 return self.app_status
             if self.life.triggered:
                 return self._shutdown(server)
@@ -90,7 +86,6 @@ class Wrapper:
     def _shutdown(self, server) -> int:
         # The registry steps, then the busy connections.
         self.report = self.life.stop(self.life.first)
-        self._done.set()
         self._handle([])
         deadline = self.life.deadline
         if server is not None and self.life.first.cause is Cause.PRESTOP:

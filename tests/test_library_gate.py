@@ -64,4 +64,4 @@ def test_a_stop_before_the_app_listened_ends_the_wait_and_leaves_nothing(etcd_cl
     report = registrar.stop()
     assert listed(etcd_cluster, registrar) == [False] * 3
     assert report.ok, report.summary()
-    assert registrar._gate.passed is False  # the gate's thread ended without registering
+    assert registrar.gate.passed is False  # the gate's thread ended without registering
