@@ -47,11 +47,13 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .clock import Clock
-from .connections import LIVE, PROGRESS_EVERY, TIME_WAIT, TIME_WAIT_SECONDS, connections
+from .connections import (LIVE, PROGRESS_EVERY, TIME_WAIT, TIME_WAIT_SECONDS, connections,
+                          paced)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,14 @@ CONFIDENCE = 1e-4
 _LN = math.log(1 / CONFIDENCE)
 #: Seconds of traffic before the stop that a peer's rate is taken over.
 HORIZON = TIME_WAIT_SECONDS
-#: Seconds between two looks at live connections before the stop (a look
-#: costs ~0.1 ms at a few hundred connections).
+#: Seconds between two looks at live connections before the stop, and the
+#: share of a core they may take at most (a look costs ~0.2 us per TCP
+#: socket of the whole host: connections.paced()).
 SAMPLE_EVERY = 0.25
-#: Seconds between two looks during the stage.
+SAMPLE_SHARE = 0.005
+#: The same during the stage, which lasts seconds.
 LOOK_EVERY = 0.01
+LOOK_SHARE = 0.2
 #: Peers tracked at most (a scan of the whole internet would otherwise grow it).
 MAX_PEERS = 4096
 
@@ -82,8 +87,6 @@ def note_own_connection(sock) -> None:
         host, port = sock.getsockname()[:2]
     except OSError:
         return
-    import time
-
     with _own_lock:
         _own[(_plain(host), port)] = time.monotonic()
         if len(_own) > 1024:  # probes run every few seconds: drop the oldest
@@ -267,8 +270,11 @@ class Traffic:
         return self
 
     def _sample(self) -> None:
-        while not self._halt.wait(SAMPLE_EVERY):
+        cost = 0.0
+        while not self._halt.wait(paced(SAMPLE_EVERY, cost, SAMPLE_SHARE)):
+            began = time.monotonic()
             self._look(time_wait=False)
+            cost = time.monotonic() - began
 
     def close(self) -> None:
         self._halt.set()
@@ -385,6 +391,7 @@ class Traffic:
                 peer.late_last = None
         report = QuiescenceReport()
         noted = start
+        cost = 0.0
         while True:
             now = self.clock.now()
             holding = self._holding(now, since, before)
@@ -406,8 +413,10 @@ class Traffic:
                          "; ".join(f"{ip} {now - last:.2f}s ago" for ip, _window, last
                                    in holding[:5] if last > since) or "none sent since",
                          extra={"seconds": round(until - now, 3)})
-            self.clock.sleep(max(0.0, min(LOOK_EVERY, until - now)))
+            self.clock.sleep(max(0.0, min(paced(LOOK_EVERY, cost, LOOK_SHARE), until - now)))
+            looked = time.monotonic()
             self._look(time_wait=False)
+            cost = time.monotonic() - looked
         end = self.clock.now()
         report.seconds = end - start
         report.quiet_after_seconds = max(end - since, 0.0)

@@ -103,10 +103,12 @@ def test_a_stale_consumer_at_100_per_second_holds_until_it_stops(app, how):
     (late,) = report.late
     assert late.peer == "127.0.0.1" and 0.8 < late.last_seconds < 1.2, report
     sent_late = sum(t > since for t in sender.sent)
+    # What arrived before the stage's first look (a few ms after `since`; it
+    # reads the host's sockets) counts as before: a few requests.
     if how == "keepalive":  # every request, counted on its connection
-        assert abs(late.requests - sent_late) <= 2, (late, sent_late)
+        assert sent_late - 8 <= late.requests <= sent_late + 2, (late, sent_late)
     elif how == "close":  # TIME_WAIT keeps every connection the app closed first
-        assert abs(late.requests - sent_late) <= 2, (late, sent_late)
+        assert sent_late - 8 <= late.requests <= sent_late + 2, (late, sent_late)
     else:  # closed by the client within a millisecond or two: one look in a few sees one
         assert 0 < late.requests <= sent_late + 1, (late, sent_late)
     assert "late traffic: 127.0.0.1 sent" in report.summary()
