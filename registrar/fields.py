@@ -247,12 +247,13 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     run, then ``check()``."""
 
     def __post_init__(self) -> None:
+        optional = _optional(type(self))
         for name, rules in _rules(type(self)).items():
             value = getattr(self, name)
             try:
                 _no_control(value)
-                if value is None:
-                    continue
+                if value is None and name in optional:
+                    continue  # "not given"; a field that is not Optional gets its rules
                 for rule in rules:
                     value = rule.func(value)
             except (ValueError, TypeError) as exc:
@@ -295,6 +296,14 @@ def _metadata(hint: Any) -> list[Any]:
 def _rules(cls: type) -> dict[str, list[Rule]]:
     return {name: [m for m in _metadata(hint) if isinstance(m, Rule)]
             for name, hint in _hints(cls).items() if name in cls.__struct_fields__}
+
+
+def _optional(cls: type) -> set[str]:
+    """The fields whose type admits None (a StrList, which is Any to msgspec,
+    does only when written ``StrList | None``)."""
+    return {name for name, hint in _hints(cls).items()
+            if type(None) in typing.get_args(typing.get_args(hint)[0]
+                                              if typing.get_origin(hint) is Annotated else hint)}
 
 
 def _models_in(hint: Any) -> list[type[Model]]:

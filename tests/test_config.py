@@ -277,3 +277,15 @@ def test_the_configuration_can_come_on_standard_input():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert "valid: web/" in done.stderr
+
+
+def test_a_list_that_is_not_optional_refuses_null():
+    """A StrList is Any to msgspec: null used to pass as "not given" and
+    crash later (found by test_config_props)."""
+    with pytest.raises(ConfigError, match=r"^service\.tags: expected a list of text, or one "
+                                          r"comma-separated text, got null$"):
+        config.load({"service": {"name": "web", "port": 80, "tags": None},
+                     "backends": [{"type": "etcd", "endpoints": ["http://127.0.0.1:2379"]}]})
+    stop = config.load({"service": {"name": "web", "port": 80}, "stop": {"ignore_peers": None},
+                        "backends": [{"type": "etcd", "endpoints": ["http://127.0.0.1:2379"]}]}).stop
+    assert stop.ignore_peers is None  # Optional: null is "not given"
