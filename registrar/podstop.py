@@ -51,10 +51,6 @@ class PodStop:
         self.deadline: Deadline | None = None
 
     @property
-    def begun(self) -> bool:
-        return self._future is not None
-
-    @property
     def report(self) -> StopReport | None:
         """The report once the stop has finished, else None."""
         future = self._future
