@@ -139,7 +139,7 @@ class Registrar:
             if self._stopping.is_set():
                 raise RegistrarError("cannot start: the registrar is stopping or stopped")
             if app_running is not None:
-                self._app_running = app_running
+                self._app_running = self.pod_stop.app_running = app_running
             self.watch_traffic()
             health = getattr(self.config, "health", None)
             if gate and health is not None and self._gate is None and not self._started:

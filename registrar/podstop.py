@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from .clock import Clock, Deadline
@@ -44,6 +45,8 @@ class PodStop:
         self.drain: Drain | None = None
         #: Seconds before the deadline that step 1 ends (`run`: the app's share).
         self.registry_reserve = 0.0
+        #: `run`: whether the app still runs (steps 2 and 3 end when it exits).
+        self.app_running: Callable[[], bool] | None = None
         self._sequence = StopSequence(instance, slots, config, clock)
         self._lock = threading.Lock()
         self._future: Future[StopReport] | None = None
@@ -93,7 +96,8 @@ class PodStop:
         serving = trigger.cause is not Cause.APP_EXIT
         # 2. The consumers.
         if self.traffic is not None and self.config.quiesce and serving:
-            report.quiescence = self.traffic.quiesce(began, dropped_at, app_share)
+            report.quiescence = self.traffic.quiesce(began, dropped_at, app_share,
+                                                     serving=self.app_running)
         if self.traffic is not None:
             self.traffic.close()
         # 3. What is in flight.

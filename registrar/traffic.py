@@ -48,7 +48,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .clock import Clock
@@ -373,11 +373,13 @@ class Traffic:
 
     # -- the stage ---------------------------------------------------------------
 
-    def quiesce(self, began: float, since: float, until: float) -> QuiescenceReport:
+    def quiesce(self, began: float, since: float, until: float,
+                serving: Callable[[], bool] | None = None) -> QuiescenceReport:
         """Hold until no consumer has sent for its window: counted from
         ``since`` (when every registry had dropped the pod; the stop's start
         with no registry), until at the latest ``until``. ``began`` is when
-        the stop began: the rates are those of the HORIZON before it."""
+        the stop began: the rates are those of the HORIZON before it. It
+        ends early once ``serving()`` is False (the app exited)."""
         start = self.clock.now()
         # The last minute's short connections, and what arrived since the
         # last sample: part of the rate, not late (with the sampler's one
@@ -407,6 +409,9 @@ class Traffic:
             if now >= until:
                 report.cut = [ip for ip, _window, last in holding if last > since]
                 break
+            if serving is not None and not serving():
+                report.why = "the app exited"
+                break
             if now - noted >= PROGRESS_EVERY:
                 noted = now
                 log.info("waiting for consumers to stop sending (%.1fs left): %s", until - now,
@@ -422,7 +427,9 @@ class Traffic:
         report.quiet_after_seconds = max(end - since, 0.0)
         windows = {ip: w for ip, (w, _rate) in self._windows(before, since).items()
                    if w is not None}
-        if windows:
+        if report.why:
+            pass  # ended by the app's exit
+        elif windows:
             ip = max(windows, key=windows.get)
             report.window_seconds = round(windows[ip], 3)
             rate = self._windows(before, since)[ip][1]

@@ -71,7 +71,16 @@ class Wrapper:
                 self.life.note(Trigger.signal(sig))
 
     def _app_running(self) -> bool:
-        return self.app is not None and self.app_status is None
+        """Whether the app runs: also asked from other threads (readiness,
+        the stop's wait for consumers) while the main loop is in the stop,
+        so an exit not yet reaped counts too (peeked at, not reaped)."""
+        if self.app is None or self.app_status is not None:
+            return False
+        try:
+            info = os.waitid(os.P_PID, self.app.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False  # reaped already: its status is being noted
+        return info is None or info.si_pid == 0
 
     def _main_loop(self, server) -> int:
         while True:

@@ -242,3 +242,17 @@ def test_status_and_metrics_name_the_late_consumers(app):
     text = Metrics(registrar).render()[0].decode()
     assert 'registrar_late_requests{peer="127.0.0.1"}' in text, text
     assert "registrar_quiescence_seconds " in text
+
+
+def test_the_wait_ends_when_the_app_exits(app):
+    """`run`: an app that exits while consumers still send has nothing to
+    serve them with; the wait ends at once."""
+    sender = Sender(app, 50, "close")
+    sender.start()
+    watch = traffic(app)
+    time.sleep(0.5)
+    since = time.monotonic()
+    exited_at = since + 0.4
+    report = watch.quiesce(since, since, since + 5, serving=lambda: time.monotonic() < exited_at)
+    sender.stop()
+    assert 0.4 <= time.monotonic() - since < 0.6 and report.why == "the app exited", report
