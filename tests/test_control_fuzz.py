@@ -372,7 +372,9 @@ header_lines = st.lists(st.one_of(
                      b"Transfer-Encoding: chunked", b"Connection: close",
                      b"Connection: keep-alive", b"Expect: 100-continue", b" folded", b"NoColon",
                      b"Authorization: Bearer x"]),
-    st.binary(max_size=40).filter(lambda b: b"\n" not in b)), max_size=6)
+    # An empty line (or a lone CR before LF) ends the head: what follows is
+    # another request, and the one-answer-per-request check would not hold.
+    st.binary(max_size=40).filter(lambda b: b"\n" not in b and b.rstrip(b"\r"))), max_size=6)
 endings = st.sampled_from([b"\r\n", b"\n"])
 
 
