@@ -51,11 +51,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports (held open together so they cannot repeat)."""
+    """n distinct free ports (held open together so they cannot repeat),
+    below the kernel's ephemeral range: a port from that range may be taken
+    by any outgoing connection between now and the server's bind (a Consul
+    client agent started seconds after its ports were chosen failed with
+    "address already in use"); one below it only by an explicit bind."""
+    import random
+
+    low, _high = _ephemeral_range()
+    first = 10000 if low > 12000 else 1024
     socks = []
     try:
-        for _ in range(n):
+        for _ in range(100 * n):
+            if len(socks) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", random.randrange(first, low)))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # a crowded range: what the kernel hands out
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind(("127.0.0.1", 0))
             socks.append(s)
