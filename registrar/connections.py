@@ -51,6 +51,7 @@ OPEN = (1 << _TCP_ESTABLISHED) | (1 << _TCP_CLOSE_WAIT)
 LIVE = sum(1 << s for s in range(1, 13) if s not in (_TCP_TIME_WAIT, _TCP_LISTEN))
 #: The connections the app closed first, kept by the kernel for 60 s.
 TIME_WAIT = 1 << _TCP_TIME_WAIT
+TCP_TIME_WAIT = _TCP_TIME_WAIT
 #: How long the kernel keeps a closed connection in TIME_WAIT (TCP_TIMEWAIT_LEN).
 TIME_WAIT_SECONDS = 60.0
 

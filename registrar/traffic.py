@@ -52,8 +52,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .clock import Clock
-from .connections import (LIVE, PROGRESS_EVERY, TIME_WAIT, TIME_WAIT_SECONDS, connections,
-                          paced)
+from .connections import (LIVE, PROGRESS_EVERY, TCP_TIME_WAIT, TIME_WAIT, TIME_WAIT_SECONDS,
+                          connections, paced)
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class Traffic:
                 return self
             self._started = self.clock.now()
             self._thread = threading.Thread(target=self._sample, name="traffic", daemon=True)
-        self._look(time_wait=False)  # the baseline: what is open now is not new
+        self._look(time_wait=False)  # what is open now: history, never late
         self._thread.start()
         return self
 
@@ -319,7 +319,7 @@ class Traffic:
         with self._lock:
             live = set()
             for c in found:
-                if c.state == 6:  # TIME_WAIT: closed by the app
+                if c.state == TCP_TIME_WAIT:  # closed by the app
                     if c.cookie in self._gone or c.cookie in self._live:
                         continue
                     closed = now - max(TIME_WAIT_SECONDS - c.expires_ms / 1000, 0.0)
