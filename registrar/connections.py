@@ -43,15 +43,13 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _INET_DIAG_REQ_BYTECODE = 1
 _INET_DIAG_INFO = 2
 _BC_S_GE, _BC_S_LE = 2, 3
-_TCP_ESTABLISHED, _TCP_SYN_RECV, _TCP_TIME_WAIT, _TCP_CLOSE_WAIT, _TCP_LISTEN = 1, 3, 6, 8, 10
-_TCP_NEW_SYN_RECV = 12
+_TCP_ESTABLISHED, TCP_TIME_WAIT, _TCP_CLOSE_WAIT, _TCP_LISTEN = 1, 6, 8, 10
 #: What the busy drain reads: connections the app still has open.
 OPEN = (1 << _TCP_ESTABLISHED) | (1 << _TCP_CLOSE_WAIT)
 #: Every state of an accepted connection but TIME_WAIT (SYN_RECV to LAST_ACK).
-LIVE = sum(1 << s for s in range(1, 13) if s not in (_TCP_TIME_WAIT, _TCP_LISTEN))
+LIVE = sum(1 << s for s in range(1, 13) if s not in (TCP_TIME_WAIT, _TCP_LISTEN))
 #: The connections the app closed first, kept by the kernel for 60 s.
-TIME_WAIT = 1 << _TCP_TIME_WAIT
-TCP_TIME_WAIT = _TCP_TIME_WAIT
+TIME_WAIT = 1 << TCP_TIME_WAIT
 #: How long the kernel keeps a closed connection in TIME_WAIT (TCP_TIMEWAIT_LEN).
 TIME_WAIT_SECONDS = 60.0
 
@@ -89,8 +87,11 @@ class Connection:
     @property
     def peer_ip(self) -> str:
         """The peer's address alone; an IPv4-mapped IPv6 address as IPv4."""
-        ip = self.peer.rsplit(":", 1)[0]
-        return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+        return plain_ip(self.peer.rsplit(":", 1)[0])
+
+    @property
+    def peer_port(self) -> int:
+        return int(self.peer.rsplit(":", 1)[1])
 
     def busy(self, quiet: float) -> str | None:
         """Why the connection is busy (see the module's docstring), or None."""
@@ -105,6 +106,11 @@ class Connection:
         if min(self.last_sent_ms, self.last_received_ms) < quiet * 1000:
             return "active within the last %gms" % (quiet * 1000)
         return None
+
+
+def plain_ip(ip: str) -> str:
+    """An IPv4-mapped IPv6 address (a dual-stack listener's IPv4 peer) as IPv4."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
 def connections(port: int, states: int = OPEN) -> list[Connection]:

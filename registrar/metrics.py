@@ -75,10 +75,10 @@ class _Collector:
                 if not p.ignored:
                     late.add_metric([p.peer], float(p.requests))
             yield late
-        if r.traffic is not None:
+        if r.traffic is not None:  # status() above has just read what closed: no second look
             yield GaugeMetricFamily("registrar_consumers",
                                     "Peers that sent to service.port in the last minute "
-                                    "(not counting ignored ones)", value=len(r.traffic.rates(look=True)))
+                                    "(not counting ignored ones)", value=len(r.traffic.rates()))
         hist = HistogramMetricFamily("registrar_propagation_seconds",
                                      "deregister() to the last observer's confirmation",
                                      labels=["backend"])

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 from .clock import Clock
 from .connections import (LIVE, PROGRESS_EVERY, TCP_TIME_WAIT, TIME_WAIT, TIME_WAIT_SECONDS,
-                          connections, paced)
+                          connections, paced, plain_ip)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def note_own_connection(sock) -> None:
     except OSError:
         return
     with _own_lock:
-        _own[(_plain(host), port)] = time.monotonic()
+        _own[(plain_ip(host), port)] = time.monotonic()
         if len(_own) > 1024:  # probes run every few seconds: drop the oldest
             for key in sorted(_own, key=_own.get)[:512]:
                 del _own[key]
@@ -105,11 +105,6 @@ def _is_own(ip: str, port: int, at: float) -> bool:
     with _own_lock:
         when = _own.get((ip, port))
     return when is not None and abs(at - when) < _OWN_WITHIN
-
-
-def _plain(ip: str) -> str:
-    """An IPv4-mapped IPv6 address as IPv4."""
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
 def networks(specs: Iterable[str]) -> list[Network]:
@@ -351,11 +346,7 @@ class Traffic:
                         del self._peers[ip]
 
     def _arrive(self, c, at: float, n: int, connection: bool) -> None:
-        try:
-            port = int(c.peer.rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            port = -1
-        if _is_own(c.peer_ip, port, at):
+        if _is_own(c.peer_ip, c.peer_port, at):
             return  # our own probe, maybe from an address a consumer also uses
         peer = self._peers.get(c.peer_ip)
         if peer is None:
@@ -382,8 +373,8 @@ class Traffic:
         ends early once ``serving()`` is False (the app exited)."""
         start = self.clock.now()
         # The last minute's short connections, and what arrived since the
-        # last sample: part of the rate, not late (with the sampler's one
-        # look a second, it is stamped with its last arrival's time).
+        # last sample: part of the rate, not late (a connection's arrivals
+        # since the sampler's last look are stamped with the last one's time).
         self._look(time_wait=True)
         before = self.rates(max(began, self.clock.now()))
         with self._lock:
@@ -425,15 +416,15 @@ class Traffic:
         end = self.clock.now()
         report.seconds = end - start
         report.quiet_after_seconds = max(end - since, 0.0)
-        windows = {ip: w for ip, (w, _rate) in self._windows(before, since).items()
-                   if w is not None}
+        held = {ip: (w, rate) for ip, (w, rate) in self._windows(before, since).items()
+                if w is not None}
         if report.why:
             pass  # ended by the app's exit
-        elif windows:
-            ip = max(windows, key=windows.get)
-            report.window_seconds = round(windows[ip], 3)
-            rate = self._windows(before, since)[ip][1]
-            report.why = f"window {windows[ip]:.2f}s: {ip} sent {rate:.1f}/s"
+        elif held:
+            ip = max(held, key=lambda k: held[k][0])
+            window, rate = held[ip]
+            report.window_seconds = round(window, 3)
+            report.why = f"window {window:.2f}s: {ip} sent {rate:.1f}/s"
         elif before:
             report.why = "too sparse to wait for: " + ", ".join(
                 f"{ip} {r:.2f}/s" for ip, r in sorted(before.items())[:3])

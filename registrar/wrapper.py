@@ -93,7 +93,7 @@ class Wrapper:
                 return self._shutdown(server)
 
     def _shutdown(self, server) -> int:
-        # The registry steps, then the busy connections.
+        # The stop: registries, consumers, busy connections (podstop.py).
         self.report = self.life.stop(self.life.first)
         self._handle([])
         deadline = self.life.deadline
