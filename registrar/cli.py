@@ -306,6 +306,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     from .core import Registrar
 
     registrar = Registrar.from_config(args.config)
+    _needs_backends(registrar, "register")
     deadline = Deadline.after(args.timeout, registrar.clock)
     try:
         registrar.start(wait=True, timeout=args.timeout)
@@ -323,7 +324,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_deregister(args: argparse.Namespace) -> int:
     from .core import Registrar
 
-    report = Registrar.from_config(args.config).stop("deregister command")
+    registrar = Registrar.from_config(args.config)
+    _needs_backends(registrar, "deregister")
+    report = registrar.stop("deregister command")
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return EXIT_OK if report.ok else EXIT_FAILED
 
@@ -354,8 +357,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     inst = registrar.instance
     # The verdict on stderr, the effective configuration (YAML) on stdout.
     where = "standard input" if args.config == "-" else args.config
-    print(f"{where}: valid: {inst.service}/{inst.id} at {inst.hostport} on "
-          f"{', '.join(b.name for b in registrar.backends)}", file=sys.stderr)
+    on = (f"on {', '.join(b.name for b in registrar.backends)}" if registrar.backends
+          else "with no registry (the stop waits for consumers only)")
+    print(f"{where}: valid: {inst.service}/{inst.id} at {inst.hostport} {on}", file=sys.stderr)
     doc = effective(registrar.config)
     doc["service"].update(id=inst.id, address=inst.address)  # $POD_NAME, $POD_IP, or found
     print(yaml.safe_dump(doc, sort_keys=False), end="")
@@ -369,6 +373,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _needs_backends(registrar: Any, verb: str) -> None:
+    if not registrar.backends:
+        raise ConfigError("backends", f"none given: nothing to {verb} (a config without "
+                                      f"backends is for `run`, `agent` and the library)")
+
+
 def _all_seen(status: dict[str, Any]) -> bool:
     return all(o.get("sees") is True for b in status["backends"] for o in b["observers"])
 
@@ -379,6 +389,8 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
         return
     inst = status["instance"]
     print(f"{inst['service']}/{inst['id']} at {inst['address']}:{inst['port']}")
+    if not status["backends"]:
+        print("  no registry: nothing to look up")
     for b in status["backends"]:
         print(f"  {b['name']}:")
         for o in b["observers"]:

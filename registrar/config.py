@@ -100,7 +100,8 @@ class StopConfig(Model):
     grace_period: Annotated[Duration, doc("Mirror of terminationGracePeriodSeconds.")] = 30.0
     safety_margin: Annotated[Duration, doc("Kept in hand before the grace period ends.")] = 2.0
     min_wait: Annotated[Duration, doc(
-        "Extra wait after propagation is confirmed, for consumers that cannot be asked.")] = 0.0
+        "Extra wait after propagation is confirmed, for consumers that cannot be asked "
+        "(with no backends: after the stop begins).")] = 0.0
     signal: Annotated[str, doc("`run` mode: the signal that stops the app.")] = "SIGTERM"
     app_shutdown: Annotated[Duration, doc(
         "The part of the grace period kept for the app's own shutdown (at most half of "
@@ -120,8 +121,10 @@ class StopConfig(Model):
         "After the registries have dropped the pod, hold until consumers have stopped "
         "sending to service.port: no new connection and no request from a peer for a window "
         "its rate before the stop justifies (consumers that cache, and a Service's "
-        "kube-proxy and ingress, learn of the removal late). Within the deadline, less "
-        "app_shutdown.")] = True
+        "kube-proxy and ingress, learn of the removal late). With no backends it begins "
+        "at the trigger and only new connections hold it: a Service's data path keeps an "
+        "established connection on its pod whatever the endpoints say (conntrack), and "
+        "only the app's own shutdown moves it. Within the deadline, less app_shutdown.")] = True
     quiet_min: Annotated[Duration, more_than(0), doc(
         "The shortest quiet window, whatever a peer's rate.")] = 0.1
     quiet_max: Annotated[Duration, more_than(0), doc(
@@ -237,7 +240,11 @@ class HealthConfig(Model):
 
 class _FileModel(Model):
     service: ServiceConfig
-    backends: Annotated[list[dict[str, Any]], Meta(min_length=1)]
+    backends: Annotated[list[dict[str, Any]], doc(
+        "The registries to register in, one section each (its `type` names the backend). "
+        "Empty or absent: no registry, for a pod behind a Kubernetes Service only; the stop "
+        "then holds the pod until its consumers have stopped opening connections to it "
+        "(stop.quiesce), which replaces `preStop: sleep`.")] = field(default_factory=list)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     control: ControlConfig = field(default_factory=ControlConfig)

@@ -235,8 +235,9 @@ class Drain:
         self.clock = clock
         self.sleep = sleep
 
-    def holding(self) -> list[str]:
-        """What holds the stop now: one line per connection."""
+    def holding(self, quiet: float | None = None) -> list[str]:
+        """What holds the stop now: one line per connection (``quiet``:
+        instead of the drain's own)."""
         try:
             conns = connections(self.port)
         except OSError as exc:
@@ -244,13 +245,19 @@ class Drain:
             return []
         if self.mode == "all":
             return [f"{c.peer} open" for c in conns]
-        return [f"{c.peer} {why}" for c in conns if (why := c.busy(self.quiet))]
+        quiet = self.quiet if quiet is None else quiet
+        return [f"{c.peer} {why}" for c in conns if (why := c.busy(quiet))]
 
-    def wait(self, until: float) -> DrainReport:
-        """Wait until nothing holds the stop, or until the clock reads ``until``."""
+    def wait(self, until: float, in_flight_only: bool = False) -> DrainReport:
+        """Wait until nothing holds the stop, or until the clock reads ``until``.
+        With ``in_flight_only`` a connection is busy only while a request is
+        in it, not for ``quiet`` after: a Service's data path keeps a keep-
+        alive connection on the pod (conntrack) and its next request comes
+        whenever, so the moment between two is the one to take."""
         began = self.clock()
         report = DrainReport(self.mode)
-        holding = self.holding()
+        quiet = 0.0 if in_flight_only else None
+        holding = self.holding(quiet)
         report.waited_for = len(holding)
         busy = self.mode == "busy"
         if holding:
@@ -263,7 +270,7 @@ class Drain:
             pause = paced(self.INTERVAL, cost, self.SHARE)
             self.sleep(max(0.0, min(pause, until - self.clock())))
             looked = time.monotonic()
-            holding = self.holding()
+            holding = self.holding(quiet)
             cost = time.monotonic() - looked
             if holding and self.clock() - noted >= PROGRESS_EVERY:
                 noted = self.clock()  # a long wait is not silent: once a second, who

@@ -36,6 +36,10 @@ class Registrar:
     unreachable) and heartbeats; ``stop()`` runs the stop sequence once and
     returns its :class:`StopReport` to every caller. Usable as a context
     manager: ``with Registrar.from_config("agent.yaml") as r: serve()``.
+
+    With no backend (a pod behind a Kubernetes Service only) nothing is
+    registered: start() gates readiness on the app, and stop() holds the
+    pod until its consumers stop opening connections to it (podstop.py).
     """
 
     def __init__(self, instance: Instance, backends: Sequence[Backend], *,
@@ -43,8 +47,6 @@ class Registrar:
                  clock: Clock | None = None,
                  on_fatal: Callable[[RegistrarError], None] | None = None,
                  environ: Mapping[str, str] | None = None):
-        if not backends:
-            raise ValueError("a Registrar needs at least one backend")
         self.instance = instance
         self.heartbeat_config = heartbeat or HeartbeatConfig()
         self.stop_config = stop or StopConfig()
@@ -148,6 +150,10 @@ class Registrar:
                 self._gate.start()  # calls start(gate=False) once the app passes
             elif not self._started and (self._gate is None or not gate):
                 self._started = True
+                if not self._slots:
+                    log.info("no backends: %s/%s is registered nowhere; the stop will hold it "
+                             "until its consumers stop opening connections to port %d",
+                             self.instance.service, self.instance.id, self.instance.port)
                 self._registration.start()
         if wait:
             self.wait_registered(timeout)
@@ -156,6 +162,14 @@ class Registrar:
     def wait_registered(self, timeout: float | None = None) -> None:
         """Block until every backend is registered (see start())."""
         deadline = None if timeout is None else Deadline.after(timeout, self.clock)
+        # With no registry, "registered" is the gate's verdict: the app serves.
+        while not self._slots and not self._started:
+            if self._stopping.is_set():
+                raise RegistrarError("stopped before the app passed its health probe")
+            if deadline is not None and deadline.expired:
+                raise RegistryUnavailable(f"not ready after {timeout}s: waiting for the app: "
+                                          f"{self._gate.last_failure if self._gate else ''}")
+            self.clock.sleep(0.05 if deadline is None else deadline.cap(0.05))
         for slot in self._slots:
             while not slot.registered.wait(0.05 if deadline is None else deadline.cap(0.05)):
                 if slot.state == BackendState.REJECTED:
@@ -196,7 +210,7 @@ class Registrar:
                 waiting.append(f"{s.name}: {state}" + (f" ({s.last_error})" if s.last_error else ""))
         if waiting:
             return False, "not registered on " + "; ".join(waiting)
-        return True, "registered"
+        return True, "registered" if self._slots else "serving (no registry)"
 
     # -- out of rotation (the app's health gate) -------------------------------
 
@@ -267,7 +281,8 @@ class Registrar:
             "instance": self.instance.to_dict(),
             "state": "stopped" if self.pod_stop.report is not None
             else "stopping" if self._stopping.is_set()
-            else "registered" if self.registered else "starting" if self._started else "idle",
+            else ("registered" if self._slots else "serving") if self.registered
+            else "starting" if self._started else "idle",
             "backends": []}
         for slot in self._slots:
             entry: dict[str, Any] = {"name": slot.name, "state": str(slot.current_state()),

@@ -79,12 +79,15 @@ class HealthGate:
         failures = 0
         wait = self.FIRST_INTERVAL
         began = remind = time.monotonic()
+        # With no registry the gate decides readiness only (/readyz).
+        registry = bool(self.registrar.backends)
         while not self.registrar.stopping and self.app_running():
             ok, why = self.probe()
             if ok:
                 failures = 0
                 if not self.passed:
-                    log.info("the app passes its health probe (%s): registering", self.target)
+                    log.info("the app passes its health probe (%s): %s", self.target,
+                             "registering" if registry else "ready")
                     try:
                         self.registrar.start(gate=False)
                     except RegistrarError:
@@ -100,11 +103,13 @@ class HealthGate:
                     if failures >= health.failure_threshold:
                         self.registrar.pause(f"health probe failed {failures} times: {why}")
                 elif failures == 1:
-                    log.info("waiting for the app before registering: %s", self.last_failure)
+                    log.info("waiting for the app before %s: %s",
+                             "registering" if registry else "reporting ready", self.last_failure)
                 elif time.monotonic() - remind >= self.REMIND_EVERY:
                     remind = time.monotonic()
-                    log.warning("not registered: the app has failed its health probe for %.0fs: "
-                                "%s", remind - began, self.last_failure)
+                    log.warning("%s: the app has failed its health probe for %.0fs: %s",
+                                "not registered" if registry else "not ready", remind - began,
+                                self.last_failure)
             wait = health.interval if self.passed else \
                 min(health.interval, self.UNTIL_PASSED, wait * 1.5)
             if self.done.wait(wait):

@@ -70,7 +70,8 @@ class _Collector:
                                     value=q.seconds)
             late = GaugeMetricFamily("registrar_late_requests",
                                      "Requests a consumer sent after every registry had dropped "
-                                     "the pod (the 20 busiest peers)", labels=["peer"])
+                                     "the pod, with no registry after the stop began (the 20 "
+                                     "busiest peers)", labels=["peer"])
             for p in q.late[:20]:
                 if not p.ignored:
                     late.add_metric([p.peer], float(p.requests))

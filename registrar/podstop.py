@@ -3,9 +3,13 @@ sequence"). It reads top to bottom:
 
   1. the registries: drain and deregister every backend, wait until every
      observer has dropped the pod, then ``min_wait`` (stopping.StopSequence);
+     with no backend (a pod behind a Kubernetes Service only) nothing but
+     ``min_wait``: the endpoints' removal began with the pod's deletion;
   2. the consumers: hold until the traffic on the app's port has stopped
-     for the window its rate justifies (traffic.Traffic); not when the app
-     has exited (steps 2 and 3 are about serving);
+     for the window its rate justifies (traffic.Traffic), counted from the
+     end of step 1; with no backend, until no new connection arrives (a
+     Service's data path keeps established connections on the pod); not
+     when the app has exited (steps 2 and 3 are about serving);
   3. what is in flight: wait until no connection to the app's port is busy
      (connections.Drain; `agent` and `run`);
   4. the report, complete before any caller sees it, and its one line.
@@ -47,7 +51,8 @@ class PodStop:
         self.registry_reserve = 0.0
         #: `run`: whether the app still runs (steps 2 and 3 end when it exits).
         self.app_running: Callable[[], bool] | None = None
-        self._sequence = StopSequence(instance, slots, config, clock)
+        self.instance = instance
+        self._sequence = StopSequence(instance, slots, config, clock) if slots else None
         self._lock = threading.Lock()
         self._future: Future[StopReport] | None = None
         #: The deadline, from the first trigger on.
@@ -84,25 +89,46 @@ class PodStop:
         """Wait for the stop another caller runs."""
         return self._future.result()
 
+    def _no_registry(self, trigger: Trigger, deadline: Deadline, serving: bool) -> StopReport:
+        """Step 1 with no backend: say what the stop waits for; ``min_wait``
+        (0 by default) is then a floor from the trigger on."""
+        quiesce = self.traffic is not None and self.config.quiesce and serving
+        log.info("stopping after %s: no registry; %s (budget %.1fs)", trigger,
+                 f"waiting until consumers stop opening connections to port "
+                 f"{self.instance.port}" if quiesce else "not waiting for consumers",
+                 deadline.remaining(),
+                 extra={"trigger": str(trigger), "seconds": round(deadline.remaining(), 3)})
+        waited = 0.0
+        if self.config.min_wait and serving:
+            waited = deadline.cap(self.config.min_wait)
+            self.clock.sleep(waited)
+        return StopReport(trigger, True, 0.0, waited, [])
+
     def _run(self, trigger: Trigger, began: float) -> StopReport:
         deadline = self.deadline
         app_share = deadline.at - self.config.app_reserve
-        # 1. The registries.
-        report = self._sequence.run(trigger, Deadline(deadline.at - self.registry_reserve,
-                                                      self.clock))
-        dropped_at = self.clock.now() - report.min_wait_seconds
         # With the app gone there is nothing to serve the consumers with:
         # holding the pod would only delay the container's restart.
         serving = trigger.cause is not Cause.APP_EXIT
+        # 1. The registries.
+        if self._sequence is not None:
+            report = self._sequence.run(trigger, Deadline(deadline.at - self.registry_reserve,
+                                                          self.clock))
+            dropped_at = self.clock.now() - report.min_wait_seconds
+        else:
+            report = self._no_registry(trigger, deadline, serving)
+            dropped_at = began
         # 2. The consumers.
         if self.traffic is not None and self.config.quiesce and serving:
             report.quiescence = self.traffic.quiesce(began, dropped_at, app_share,
-                                                     serving=self.app_running)
+                                                     serving=self.app_running,
+                                                     opens_only=self._sequence is None)
         if self.traffic is not None:
             self.traffic.close()
         # 3. What is in flight.
         if self.drain is not None and serving:
-            report.drain = self.drain.wait(until=app_share)
+            report.drain = self.drain.wait(until=app_share,
+                                           in_flight_only=self._sequence is None)
             if report.drain.waited_for and not report.drain.cut:
                 log.info("connections: %s", report.drain.summary())
         # 4. The report, and the one line that says what happened.

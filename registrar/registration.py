@@ -108,6 +108,8 @@ class Registration:
         self._scheduler = None
 
     def start(self) -> None:
+        if not self.slots:
+            return  # no registry: nothing to register or heartbeat
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self._scheduler = BackgroundScheduler(

@@ -123,8 +123,12 @@ class StopReport:
 
     def summary(self) -> str:
         """One line for logs and the preStop hook's output."""
-        head = "deregistered" if self.ok else "stop incomplete"
-        text = f"{head} after {self.trigger} in {self.seconds:.3f}s: {self.registries()}"
+        if not self.backends:  # a pod behind a Service only: nothing was deregistered
+            seconds = self.seconds if self.total_seconds is None else self.total_seconds
+            text = f"stopped after {self.trigger} in {seconds:.3f}s: no registry"
+        else:
+            head = "deregistered" if self.ok else "stop incomplete"
+            text = f"{head} after {self.trigger} in {self.seconds:.3f}s: {self.registries()}"
         if self.quiescence is not None:
             text += f"; consumers: {self.quiescence.summary()}"
         if self.drain is not None and (self.drain.waited_for or self.drain.cut):

@@ -158,15 +158,17 @@ _SLICES = 10
 class _Peer:
     """One peer address: its arrivals in buckets of 1/_SLICES s over
     HORIZON, and what it sent from a given moment on (the late traffic)."""
-    __slots__ = ("ip", "ignored", "buckets", "first", "last", "late_requests",
-                 "late_connections", "late_last")
+    __slots__ = ("ip", "ignored", "buckets", "opens", "first", "last", "last_open",
+                 "late_requests", "late_connections", "late_last")
 
     def __init__(self, ip: str, ignored: bool):
         self.ip = ip
         self.ignored = ignored
         self.buckets: dict[int, int] = {}
+        self.opens: dict[int, int] = {}  # the same, of new connections only
         self.first: float | None = None
         self.last: float | None = None
+        self.last_open: float | None = None
         self.late_requests = 0
         self.late_connections = 0
         self.late_last: float | None = None
@@ -176,34 +178,45 @@ class _Peer:
         self.buckets[slot] = self.buckets.get(slot, 0) + n
         self.first = t if self.first is None else min(self.first, t)
         self.last = t if self.last is None else max(self.last, t)
+        if connection:
+            self.opens[slot] = self.opens.get(slot, 0) + 1
+            self.last_open = t if self.last_open is None else max(self.last_open, t)
         if since is not None and t > since:
             self.late_requests += n
             self.late_connections += connection
             self.late_last = t if self.late_last is None else max(self.late_last, t)
 
-    def count(self, begin: float, end: float) -> int:
+    def count(self, begin: float, end: float, opens: bool = False) -> int:
         first, last = begin * _SLICES, end * _SLICES
-        return sum(n for s, n in self.buckets.items() if first <= s + 0.5 < last)
+        return sum(n for s, n in (self.opens if opens else self.buckets).items()
+                   if first <= s + 0.5 < last)
 
     def prune(self, before: float) -> None:
         limit = before * _SLICES
-        for s in [s for s in self.buckets if s < limit]:
-            del self.buckets[s]
+        for buckets in (self.buckets, self.opens):
+            for s in [s for s in buckets if s < limit]:
+                del buckets[s]
+
+
+#: What late traffic came after: with registries, and with none.
+AFTER_REMOVAL = "every member had dropped the pod"
+AFTER_TRIGGER = "the stop began"
 
 
 @dataclass
 class LatePeer:
-    """A peer that sent after the registries had dropped the pod."""
+    """A peer that sent after the registries had dropped the pod (with no
+    registry: after the stop began)."""
     peer: str
     requests: int  # data segments that arrived, and connections seen without one
     connections: int
-    last_seconds: float  # its last arrival, seconds after every registry dropped the pod
+    last_seconds: float  # its last arrival, seconds after ``since``
     rate: float  # requests per second before the stop
     ignored: bool = False
 
-    def words(self) -> str:
+    def words(self, after: str = AFTER_REMOVAL) -> str:
         return (f"{self.peer} sent {self.requests} request(s) on {self.connections} new "
-                f"connection(s) until {self.last_seconds:.2f}s after")
+                f"connection(s) until {self.last_seconds:.2f}s after {after}")
 
 
 @dataclass
@@ -217,15 +230,21 @@ class QuiescenceReport:
     late: list[LatePeer] = field(default_factory=list)
     #: Peers still sending when the stage was cut at its deadline.
     cut: list[str] = field(default_factory=list)
+    #: What ``quiet_after_seconds`` and the late traffic count from.
+    after: str = AFTER_REMOVAL
 
     def summary(self) -> str:
+        removal = self.after == AFTER_REMOVAL
         head = (f"traffic cut at the deadline, still sending: {', '.join(self.cut)}"
-                if self.cut else f"quiet {self.quiet_after_seconds:.2f}s after the removal")
+                if self.cut else f"quiet {self.quiet_after_seconds:.2f}s after "
+                                 f"{'the removal' if removal else 'the stop began'}")
         late = [p for p in self.late if not p.ignored]
         text = f"{head} ({self.why})"
         if late:
-            text += "; late traffic: " + "; ".join(p.words() for p in late[:5]) + \
-                " every member had dropped the pod"
+            # With no registry, traffic after the trigger is the data path
+            # catching up, not lateness: the words say what it was.
+            text += ("; late traffic: " if removal else "; since the trigger: ") + \
+                "; ".join(p.words(self.after) for p in late[:5])
         return text
 
 
@@ -250,6 +269,7 @@ class Traffic:
         self._thread: threading.Thread | None = None
         self._warned = False
         self._pruned = self.clock.now()
+        self._opens_only = False  # quiesce()'s: only new connections hold it
 
     # -- before the stop ---------------------------------------------------------
 
@@ -274,16 +294,18 @@ class Traffic:
     def close(self) -> None:
         self._halt.set()
 
-    def rates(self, at: float | None = None, look: bool = False) -> dict[str, float]:
+    def rates(self, at: float | None = None, look: bool = False,
+              opens: bool = False) -> dict[str, float]:
         """Requests per second per consumer peer over the HORIZON before
-        ``at``; with ``look``, after reading what closed since (TIME_WAIT:
-        ~4 us a connection of the last minute)."""
+        ``at`` (with ``opens``, new connections per second); with ``look``,
+        after reading what closed since (TIME_WAIT: ~4 us a connection of
+        the last minute)."""
         if look and self._since is None:
             self._look(time_wait=True)
         at = self.clock.now() if at is None else at
         horizon = self._horizon(at)
         with self._lock:
-            counts = {ip: p.count(at - horizon, at) for ip, p in self._peers.items()
+            counts = {ip: p.count(at - horizon, at, opens) for ip, p in self._peers.items()
                       if not p.ignored}
         # n arrivals are n - 1 gaps: one request alone tells no rate (and the
         # estimate errs low, which lengthens the window, never shortens it).
@@ -365,24 +387,34 @@ class Traffic:
     # -- the stage ---------------------------------------------------------------
 
     def quiesce(self, began: float, since: float, until: float,
-                serving: Callable[[], bool] | None = None) -> QuiescenceReport:
+                serving: Callable[[], bool] | None = None, *,
+                opens_only: bool = False) -> QuiescenceReport:
         """Hold until no consumer has sent for its window: counted from
         ``since`` (when every registry had dropped the pod; the stop's start
         with no registry), until at the latest ``until``. ``began`` is when
         the stop began: the rates are those of the HORIZON before it. It
-        ends early once ``serving()`` is False (the app exited)."""
+        ends early once ``serving()`` is False (the app exited).
+
+        With ``opens_only`` (no registry: a Service's data path) only new
+        connections hold it, and the windows follow each peer's rate of new
+        connections: kube-proxy, IPVS and cloud load balancers choose a pod
+        per connection and conntrack keeps an established one on its pod
+        whatever the endpoints say, so a keep-alive connection's requests
+        never stop by themselves; the app's own shutdown (after this stage
+        and the busy drain) is what moves them."""
         start = self.clock.now()
         # The last minute's short connections, and what arrived since the
         # last sample: part of the rate, not late (a connection's arrivals
         # since the sampler's last look are stamped with the last one's time).
         self._look(time_wait=True)
-        before = self.rates(max(began, self.clock.now()))
+        before = self.rates(max(began, self.clock.now()), opens=opens_only)
         with self._lock:
             self._since = since
             for peer in self._peers.values():
                 peer.late_requests = peer.late_connections = 0
                 peer.late_last = None
-        report = QuiescenceReport()
+        report = QuiescenceReport(after=AFTER_TRIGGER if opens_only else AFTER_REMOVAL)
+        self._opens_only = opens_only
         noted = start
         cost = 0.0
         while True:
@@ -440,7 +472,7 @@ class Traffic:
             self._since = None
         if report.cut:
             log.warning("consumers still sending at the deadline: %s",
-                        "; ".join(p.words() + " every member had dropped the pod"
+                        "; ".join(p.words(report.after)
                                   for p in report.late if p.peer in report.cut),
                         extra={"late": [p.__dict__ for p in report.late[:20]]})
         return report
@@ -457,10 +489,11 @@ class Traffic:
             peers = [p for p in self._peers.values() if not p.ignored]
         for p in peers:
             rate = before.get(p.ip, 0.0)
-            if p.late_last is not None:
+            late = p.late_connections if self._opens_only else p.late_requests
+            if p.late_last is not None and late:
                 # One request alone reads as one per quiet_min.
                 span = max(p.late_last - max(p.first or since, since), self.quiet_min)
-                rate = max(rate, p.late_requests / span)
+                rate = max(rate, late / span)
             if rate <= 0:
                 continue  # nothing before the stop, nothing since
             needed = _LN / rate
@@ -477,7 +510,8 @@ class Traffic:
             for ip, (window, _rate) in windows.items():
                 if window is None:
                     continue
-                last = max(since, self._peers[ip].last or since)
+                peer = self._peers[ip]
+                last = max(since, (peer.last_open if self._opens_only else peer.last) or since)
                 if now - last < window:
                     out.append((ip, window, last))
         return sorted(out, key=lambda h: h[2], reverse=True)

@@ -86,7 +86,8 @@ class Wrapper:
         while True:
             self._handle(self.pipe.wait())
             if self.app_status is not None and not self.life.triggered:
-                log.warning("the app exited with status %d: deregistering", self.app_status)
+                log.warning("the app exited with status %d: %s", self.app_status,
+                            "deregistering" if self.registrar.backends else "stopping")
                 self.report = self.life.stop(Trigger.app_exit(self.app_status))
                 return self.app_status
             if self.life.triggered:

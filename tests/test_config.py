@@ -50,7 +50,6 @@ BROKEN = [
     (with_("service.port", "http"), 'service.port: expected a whole number, got "http"'),
     (with_("backends[0].endpoints", ["127.0.0.1:2379"]),
      'backends[0].endpoints: expected a URL like http://10.0.0.1:2379 (port 1..65535), got "127.0.0.1:2379"'),
-    (with_("backends", []), "backends: should have at least 1 item, got []"),
     (with_("service.meta", {"a": "x\ny"}),
      "service.meta: no control characters (a newline, a NUL) allowed"),
     (with_("backends[0].prefix", "/a\x00b"),
