@@ -32,9 +32,13 @@ REGISTRAR = str(Path(sys.executable).with_name("registrar"))
 #: Every manifest and its way of use; a manifest added or removed must show here.
 MODES = {"sidecar.yaml": "sidecar", "native-sidecar.yaml": "native-sidecar",
          "wrapper.yaml": "wrapper", "wrapper-httpget.yaml": "wrapper",
-         "library.yaml": "library"}
+         "library.yaml": "library",
+         "service-wrapper.yaml": "wrapper", "service-native-sidecar.yaml": "native-sidecar"}
+#: No registry: a pod behind a Kubernetes Service only (issue 28).
+SERVICE_ONLY = {"service-wrapper.yaml", "service-native-sidecar.yaml"}
 #: The kinds each file holds: a Secret wherever a control server needs a token.
-KINDS = {"library.yaml": ["ConfigMap", "Deployment"]}
+KINDS = {"library.yaml": ["ConfigMap", "Deployment"],
+         **{name: ["Secret", "ConfigMap", "Service", "Deployment"] for name in SERVICE_ONLY}}
 #: What the Downward API gives in the tests (fieldPath -> value).
 FIELDS = {"metadata.name": "web-5d8f7c6b9-x2x7q", "status.podIP": "10.244.0.9",
           "status.hostIP": "192.0.2.10"}
@@ -291,6 +295,30 @@ def test_hooks_and_commands_fit_the_mode(loaded, tmp_path, monkeypatch):
     cli._resolve(args, os.environ)
     assert args.control == control, "the hook calls the control server"
     assert files.get(token_file) == pod.token, "the hook has the Secret's token"
+
+
+def test_registries_or_a_service_and_never_a_sleep(loaded):
+    """A Service-only manifest has no backends and a Service whose selector and
+    target port reach the app; every other one names a registry. No hook of
+    any manifest sleeps: that guess is what registrar replaces."""
+    pod, cfg, effective = loaded
+    if pod.name not in SERVICE_ONLY:
+        assert cfg.backends and effective["backends"], pod.name
+        assert "Service" not in pod.docs
+    else:
+        assert cfg.backends == () and effective["backends"] == []
+        service = pod.docs["Service"]["spec"]
+        labels = pod.deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["selector"].items() <= labels.items()
+        named = {p["name"]: p["containerPort"] for c in pod.containers
+                 for p in c.get("ports", []) if "name" in p}
+        (port,) = service["ports"]
+        target = port["targetPort"]
+        assert named.get(target, target) == cfg.service.port, "the Service reaches service.port"
+    for c in pod.containers:
+        hook = c.get("lifecycle", {}).get("preStop", {})
+        assert "sleep" not in hook and "sleep" not in (hook.get("exec") or {}).get(
+            "command", []), c["name"]
 
 
 def test_resources(loaded):
