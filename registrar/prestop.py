@@ -146,8 +146,8 @@ def main(args: argparse.Namespace) -> int:
                   f"({age:.1f}s ago): {report['summary']}")
             return 0 if report.get("ok") is True else 1
         if args.config:
-            print(f"registrar prestop: no agent at {control} ({reason}): deregistering directly",
-                  file=sys.stderr)
+            print(f"registrar prestop: no agent at {control} ({reason}): running the stop "
+                  f"of {args.config} here", file=sys.stderr)
             return _deregister_directly(args.config)
         print(f"registrar prestop: no agent answered at {control}: {reason}")
         return 1
