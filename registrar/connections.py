@@ -93,10 +93,20 @@ class Connection:
     def peer_port(self) -> int:
         return int(self.peer.rsplit(":", 1)[1])
 
-    def busy(self, quiet: float) -> str | None:
-        """Why the connection is busy (see the module's docstring), or None."""
+    def busy(self, quiet: float | None) -> str | None:
+        """Why the connection is busy (see the module's docstring), or None.
+        ``quiet`` None: only while a request is in it (unread, or read and
+        not answered); an answer not yet acknowledged is not, since the
+        kernel still delivers it once the app has exited."""
         if self.rqueue:
             return "request waiting to be read"
+        if quiet is None:
+            # Within a tick (the times are in jiffies, up to 10 ms) a request
+            # answered and the next one arrived look alike: busy then too.
+            return "request being processed" if (
+                self.last_received_ms < self.last_sent_ms
+                or (self.asked and not self.answered)
+                or min(self.last_sent_ms, self.last_received_ms) < _TICK_MS) else None
         if self.wqueue:
             return "response not yet acknowledged"
         # The times are in jiffies: a request that follows the connect within
@@ -106,6 +116,10 @@ class Connection:
         if min(self.last_sent_ms, self.last_received_ms) < quiet * 1000:
             return "active within the last %gms" % (quiet * 1000)
         return None
+
+
+#: The longest jiffy (HZ=100): tcp_info's times are counted in them.
+_TICK_MS = 10
 
 
 def plain_ip(ip: str) -> str:
@@ -235,9 +249,8 @@ class Drain:
         self.clock = clock
         self.sleep = sleep
 
-    def holding(self, quiet: float | None = None) -> list[str]:
-        """What holds the stop now: one line per connection (``quiet``:
-        instead of the drain's own)."""
+    def holding(self, in_flight_only: bool = False) -> list[str]:
+        """What holds the stop now: one line per connection (see wait())."""
         try:
             conns = connections(self.port)
         except OSError as exc:
@@ -245,7 +258,7 @@ class Drain:
             return []
         if self.mode == "all":
             return [f"{c.peer} open" for c in conns]
-        quiet = self.quiet if quiet is None else quiet
+        quiet = None if in_flight_only else self.quiet
         return [f"{c.peer} {why}" for c in conns if (why := c.busy(quiet))]
 
     def wait(self, until: float, in_flight_only: bool = False) -> DrainReport:
@@ -256,8 +269,7 @@ class Drain:
         whenever, so the moment between two is the one to take."""
         began = self.clock()
         report = DrainReport(self.mode)
-        quiet = 0.0 if in_flight_only else None
-        holding = self.holding(quiet)
+        holding = self.holding(in_flight_only)
         report.waited_for = len(holding)
         busy = self.mode == "busy"
         if holding:
@@ -270,7 +282,7 @@ class Drain:
             pause = paced(self.INTERVAL, cost, self.SHARE)
             self.sleep(max(0.0, min(pause, until - self.clock())))
             looked = time.monotonic()
-            holding = self.holding(quiet)
+            holding = self.holding(in_flight_only)
             cost = time.monotonic() - looked
             if holding and self.clock() - noted >= PROGRESS_EVERY:
                 noted = self.clock()  # a long wait is not silent: once a second, who

@@ -72,6 +72,14 @@ LOOK_EVERY = 0.01
 LOOK_SHARE = 0.2
 #: Peers tracked at most (a scan of the whole internet would otherwise grow it).
 MAX_PEERS = 4096
+#: With no registry, a peer whose connections each carried this many requests
+#: (data segments) on average and lived this many seconds (live connections
+#: over its rate of new ones: Little's law) keeps its connections: it opens
+#: one when its pool lost one (in a rolling update, when a pod died), not per
+#: request, so its rate of new connections tells nothing about when the data
+#: path dropped the pod; it holds nothing.
+KEEPS_REQUESTS = 8
+KEEPS_SECONDS = 1.0
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -270,6 +278,7 @@ class Traffic:
         self._warned = False
         self._pruned = self.clock.now()
         self._opens_only = False  # quiesce()'s: only new connections hold it
+        self._keepers: dict[str, float] = {}  # and peers that keep theirs -> requests each
 
     # -- before the stop ---------------------------------------------------------
 
@@ -415,6 +424,7 @@ class Traffic:
                 peer.late_last = None
         report = QuiescenceReport(after=AFTER_TRIGGER if opens_only else AFTER_REMOVAL)
         self._opens_only = opens_only
+        self._keepers = self._keeping(began, before) if opens_only else {}
         noted = start
         cost = 0.0
         while True:
@@ -457,9 +467,14 @@ class Traffic:
             window, rate = held[ip]
             report.window_seconds = round(window, 3)
             report.why = f"window {window:.2f}s: {ip} sent {rate:.1f}/s"
-        elif before:
+        elif set(before) - set(self._keepers):
             report.why = "too sparse to wait for: " + ", ".join(
-                f"{ip} {r:.2f}/s" for ip, r in sorted(before.items())[:3])
+                f"{ip} {r:.2f}/s" for ip, r in sorted(before.items())[:3]
+                if ip not in self._keepers)
+        elif self._keepers:
+            report.why = "keep-alive only: " + ", ".join(
+                f"{ip} {n:.0f} requests per connection" if n < math.inf
+                else f"{ip} opened no connection" for ip, n in sorted(self._keepers.items())[:3])
         else:
             report.why = f"no consumer sent in the last {self._horizon(began):.0f}s"
         with self._lock:
@@ -477,6 +492,23 @@ class Traffic:
                         extra={"late": [p.__dict__ for p in report.late[:20]]})
         return report
 
+    def _keeping(self, began: float, opens: dict[str, float]) -> dict[str, float]:
+        """The peers that keep their connections (KEEPS_REQUESTS), and the
+        requests each of their connections carried."""
+        requests = self.rates(max(began, self.clock.now()))
+        with self._lock:
+            live: dict[str, int] = {}
+            for ip, _counted in self._live.values():
+                live[ip] = live.get(ip, 0) + 1
+        out = {}
+        for ip, rate in requests.items():
+            opened = opens.get(ip, 0.0)
+            per_connection = rate / opened if opened else math.inf
+            lifetime = live.get(ip, 0) / opened if opened else math.inf
+            if live.get(ip) and per_connection >= KEEPS_REQUESTS and lifetime >= KEEPS_SECONDS:
+                out[ip] = per_connection
+        return out
+
     def _windows(self, before: dict[str, float],
                  since: float) -> dict[str, tuple[float | None, float]]:
         """Each consumer peer's window (None: too sparse to wait for) and the
@@ -488,6 +520,8 @@ class Traffic:
         with self._lock:
             peers = [p for p in self._peers.values() if not p.ignored]
         for p in peers:
+            if p.ip in self._keepers:
+                continue
             rate = before.get(p.ip, 0.0)
             late = p.late_connections if self._opens_only else p.late_requests
             if p.late_last is not None and late:

@@ -225,3 +225,28 @@ def test_service_only_pod_serves_until_the_data_path_stops_opening_connections(
     assert ": no registry; consumers: quiet " in line and "since the trigger: 127.0.0.2" in line
     print(f"\nLOG {line}")
     assert not pod.timeline.find("SIGKILL"), pod.report()
+
+
+def test_a_keep_alive_pool_that_recycles_its_connections_holds_nothing(app_port):
+    """A pool of 4 connections, each replaced every 2 s: 2 new connections/s,
+    which alone would hold the stop 4.6 s after each, and keep holding it while
+    the pool recycles. Its connections carry ~40 requests each and live 2 s:
+    it keeps its connections, and conntrack keeps them on the pod whatever
+    the endpoints say, so it holds nothing."""
+    r = Registrar.from_config({"service": {"name": "web", "port": app_port},
+                               "stop": {"grace_period": "10s", "safety_margin": "1s"}},
+                              environ={"POD_IP": "127.0.0.1"})
+    r.start(wait=True, timeout=5)
+    pool = [Sender(app_port, 20, "keepalive", source="127.0.0.3", recycle=2.0)
+            for _ in range(4)]
+    for i, sender in enumerate(pool):
+        sender.start()
+        time.sleep(0.5)  # staggered: the pool replaces one connection every 0.5 s
+    time.sleep(2.0)
+    report = r.stop("test")
+    for sender in pool:
+        sender.stop()
+    q = report.quiescence
+    assert q.why.startswith("keep-alive only: 127.0.0.3 "), q
+    assert not q.cut and report.drain is None
+    assert all(sender.failed == 0 for sender in pool)

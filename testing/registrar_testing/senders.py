@@ -13,14 +13,17 @@ class Sender(threading.Thread):
     """``rate`` requests per second to ``port`` until stop(); ``how``:
     close: a new connection per request (``Connection: close``), read until
       the app closes it: the app closes first;
-    keepalive: one persistent connection;
+    keepalive: one persistent connection (a new one every ``recycle``
+      seconds, if given: a pool's connection lifetime);
     client-close: a new connection per request (HTTP/1.1, kept alive by the
       app) that the sender closes once it has the answer."""
 
     def __init__(self, port: int, rate: float, how: str = "close", source: str = "127.0.0.1",
-                 ms: float = 0):
+                 ms: float = 0, recycle: float | None = None):
         super().__init__(daemon=True)
         self.port, self.rate, self.how, self.source, self.ms = port, rate, how, source, ms
+        self.recycle = recycle
+        self._opened = 0.0
         self.sent: list[float] = []
         self.failed = 0
         self._halt = threading.Event()
@@ -39,7 +42,12 @@ class Sender(threading.Thread):
         path = f"/?ms={self.ms}" if self.ms else "/"
         try:
             if self.how == "keepalive":
+                if (self._conn is not None and self.recycle is not None
+                        and time.monotonic() - self._opened >= self.recycle):
+                    self._conn.close()
+                    self._conn = None
                 if self._conn is None:
+                    self._opened = time.monotonic()
                     self._conn = http.client.HTTPConnection(
                         "127.0.0.1", self.port, timeout=2, source_address=(self.source, 0))
                 self._conn.request("GET", path)
