@@ -222,13 +222,20 @@ class DrainReport:
     seconds: float = 0.0
     waited_for: int = 0  # busy connections when the wait began
     cut: list[str] = field(default_factory=list)  # still busy at the deadline, and why
+    #: Kept connections not waited for, left to the app's shutdown: peer -> how many.
+    left: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         if self.cut:
-            return f"{len(self.cut)} busy connection(s) cut at the deadline ({'; '.join(self.cut)})"
-        if not self.waited_for:
-            return "no busy connection"
-        return f"{self.waited_for} busy connection(s) done in {self.seconds * 1000:.0f}ms"
+            text = f"{len(self.cut)} busy connection(s) cut at the deadline ({'; '.join(self.cut)})"
+        elif not self.waited_for:
+            text = "no busy connection"
+        else:
+            text = f"{self.waited_for} busy connection(s) done in {self.seconds * 1000:.0f}ms"
+        if self.left:
+            text += "; left to the app's shutdown: " + ", ".join(
+                f"{n} kept connection(s) of {ip}" for ip, n in sorted(self.left.items())[:5])
+        return text
 
 
 class Drain:
@@ -249,7 +256,8 @@ class Drain:
         self.clock = clock
         self.sleep = sleep
 
-    def holding(self, in_flight_only: bool = False) -> list[str]:
+    def holding(self, in_flight_only: bool = False,
+                skip: frozenset[str] = frozenset()) -> list[str]:
         """What holds the stop now: one line per connection (see wait())."""
         try:
             conns = connections(self.port)
@@ -259,17 +267,22 @@ class Drain:
         if self.mode == "all":
             return [f"{c.peer} open" for c in conns]
         quiet = None if in_flight_only else self.quiet
-        return [f"{c.peer} {why}" for c in conns if (why := c.busy(quiet))]
+        return [f"{c.peer} {why}" for c in conns
+                if plain_ip(c.peer_ip) not in skip and (why := c.busy(quiet))]
 
-    def wait(self, until: float, in_flight_only: bool = False) -> DrainReport:
+    def wait(self, until: float, in_flight_only: bool = False,
+             skip: frozenset[str] = frozenset()) -> DrainReport:
         """Wait until nothing holds the stop, or until the clock reads ``until``.
         With ``in_flight_only`` a connection is busy only while a request is
-        in it, not for ``quiet`` after: a Service's data path keeps a keep-
-        alive connection on the pod (conntrack) and its next request comes
-        whenever, so the moment between two is the one to take."""
+        in it, not for ``quiet`` after. The connections of peers in ``skip``
+        do not hold it: with no registry, the clients that keep their
+        connections, which a Service's data path never moves off the pod
+        (conntrack) and whose next request comes whenever: a busy pool has
+        one in flight at every moment, and only the app's own shutdown ends
+        them (a graceful one finishes what is in flight)."""
         began = self.clock()
         report = DrainReport(self.mode)
-        holding = self.holding(in_flight_only)
+        holding = self.holding(in_flight_only, skip)
         report.waited_for = len(holding)
         busy = self.mode == "busy"
         if holding:
@@ -282,7 +295,7 @@ class Drain:
             pause = paced(self.INTERVAL, cost, self.SHARE)
             self.sleep(max(0.0, min(pause, until - self.clock())))
             looked = time.monotonic()
-            holding = self.holding(in_flight_only)
+            holding = self.holding(in_flight_only, skip)
             cost = time.monotonic() - looked
             if holding and self.clock() - noted >= PROGRESS_EVERY:
                 noted = self.clock()  # a long wait is not silent: once a second, who
@@ -292,6 +305,13 @@ class Drain:
                          extra={"connections": holding[:20],
                                 "seconds": round(until - self.clock(), 3)})
         report.seconds = self.clock() - began
+        if skip:
+            try:
+                for c in connections(self.port):
+                    if (ip := plain_ip(c.peer_ip)) in skip:
+                        report.left[ip] = report.left.get(ip, 0) + 1
+            except OSError:
+                pass  # warned about above
         if holding:
             report.cut = holding
             log.warning("%d connection(s) to port %d still %s at the deadline: %s", len(holding),

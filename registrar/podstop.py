@@ -127,8 +127,10 @@ class PodStop:
             self.traffic.close()
         # 3. What is in flight.
         if self.drain is not None and serving:
-            report.drain = self.drain.wait(until=app_share,
-                                           in_flight_only=self._sequence is None)
+            service_only = self._sequence is None
+            keepers = self.traffic.keepers if self.traffic is not None and service_only else ()
+            report.drain = self.drain.wait(until=app_share, in_flight_only=service_only,
+                                           skip=frozenset(keepers))
             if report.drain.waited_for and not report.drain.cut:
                 log.info("connections: %s", report.drain.summary())
         # 4. The report, and the one line that says what happened.

@@ -131,7 +131,7 @@ class StopReport:
             text = f"{head} after {self.trigger} in {self.seconds:.3f}s: {self.registries()}"
         if self.quiescence is not None:
             text += f"; consumers: {self.quiescence.summary()}"
-        if self.drain is not None and (self.drain.waited_for or self.drain.cut):
+        if self.drain is not None and (self.drain.waited_for or self.drain.cut or self.drain.left):
             text += f"; connections: {self.drain.summary()}"
         return text
 

@@ -492,6 +492,11 @@ class Traffic:
                         extra={"late": [p.__dict__ for p in report.late[:20]]})
         return report
 
+    @property
+    def keepers(self) -> list[str]:
+        """The peers the last quiesce() found to keep their connections."""
+        return list(self._keepers)
+
     def _keeping(self, began: float, opens: dict[str, float]) -> dict[str, float]:
         """The peers that keep their connections (KEEPS_REQUESTS), and the
         requests each of their connections carried."""

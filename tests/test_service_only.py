@@ -223,6 +223,9 @@ def test_service_only_pod_serves_until_the_data_path_stops_opening_connections(
     assert not output["quiescence"]["cut"] and not output["drain"]["cut"], output
     (line,) = [ln for ln in pod.logs().splitlines() if "registrar.podstop: stopped" in ln]
     assert ": no registry; consumers: quiet " in line and "since the trigger: 127.0.0.2" in line
+    # The keep-alive client's connection was not waited for: the app's shutdown ends it.
+    assert output["drain"]["left"] == {"127.0.0.3": 1}, output
+    assert "left to the app's shutdown: 1 kept connection(s) of 127.0.0.3" in line
     print(f"\nLOG {line}")
     assert not pod.timeline.find("SIGKILL"), pod.report()
 
