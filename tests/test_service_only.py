@@ -253,3 +253,19 @@ def test_a_keep_alive_pool_that_recycles_its_connections_holds_nothing(app_port)
     assert q.why.startswith("keep-alive only: 127.0.0.3 "), q
     assert not q.cut and report.drain is None
     assert all(sender.failed == 0 for sender in pool)
+
+
+def test_the_readmes_service_only_config_is_valid(tmp_path):
+    """The README's quickstart for a Services user, as written."""
+    import re
+
+    from registrar import config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (block,) = re.findall(r"```yaml\n(# agent.yaml: no backends\n.*?)```", readme, re.DOTALL)
+    (tmp_path / "token").write_text("a-token")
+    path = tmp_path / "agent.yaml"
+    path.write_text(block.replace("/var/run/registrar/token", str(tmp_path / "token")))
+    cfg = config.load(path, environ={"POD_IP": "10.244.0.9"})
+    assert cfg.backends == () and cfg.stop.quiesce and cfg.service.port == 8080
+    assert cfg.control.listen == "10.244.0.9:9901"
