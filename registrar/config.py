@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .discovery import available_backends, backend_class
+from .instance import segment_error
 from .errors import ConfigError
 from .fields import (Annotated, Duration, Meta, Model, Rule, StrList, at_least,
                      doc, dump, field, format_duration, more_than, parse, printable, read_token,
@@ -30,6 +31,12 @@ def _printable(value: Any) -> Any:
     return value
 
 
+def _segment(value: Any) -> Any:
+    if isinstance(value, str) and (error := segment_error(value)):
+        raise ValueError(error)
+    return value
+
+
 def _host(value: str) -> str:
     if not is_host(value):
         raise ValueError(f"expected an IP address or a host name, got {show(value)}")
@@ -40,8 +47,9 @@ _NAME = Meta(min_length=1)
 
 
 class ServiceConfig(Model, kw_only=True):  # kw_only: port (required) after the optional ones
-    name: Annotated[str, _NAME, doc("Service name consumers look up."), Rule(_printable)]
-    id: Annotated[Annotated[str, _NAME] | None, Rule(_printable), doc(
+    name: Annotated[str, _NAME, doc("Service name consumers look up."), Rule(_printable),
+                    Rule(_segment)]
+    id: Annotated[Annotated[str, _NAME] | None, Rule(_printable), Rule(_segment), doc(
         "Instance id (default: $POD_NAME, else the host name).")] = None
     address: Annotated[Annotated[str, _NAME] | None, Rule(_host), doc(
         "Address to advertise (default: $POD_IP, else the first non-loopback IPv4 "

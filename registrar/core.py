@@ -78,15 +78,17 @@ class Registrar:
 
         cfg = config.load(source, environ)
         svc = cfg.service
-        instance = Instance.create(svc.name, svc.port, id=svc.id, address=svc.address,
-                                   tags=svc.tags, meta=svc.meta, environ=environ)
+        try:
+            instance = Instance.create(svc.name, svc.port, id=svc.id, address=svc.address,
+                                       tags=svc.tags, meta=svc.meta, environ=environ)
+        except ValueError as exc:  # the id $POD_NAME (or the host name) gave
+            raise ConfigError("service.id", "$POD_NAME: " + str(exc).removeprefix(
+                "instance id: ")) from None
         # What the Downward API variables gave gets the checks the config's
         # own service.id and service.address get.
         if svc.address is None and not config.is_host(instance.address):
             raise ConfigError("service.address", f"$POD_IP is {show(instance.address)}: not an "
                                                  f"IP address or host name")
-        if svc.id is None and not (instance.id.isprintable() and instance.id.strip()):
-            raise ConfigError("service.id", f"$POD_NAME is {show(instance.id)}: not a name")
         backends = []
         for i, (backend_cls, section) in enumerate(cfg.backends):
             try:

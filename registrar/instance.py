@@ -10,6 +10,25 @@ from types import MappingProxyType
 from typing import Mapping
 
 
+#: What a name may not hold: it becomes a registry key's element (etcd,
+#: ZooKeeper) and a URL's path segment (Consul's /v1/agent/service/
+#: deregister/<id>), where any of these would reach another key or endpoint.
+_UNSAFE = frozenset('/\\?#%') | frozenset(" \t")
+
+
+def segment_error(text: str) -> str | None:
+    """Why ``text`` cannot be a key element or a URL path segment, or None."""
+    if text in (".", ".."):
+        return f"expected a name, got {repr(text)}: it would name the key or path above it"
+    if not text.strip():
+        return f"expected a name, got {text!r}"
+    bad = sorted({c for c in text if c in _UNSAFE or c.isspace() or not c.isprintable()})
+    if bad:
+        return (f"expected a name without {' '.join(repr(c) for c in bad)} (it goes into "
+                f"registry keys and URLs), got {repr(text)}")
+    return None
+
+
 @dataclass(frozen=True)
 class Instance:
     """One instance of a service, as every backend translates it.
@@ -27,6 +46,9 @@ class Instance:
     meta: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     def __post_init__(self) -> None:
+        for what, text in (("service", self.service), ("id", self.id)):
+            if error := segment_error(text):
+                raise ValueError(f"instance {what}: {error}")
         # Frozen means frozen all the way down: callers may pass a list and a dict.
         object.__setattr__(self, "tags", tuple(self.tags))
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))

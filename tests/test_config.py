@@ -241,7 +241,9 @@ def test_a_hostile_file_is_one_line_and_exit_2(tmp_path, capsys, text, expected)
 
 @pytest.mark.parametrize("environ, message", [
     ({"POD_IP": "foo bar"}, 'service.address: $POD_IP is "foo bar": not an IP address'),
-    ({"POD_NAME": "a\nb", "POD_IP": "10.0.0.1"}, 'service.id: $POD_NAME is "a\\nb": not a name'),
+    ({"POD_NAME": "a\nb", "POD_IP": "10.0.0.1"},
+     "service.id: $POD_NAME: expected a name without '\\n' (it goes into registry keys and "
+     "URLs), got 'a\\nb'"),
 ])
 def test_downward_api_variables_are_checked_like_the_config(environ, message):
     from registrar import Registrar
@@ -288,3 +290,33 @@ def test_a_list_that_is_not_optional_refuses_null():
     stop = config.load({"service": {"name": "web", "port": 80}, "stop": {"ignore_peers": None},
                         "backends": [{"type": "etcd", "endpoints": ["http://127.0.0.1:2379"]}]}).stop
     assert stop.ignore_peers is None  # Optional: null is "not given"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("service.id", "../victim"), ("service.id", ".."), ("service.id", "a/b"),
+    ("service.id", "a?b"), ("service.id", "a#b"), ("service.id", "a%2Fb"),
+    ("service.id", "a b"), ("service.name", "web/../x"), ("service.name", "."),
+])
+def test_a_name_that_would_escape_its_key_or_url_is_refused(field, value):
+    """Issue 24: `service.id: ../victim` registered on Consul, and the stop's
+    PUTs went to another endpoint. A name is a key element and a URL path
+    segment on every backend: nothing that reaches above or beside it."""
+    with pytest.raises(ConfigError) as info:
+        config.load(with_(field, value))
+    assert str(info.value).startswith(f"{field}: expected a name")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("pod_name", ["../../x", "web/1", ".."])
+def test_a_pod_name_that_would_escape_its_key_or_url_is_refused(pod_name):
+    from registrar import Registrar
+
+    with pytest.raises(ConfigError) as info:
+        Registrar.from_config(GOOD, environ={"POD_NAME": pod_name,
+                                            "POD_IP": "10.0.0.1"})
+    assert str(info.value).startswith("service.id: $POD_NAME: expected a name")
+
+
+def test_ordinary_names_pass():
+    for name in ("web-5d8f7c6b9-x2x7q", "web.default", "web_1", "web:8080", "api@v2"):
+        assert config.load(with_("service.id", name)).service.id == name
