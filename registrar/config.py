@@ -15,7 +15,7 @@ from .instance import segment_error
 from .errors import ConfigError
 from .fields import (Annotated, Duration, Meta, Model, Rule, StrList, at_least,
                      doc, dump, field, format_duration, more_than, parse, printable, read_token,
-                     show)
+                     refuse_credentials, show)
 from .plugin import BackendConfig
 from .source import expand, parse_listen
 
@@ -201,6 +201,7 @@ def is_loopback(listen: str) -> bool:
 def _http(value: str) -> str:
     from urllib.parse import urlsplit
 
+    refuse_credentials(value, "health.http takes no credentials")
     try:
         parts = urlsplit(value)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname) and \

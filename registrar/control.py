@@ -180,7 +180,10 @@ class ControlServer:
                "pid": os.getpid(), "report": report.to_dict()}
         tmp = f"{self._report_path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w") as f:
+            # 0600: the report names the registry's endpoints and the
+            # consumers' addresses; the hook that reads it runs as this user.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
                 json.dump(doc, f, default=str)
             os.replace(tmp, self._report_path)
         except OSError as exc:

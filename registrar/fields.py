@@ -483,3 +483,21 @@ def _redact(value: Any) -> Any:
     if isinstance(value, list):
         return [_redact(v) for v in value]
     return value
+
+
+def refuse_credentials(url: str, instead: str) -> None:
+    """ValueError if ``url`` holds a user name or password (``user:pw@host``):
+    a URL is shown in /status, the report file, `registrar check` and logs,
+    where a secret must never go. ``instead`` says where it belongs. The
+    message shows the URL with its credentials replaced."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        userinfo = "@" in parts.netloc
+    except ValueError:
+        return  # not a URL: the caller's own check says so
+    if userinfo:
+        hidden = url.replace(parts.netloc, "***@" + parts.netloc.rsplit("@", 1)[1], 1)
+        raise ValueError(f"credentials in a URL are refused ({show(hidden)}): they would "
+                         f"show wherever the URL does; {instead}")

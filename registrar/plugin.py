@@ -21,14 +21,14 @@ from .errors import (ConfigError, MemberDown, RegistrarError, RegistrationReject
                      RegistryUnavailable)
 from .fields import (Annotated, Duration, Meta, Model, Rule, Secret, SecretFile, SecretText, StrList,
                      at_least, doc, field, format_duration, more_than, non_empty, read_token,
-                     show)
+                     refuse_credentials, show)
 from .instance import Instance
 
 __all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Model", "Duration",
            "StrList", "SecretFile", "SecretText", "Secret", "Annotated", "Meta", "Rule", "doc",
            "field", "at_least", "more_than", "non_empty", "read_token", "format_duration", "RegistrarError", "ConfigError",
            "RegistryUnavailable", "RegistrationRejected", "MemberDown", "client_errors",
-           "short_reason", "scrub", "show", "Deadline", "POLL_FIRST", "POLL_MAX", "watch_windows"]
+           "short_reason", "scrub", "show", "refuse_credentials", "Deadline", "POLL_FIRST", "POLL_MAX", "watch_windows"]
 
 #: The default ``Observer.wait_gone()`` asks again after POLL_FIRST seconds,
 #: doubling up to POLL_MAX: a removal that reaches the member within a few

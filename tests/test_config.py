@@ -320,3 +320,21 @@ def test_a_pod_name_that_would_escape_its_key_or_url_is_refused(pod_name):
 def test_ordinary_names_pass():
     for name in ("web-5d8f7c6b9-x2x7q", "web.default", "web_1", "web:8080", "api@v2"):
         assert config.load(with_("service.id", name)).service.id == name
+
+
+@pytest.mark.parametrize("path,value", [
+    ("backends", [{"type": "etcd", "endpoints": ["http://root:S3cr3t-PW@127.0.0.1:2379"]}]),
+    ("backends", [{"type": "etcd", "endpoints": "https://root:S3cr3t-PW@10.0.0.1:2379"}]),
+    ("backends", [{"type": "consul", "address": "http://acl:S3cr3t-PW@127.0.0.1:8500"}]),
+    ("backends", [{"type": "consul", "observers": ["S3cr3t-PW@127.0.0.1:8500"]}]),
+    ("health", {"http": "http://admin:S3cr3t-PW@127.0.0.1:8080/healthz"}),
+])
+def test_credentials_in_a_url_are_refused_without_showing_them(path, value):
+    """Issue 24 (4): a password in an endpoint URL showed in /status, the
+    report file, `registrar check` and `status --json`. It is refused, with
+    a pointer to where it belongs, and the message does not repeat it."""
+    with pytest.raises(ConfigError) as info:
+        config.load(with_(path, value))
+    message = str(info.value)
+    assert "credentials in a URL are refused" in message and "***@" in message, message
+    assert "S3cr3t" not in message and "\n" not in message

@@ -314,8 +314,10 @@ def test_the_report_is_left_next_to_the_unix_socket(registrar, tmp_path, capsys)
     report = registrar.stop("preStop (/prestop)")
     server.hand_over(report)
     server.close()
-    left = json.loads(Path(prestop_cmd.report_file(str(sock))).read_text())
+    left_path = Path(prestop_cmd.report_file(str(sock)))
+    left = json.loads(left_path.read_text())
     assert left["ok"] is True and left["summary"] == report.summary()
+    assert left_path.stat().st_mode & 0o777 == 0o600, "readable by its owner only (issue 24)"
     assert prestop_cmd.main(prestop_args(control=f"unix:{sock}")) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"registrar prestop: the agent at unix:{sock} had already stopped (")

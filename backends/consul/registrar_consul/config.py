@@ -6,13 +6,15 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from registrar.plugin import (Annotated, BackendConfig, Duration, Rule, SecretFile, SecretText,
-                              StrList, TLSConfig, at_least, doc, field, more_than)
+                              StrList, TLSConfig, at_least, doc, field, more_than,
+                              refuse_credentials)
 
 
 def parse_address(text: str, https: bool = False) -> tuple[str, str, int]:
     """``http(s)://host:port`` or ``host:port`` -> (scheme, host, port); the
     port defaults to 8500 (8501 for https). Raises ValueError."""
     url = text if "//" in text else ("https://" if https else "http://") + text
+    refuse_credentials(url, "give token_file (or $CONSUL_HTTP_TOKEN) for Consul's ACL token")
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from registrar.plugin import (Annotated, BackendConfig, ConfigError, Duration, Meta, Rule,
                               SecretFile, StrList, TLSConfig, at_least, doc, field, more_than,
-                              non_empty, read_token, show)
+                              non_empty, read_token, refuse_credentials, show)
 
 #: The environment variable read for the password when no password_file is given.
 PASSWORD_ENV = "ETCD_PASSWORD"
@@ -21,6 +21,7 @@ class EtcdTLS(TLSConfig):
 
 def _urls(endpoints: list[str]) -> list[str]:
     for url in endpoints:
+        refuse_credentials(url, "give username and password_file (or $ETCD_PASSWORD)")
         try:
             parts = urlsplit(url)
             ok = parts.scheme in ("http", "https") and parts.hostname and parts.port
