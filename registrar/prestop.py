@@ -68,9 +68,10 @@ def handed_over(control: str) -> dict[str, Any] | None:
     where = parse_listen(control)
     if not isinstance(where, str):
         return None
+    from .files import read_regular
+
     try:
-        with open(report_file(where)) as f:
-            doc = json.load(f)
+        doc = json.loads(read_regular(report_file(where), 1 << 20))
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("summary"), str) \
@@ -128,11 +129,16 @@ def main(args: argparse.Namespace) -> int:
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     token = None
     if token_file:
+        from .files import SECRET_BYTES, read_regular
+
         try:
-            with open(token_file) as f:
-                token = f.read().strip()
+            token = read_regular(token_file, SECRET_BYTES).decode(errors="replace").strip()
         except OSError as exc:
             print(f"registrar prestop: cannot read the token file {token_file}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            print(f"registrar prestop: cannot read the token file {token_file}: {exc}",
                   file=sys.stderr)
             return 1
     try:

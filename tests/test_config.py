@@ -338,3 +338,50 @@ def test_credentials_in_a_url_are_refused_without_showing_them(path, value):
     message = str(info.value)
     assert "credentials in a URL are refused" in message and "***@" in message, message
     assert "S3cr3t" not in message and "\n" not in message
+
+
+def _special(kind: str, tmp_path: Path) -> str:
+    if kind == "fifo":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+        return str(path)
+    if kind == "directory":
+        return str(tmp_path)
+    if kind == "large":
+        path = tmp_path / "large"
+        path.write_bytes(b"x" * (64 * 1024 + 1))
+        return str(path)
+    return "/dev/zero"
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("zero", "not a regular file (a character device)"), ("fifo", "not a regular file (a FIFO)"),
+    ("directory", "not a regular file (a directory)"), ("large", "larger than 64 KiB")])
+def test_a_secret_file_must_be_a_small_regular_file(tmp_path, kind, why):
+    """Issue 24 (5): `token_file: /dev/zero` grew `registrar check` to 6 GB,
+    and a FIFO hung it. Run as a user would, bounded by a timeout."""
+    doc = with_("control", {"listen": "127.0.0.1:9901", "token_file": _special(kind, tmp_path)})
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    done = subprocess.run([sys.executable, "-m", "registrar", "check", "-c", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("config error: control.token_file: cannot read ") and \
+        line.endswith(f": {why}"), line
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo", "directory"])
+def test_the_config_file_must_be_a_regular_file(tmp_path, kind):
+    done = subprocess.run([sys.executable, "-m", "registrar", "check", "-c",
+                           _special(kind, tmp_path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_prestop_refuses_a_special_token_file(tmp_path, kind):
+    done = subprocess.run([sys.executable, "-m", "registrar", "prestop", "--control",
+                           "127.0.0.1:9", "--token-file", _special(kind, tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "not a regular file" in done.stderr, done.stderr
