@@ -247,9 +247,14 @@ class HealthConfig(Model):
             raise ValueError(f"give at most one of http, tcp, exec (got {', '.join(given)})")
 
 
+#: Backends in one file at most: each is a registry the pod is in; a list of
+#: thousands is a mistake (3,000 took 6.9 s to reject, one by one).
+MAX_BACKENDS = 32
+
+
 class _FileModel(Model):
     service: ServiceConfig
-    backends: Annotated[list[dict[str, Any]], doc(
+    backends: Annotated[list[dict[str, Any]], Meta(max_length=MAX_BACKENDS), doc(
         "The registries to register in, one section each (its `type` names the backend). "
         "Empty or absent: no registry, for a pod behind a Kubernetes Service only; the stop "
         "then holds the pod until its consumers have stopped opening connections to it "

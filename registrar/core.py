@@ -86,9 +86,11 @@ class Registrar:
                 "instance id: ")) from None
         # What the Downward API variables gave gets the checks the config's
         # own service.id and service.address get.
-        if svc.address is None and not config.is_host(instance.address):
+        if svc.address is None and not _is_ip(instance.address):
+            # The Downward API's status.podIP, or an interface's address: an
+            # IP address, never a name (service.address may be one).
             raise ConfigError("service.address", f"$POD_IP is {show(instance.address)}: not an "
-                                                 f"IP address or host name")
+                                                 f"IP address")
         backends = []
         for i, (backend_cls, section) in enumerate(cfg.backends):
             try:
@@ -357,6 +359,16 @@ class Registrar:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop(trigger="exit")
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _traffic(instance: Instance, stop: StopConfig, clock: Clock,

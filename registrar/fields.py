@@ -56,7 +56,7 @@ __all__ = [
 #: msgspec's field(default_factory=...), for defaults that are mutable.
 field = msgspec.field
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*$")  # ASCII digits: not "١٠s"
 #: The longest duration anything accepts: a day. Larger values (1e30 s) used
 #: to pass validation and then overflow the clock at the stop.
 MAX_DURATION = 86400.0
@@ -368,11 +368,15 @@ def _config_error(text: str, model: type, prefix: str, data: Any) -> ConfigError
     given = _lookup(data, loc)
     secret = bool(loc) and bool(_SECRET.search(str(loc[-1])))
     got = "" if secret else f", got {show(given)}"
-    bound = re.match(r"Expected `(\w+)` (?:of length )?([<>]=?) ", message)
+    bound = re.match(r"Expected `(\w+)` (?:of length )?([<>]=?) (\d+)?", message)
     if message.startswith("Integer value out of"):
         words = f"should be {_range(hint) or 'smaller'}"
     elif bound and bound.group(1) in ("array", "object") and "length" in message:
-        words = "should have at least 1 item" if bound.group(2) == ">=" else "has too many items"
+        if bound.group(2) == ">=":
+            words = "should have at least 1 item"
+        else:  # the list itself would be a wall of text: its length says enough
+            words, got = f"has too many items (at most {bound.group(3)})", \
+                f", got {len(given)}" if isinstance(given, (list, dict)) else got
     elif bound and "length" in message:
         words = "should not be empty" if bound.group(2) == ">=" else "is too long"
     elif bound:

@@ -97,6 +97,22 @@ def _loader():
                     None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value: {reason}",
                     node.start_mark) from None
 
+        def construct_mapping(self, node, deep=False):
+            # A key written twice is refused: the last one would win silently
+            # (a merge key's entries, which the mapping may override, are not
+            # written keys).
+            seen = {}
+            for key_node, _value in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and \
+                        key_node.tag != "tag:yaml.org,2002:merge":
+                    key = (key_node.tag, key_node.value)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key_node.value!r} (first on line "
+                                        f"{seen[key] + 1})", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
         def compose_node(self, parent, index):
             self.depth += 1
             try:
@@ -141,6 +157,8 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, budget: _Budget,
     if not isinstance(node, str) or "$" not in node:
         return node
 
+    _check_references(node, path)
+
     def substitute(m: re.Match) -> str:
         if m.group(0) == "$$":
             return "$"
@@ -157,6 +175,29 @@ def _interpolate(node: Any, env: Mapping[str, str], path: str, budget: _Budget,
     if _VAR.fullmatch(node) and node != "$$":
         return _typed(text)
     return text
+
+
+def _check_references(text: str, path: str) -> None:
+    """ConfigError for a ``${`` that is not a whole ``${NAME}`` or
+    ``${NAME:-default}`` (``${}``, ``${A``, ``${ A }``, ``${A${B}}``, a
+    reference inside a default): kept as literal text, it would become a
+    service name or an address without a word."""
+    pos = 0
+    while (pos := text.find("$", pos)) >= 0:
+        if text.startswith("$$", pos):
+            pos += 2
+            continue
+        if not text.startswith("${", pos):
+            pos += 1
+            continue
+        m = _VAR.match(text, pos)
+        if m is None or "$" in (m.group(2) or ""):
+            end = text.find("}", pos)
+            bad = text[pos:end + 1] if end >= 0 else text[pos:]
+            raise ConfigError(path, f"malformed reference {show(bad)}: expected ${{NAME}} or "
+                                    f"${{NAME:-default}} (a default holds no reference; $$ "
+                                    f"is a literal $)")
+        pos = m.end()
 
 
 def _typed(text: str) -> Any:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -385,3 +386,76 @@ def test_prestop_refuses_a_special_token_file(tmp_path, kind):
                            "127.0.0.1:9", "--token-file", _special(kind, tmp_path)],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "not a regular file" in done.stderr, done.stderr
+
+
+# -- issue 24 (8): nothing accepted without a word ---------------------------------------
+
+def _check(tmp_path, text: str, environ=None) -> subprocess.CompletedProcess:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    env = {"PATH": os.environ["PATH"], "POD_IP": "10.0.0.1", **(environ or {})}
+    return subprocess.run([sys.executable, "-m", "registrar", "check", "-c", str(path)],
+                          capture_output=True, text=True, timeout=30, env=env)
+
+
+BASE = "backends: [{type: etcd, endpoints: ['http://127.0.0.1:2379']}]\n"
+
+
+def test_a_key_written_twice_is_refused(tmp_path):
+    done = _check(tmp_path, "service: {name: web, port: 8080}\n" + BASE +
+                  "stop:\n  grace_period: 30s\n  grace_period: 10s\n")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"config error: {tmp_path / 'agent.yaml'}: invalid YAML (line 5, column 3): "
+        f"duplicate key 'grace_period' (first on line 4)")
+
+
+def test_a_merge_key_may_be_overridden(tmp_path):
+    """``<<: *anchor`` and then a key of the mapping's own is YAML's override,
+    not a key written twice."""
+    done = _check(tmp_path, "service: {name: web, port: 8080}\n"
+                  "backends:\n"
+                  "  - &one {type: etcd, endpoints: ['http://127.0.0.1:2379']}\n"
+                  "  - {<<: *one, name: other, endpoints: ['http://127.0.0.1:2380']}\n")
+    assert done.returncode == 0, done.stderr
+    second = yaml.safe_load(done.stdout)["backends"][1]
+    assert second["name"] == "other" and second["endpoints"] == ["http://127.0.0.1:2380"]
+
+
+@pytest.mark.parametrize("ref", ["${}", "${A", "${ A }", "${A${B}}", "${A:-${B}}", "x${1A}"])
+def test_a_malformed_reference_is_refused(tmp_path, ref):
+    done = _check(tmp_path, f"service: {{name: '{ref}', port: 8080}}\n" + BASE,
+                  {"A": "a", "B": "b"})
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith('config error: service.name: malformed reference "$'), line
+
+
+def test_well_formed_references_and_dollars_still_work(tmp_path):
+    done = _check(tmp_path, "service: {name: 'w$${A}-${A}-${C:-c}$', port: 8080}\n" + BASE,
+                  {"A": "a"})
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["service"]["name"] == "w${A}-a-c$"
+
+
+@pytest.mark.parametrize("ttl", ["١٠s", "１０s", "²s"])
+def test_a_duration_takes_ascii_digits_only(ttl):
+    with pytest.raises(ConfigError, match=r'backends\[0\].ttl: expected a duration like "10s"'):
+        config.load(with_("backends[0].ttl", ttl))
+
+
+@pytest.mark.parametrize("pod_ip", ["not-an-ip", "web.example.com"])
+def test_pod_ip_must_be_an_ip_address(tmp_path, pod_ip):
+    done = _check(tmp_path, "service: {name: web, port: 8080}\n" + BASE, {"POD_IP": pod_ip})
+    assert done.returncode == 2
+    assert done.stderr.strip() == \
+        f'config error: service.address: $POD_IP is "{pod_ip}": not an IP address'
+
+
+def test_thousands_of_backends_are_refused_at_once():
+    doc = with_("backends", [{"type": "etcd"}] * 3000)
+    began = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        config.load(doc)
+    assert str(info.value).startswith("backends: ") and "32" in str(info.value), info.value
+    print(f"\nrefused in {1000 * (time.monotonic() - began):.1f} ms")
