@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -311,8 +312,12 @@ class ControlServer:
             with self._changed:
                 self._prestops += 1
                 self._changed.notify_all()
+        # /readyz's reason names the registry's endpoints and its errors: for
+        # a caller with the token, or on this host; any other peer (the
+        # kubelet's probe reads the status alone) gets the verdict only.
+        private = not self.token or _local(conn) or self._authorized(req)
         kind, call, answer = {
-            "/readyz": ("probe", self.ready, _readyz),
+            "/readyz": ("probe", self.ready, _readyz if private else _readyz_verdict),
             "/status": ("work", lambda: self.registrar.status(observe=True), _as_json),
             "/metrics": ("work", self.render_metrics, _as_text),
             "/prestop": ("prestop", self.prestop, _prestop),
@@ -346,6 +351,24 @@ def _readyz(result: tuple[bool, str]) -> tuple[HTTPStatus, Any, None]:
     ready, reason = result
     return (HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
             {"ready": ready, "reason": reason}, None)
+
+
+def _readyz_verdict(result: tuple[bool, str]) -> tuple[HTTPStatus, Any, None]:
+    status, body, headers = _readyz(result)
+    return status, {"ready": body["ready"]}, headers
+
+
+def _local(conn: "_Connection") -> bool:
+    """Whether the peer is on this host: a unix socket, or loopback."""
+    peer = conn.transport.get_extra_info("peername") if conn.transport else None
+    if not isinstance(peer, tuple):
+        return True  # a unix socket: a peer with access to its file
+    try:
+        addr = ipaddress.ip_address(peer[0].split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _as_json(result: Any) -> tuple[HTTPStatus, Any, None]:

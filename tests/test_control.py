@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import socket
 import threading
@@ -159,6 +160,30 @@ def test_token_protects_all_but_the_probes(registrar):
         assert request(server, "GET", "/status", {"Authorization": "Bearer s3cret"})[0] == 200
     finally:
         server.close()
+
+
+def test_readyz_gives_its_reason_only_to_this_host_or_the_token(registrar):
+    """Issue 24 (9): /readyz's reason names the registry's endpoints and its
+    errors. A peer off this host without the token (anyone who can reach the
+    pod IP) gets the verdict alone, which is all the kubelet's probe reads."""
+    from registrar.instance import first_non_loopback_address
+
+    ip = first_non_loopback_address()
+    if ipaddress.ip_address(ip).is_loopback:
+        pytest.skip("this host has no address off loopback")
+    server = serve(registrar, listen=f"{ip}:0", token="s3cret")
+    try:
+        status, body = request(server, "GET", "/readyz")  # from ip: not loopback
+        assert (status, body) == (200, {"ready": True})
+        status, body = request(server, "GET", "/readyz", {"Authorization": "Bearer s3cret"})
+        assert (status, body) == (200, {"ready": True, "reason": "registered"})
+    finally:
+        server.close()
+    local = serve(registrar, token="s3cret")  # 127.0.0.1
+    try:
+        assert request(local, "GET", "/readyz")[1] == {"ready": True, "reason": "registered"}
+    finally:
+        local.close()
 
 
 def test_metrics_listen_serves_metrics_alone_without_the_token(registrar):
