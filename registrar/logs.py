@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -52,3 +53,12 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # APScheduler logs every job run at INFO; keep it to problems.
     logging.getLogger("apscheduler").setLevel(max(root.level, logging.WARNING))
+    # Warnings go through the log (one line, JSON too), not raw to stderr;
+    # urllib3's for every request made with tls.verify: false, once per host.
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("once", message="Unverified HTTPS request")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__,
+                                             str(message).split(". ", 1)[0])

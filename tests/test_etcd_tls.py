@@ -445,3 +445,25 @@ def test_agent_with_a_wrong_password_exits_1_with_one_line(tmp_path, server):
     assert "Traceback" not in err and "wrong-password" not in err
     lines = [line for line in err.splitlines() if "authentication failed" in line]
     assert lines and "user 'registrar'" in lines[0], err
+
+
+def test_verify_false_warns_once_through_the_log(plain_tls, tmp_path):
+    """Issue 24 (6): with tls.verify: false urllib3 printed its warning raw,
+    two lines per request, into JSON logs. It is one log line, once per host."""
+    port = free_port()
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({
+        "service": {"name": "warned", "port": port, "id": "w-1", "address": "127.0.0.1"},
+        "backends": [{"type": "etcd", "endpoints": plain_tls.endpoints, "ttl": "3s",
+                      "tls": {"verify": False}}],
+        "health": False}))
+    done = subprocess.run([sys.executable, "-m", "registrar", "register", "-c", str(path),
+                           "--timeout", "15", "--log-format", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    warned = [r for r in records if "Unverified HTTPS request" in r["msg"]]
+    assert len(warned) == 1, lines
+    assert warned[0]["level"] == "warning" and warned[0]["logger"] == "py.warnings"
+    assert warned[0]["msg"].startswith("InsecureRequestWarning: Unverified HTTPS request")
