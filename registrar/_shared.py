@@ -18,6 +18,28 @@ KNOWN_CAUSES = (("Connection refused", "connection refused"),
                 ("CERTIFICATE_VERIFY_FAILED", "TLS: certificate verify failed"),
                 ("SSLError", "TLS handshake failed"))
 
+def verify_failed(text: str) -> str:
+    """A CERTIFICATE_VERIFY_FAILED error as one line: what the TLS library
+    said (expired, self-signed, a name mismatch), and what to fix for that
+    cause, not a list of every cause there could be."""
+    detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0]
+    detail = " ".join(detail.split()).rstrip(" .)") if "certificate verify failed:" in text else ""
+    low = detail.lower()
+    if "expired" in low:
+        fix = "the server's certificate has expired: renew it"
+    elif "not yet valid" in low:
+        fix = "the server's certificate is not valid yet: check the clocks"
+    elif "mismatch" in low:
+        fix = "the server's certificate does not name the host or address in the endpoint"
+    elif "issuer" in low or "self-signed" in low or "self signed" in low:
+        fix = ("the server's certificate is not signed by the CA in tls.ca_file "
+               "(or the system's bundle)")
+    else:
+        fix = ("check that tls.ca_file is the CA that signed the server's certificate "
+               "and that it names this host")
+    return f"TLS: certificate verify failed ({detail or 'no detail'}): {fix}"
+
+
 #: What a secret is replaced with in messages.
 REDACTED = "<token>"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-from ._shared import TLSConfig, client_errors, scrub, short_reason
+from ._shared import TLSConfig, client_errors, scrub, short_reason, verify_failed
 from .clock import Deadline
 from .errors import (ConfigError, MemberDown, RegistrarError, RegistrationRejected,
                      RegistryUnavailable)
@@ -28,7 +28,7 @@ __all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Mod
            "StrList", "SecretFile", "SecretText", "Secret", "Annotated", "Meta", "Rule", "doc",
            "field", "at_least", "more_than", "non_empty", "read_token", "format_duration", "RegistrarError", "ConfigError",
            "RegistryUnavailable", "RegistrationRejected", "MemberDown", "client_errors",
-           "short_reason", "scrub", "show", "refuse_credentials", "Deadline", "POLL_FIRST", "POLL_MAX", "watch_windows"]
+           "short_reason", "verify_failed", "scrub", "show", "refuse_credentials", "Deadline", "POLL_FIRST", "POLL_MAX", "watch_windows"]
 
 #: The default ``Observer.wait_gone()`` asks again after POLL_FIRST seconds,
 #: doubling up to POLL_MAX: a removal that reaches the member within a few

@@ -467,3 +467,56 @@ def test_verify_false_warns_once_through_the_log(plain_tls, tmp_path):
     assert len(warned) == 1, lines
     assert warned[0]["level"] == "warning" and warned[0]["logger"] == "py.warnings"
     assert warned[0]["msg"].startswith("InsecureRequestWarning: Unverified HTTPS request")
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("expired", "(certificate has expired): the server's certificate has expired: renew it"),
+    ("other CA", "(unable to get local issuer certificate): the server's certificate is not "
+                 "signed by the CA in tls.ca_file"),
+    ("wrong host", "mismatch"),
+])
+def test_a_certificate_failure_names_its_own_cause(server, tmp_path, case, expected):
+    """Issue 24 (7): an expired certificate was reported as "not signed by
+    the CA in tls.ca_file … or does not name this host". A real handshake
+    (requests, as the etcd and Consul backends make it) with a server whose
+    certificate has that one fault: the message says what the TLS library said."""
+    import socket
+    import ssl
+    import threading
+
+    import requests
+
+    from registrar_consul._client import tls_error
+    from registrar_etcd._gateway import _tls_reason
+
+    pair = (server.ca.server("expired", expired=True) if case == "expired"
+            else server.other_ca.server("other") if case == "other CA"
+            else server.ca.server("elsewhere", hosts=("10.9.9.9", "elsewhere.example")))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pair.cert_file, pair.key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except (ssl.SSLError, OSError):
+                    pass  # the client hangs up: that is the point
+        except OSError:
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with pytest.raises(requests.exceptions.SSLError) as info:
+            requests.get(f"https://127.0.0.1:{port}/health", verify=server.ca.ca_file, timeout=5)
+    finally:
+        listener.close()
+    text = str(info.value)
+    for message in (_tls_reason(text), tls_error(text)[1]):
+        assert message.startswith("TLS: certificate verify failed (") and expected in message, \
+            message
+        if case == "expired":
+            assert "not signed" not in message and "name this host" not in message

@@ -48,14 +48,15 @@ class CertificateAuthority:
         Path(self.ca_file).write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
     def server(self, name: str = "server", hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
-               client_auth: bool = True) -> KeyPair:
+               client_auth: bool = True, expired: bool = False) -> KeyPair:
         """A server certificate valid for ``hosts`` (IPs and DNS names). With
         ``client_auth`` it may also act as a client (etcd peers, ZooKeeper
-        quorum TLS use the same certificate both ways)."""
+        quorum TLS use the same certificate both ways). ``expired``: its
+        validity ended an hour ago."""
         usages = [ExtendedKeyUsageOID.SERVER_AUTH]
         if client_auth:
             usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-        return self._issue(name, hosts, usages)
+        return self._issue(name, hosts, usages, expired=expired)
 
     def client(self, name: str = "client", common_name: bool = True) -> KeyPair:
         """A client certificate with common name ``name`` (etcd maps the CN
@@ -65,7 +66,7 @@ class CertificateAuthority:
         return self._issue(name, (), [ExtendedKeyUsageOID.CLIENT_AUTH], common_name)
 
     def _issue(self, name: str, hosts: tuple[str, ...], usages: list,
-               common_name: bool = True) -> KeyPair:
+               common_name: bool = True, expired: bool = False) -> KeyPair:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         oid = NameOID.COMMON_NAME if common_name else NameOID.ORGANIZATION_NAME
@@ -74,8 +75,9 @@ class CertificateAuthority:
                    .issuer_name(self._cert.subject)
                    .public_key(key.public_key())
                    .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .not_valid_before(now - datetime.timedelta(days=2 if expired else 0, minutes=5))
+                   .not_valid_after(now + (datetime.timedelta(hours=-1) if expired
+                                           else datetime.timedelta(days=1)))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
         if hosts:

@@ -15,7 +15,7 @@ from consul import exceptions as consul_exc
 from consul.callback import CB
 
 from registrar.plugin import (RegistrarError, RegistrationRejected, RegistryUnavailable,
-                              TLSConfig, client_errors, scrub, short_reason)
+                              TLSConfig, client_errors, scrub, short_reason, verify_failed)
 
 from .config import parse_address
 
@@ -160,10 +160,7 @@ def tls_error(text: str) -> tuple[type[RegistrarError], str]:
     match = _SSL_REASON.search(text)
     code, reason = match.groups() if match else ("", "")
     if "CERTIFICATE_VERIFY_FAILED" in text:
-        detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0].strip()
-        return TLSRejected, (f"TLS: certificate verify failed ({detail or 'no detail'}): "
-                             f"tls.ca_file must be the CA that signed the agent's certificate, "
-                             f"which must name this host")
+        return TLSRejected, verify_failed(text)
     if code.endswith(_CERT_REFUSED):
         return _cert_refused(reason)
     if code == "WRONG_VERSION_NUMBER":

@@ -25,7 +25,7 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 
 from registrar.plugin import (RegistrarError, RegistrationRejected, RegistryUnavailable, TLSConfig,
-                              client_errors, short_reason)
+                              client_errors, short_reason, verify_failed)
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ def _tls_reason(text: str) -> str:
     if "WRONG_VERSION_NUMBER" in text:
         return "TLS handshake failed: the server does not speak TLS (an http:// endpoint?)"
     if "CERTIFICATE_VERIFY_FAILED" in text:
-        return ("TLS: certificate verify failed: the server's certificate is not signed by "
-                "the CA in tls.ca_file (or the system's bundle), or does not name this host")
+        return verify_failed(text)
     if "EOF occurred" in text or "ALERT" in text.upper():
         return ("TLS handshake failed: the server refused our client certificate (it needs "
                 "tls.cert_file signed by a CA it trusts)")
