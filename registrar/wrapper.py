@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 
 from .config import AgentConfig, signal_named
@@ -21,6 +22,47 @@ from .stopping import Cause, StopReport, Trigger
 log = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+#: Seconds what the app left behind gets between SIGTERM and SIGKILL.
+LEFTOVER_GRACE = 1.0
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: orphans go to init as before
+        pass
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (from /proc), zombies excluded."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != b"Z":
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Wrapper:
@@ -38,6 +80,11 @@ class Wrapper:
         self.report: StopReport | None = None
 
     def run(self) -> int:
+        # Orphans of the app's tree (a daemonising child that called setsid()
+        # and left the app's process group) become our children, so that we
+        # reap them and end them when we exit (as PID 1 we are their parent
+        # anyway; elsewhere they would outlive us).
+        _become_subreaper()
         self.pipe = SignalPipe().catch(STOP_SIGNALS + FORWARDED_SIGNALS + (signal.SIGCHLD,))
         reserve = self.config.stop.app_reserve
         self.life = Lifecycle(self.registrar, self.pipe, reserve=reserve,
@@ -53,6 +100,7 @@ class Wrapper:
         # Registers once the app passes the health gate.
         self.registrar.start(app_running=self._app_running, children=self._probes)
         code = self._main_loop(server)
+        self._end_the_rest()
         if server is not None:
             if self.report is not None:
                 server.hand_over(self.report)
@@ -115,6 +163,30 @@ class Wrapper:
             while self.app_status is None:
                 self._handle(self.pipe.wait(0.05))
         return self.app_status
+
+    def _end_the_rest(self) -> None:
+        """The app has exited: SIGTERM what is left of its tree, and SIGKILL
+        what is still there after LEFTOVER_GRACE (within the deadline)."""
+        left = _descendants(os.getpid())
+        if not left:
+            return
+        log.warning("the app left %d process(es) behind (pid %s): SIGTERM, then SIGKILL",
+                    len(left), ", ".join(map(str, left[:10])))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = self.life.deadline if self.life is not None else None
+            wait = LEFTOVER_GRACE if deadline is None else \
+                min(LEFTOVER_GRACE, max(deadline.remaining(), 0.05))
+            end = time.monotonic() + wait
+            while left and time.monotonic() < end:
+                self._handle(self.pipe.wait(0.02))
+                left = [pid for pid in left if _alive(pid)]
+            if not left:
+                return
 
     def _signal_app(self, sig: int, group: bool = False) -> None:
         if self.app is None or self.app_status is not None:

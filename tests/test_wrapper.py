@@ -89,3 +89,46 @@ def _status(control):
             return resp.read().decode()
     except OSError:
         return ""
+
+
+LEAVER = """
+import os, signal, sys, time
+pid = os.fork()
+if pid == 0:  # a daemon: its own session, deaf to SIGTERM
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(120)
+    os._exit(0)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+time.sleep(120)
+"""
+
+
+def test_what_the_app_leaves_behind_does_not_outlive_the_wrapper(tmp_path):
+    """Issue 24 (10): a child that called setsid() and ignores SIGTERM outlived
+    `registrar run` (outside a container's PID namespace nothing killed it).
+    The wrapper is its subreaper and ends it: SIGTERM, then SIGKILL."""
+    (port,) = free_ports(1)
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({"service": {"name": "leaver", "port": port},
+                                      "health": False, "control": {"listen": None},
+                                      "stop": {"grace_period": "10s", "quiesce": False}}))
+    pidfile, log = tmp_path / "daemon.pid", tmp_path / "wrapper.log"
+    with open(log, "w") as err:  # a file: a pipe would stay open in the daemon
+        wrapper = subprocess.Popen([sys.executable, "-m", "registrar", "run", "-c", str(config),
+                                    "--", sys.executable, "-c", LEAVER, str(pidfile)],
+                                   env={**os.environ, "POD_IP": "127.0.0.1"}, stderr=err)
+    try:
+        wait_until(lambda: pidfile.exists() and pidfile.read_text(), 10, "the daemon started")
+        daemon = int(pidfile.read_text())
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=20) == 0
+        assert "the app left 1 process(es) behind" in log.read_text(), log.read_text()
+        assert not os.path.exists(f"/proc/{daemon}"), "the daemon outlived the wrapper"
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+        if pidfile.exists() and pidfile.read_text() and os.path.exists(
+                f"/proc/{pidfile.read_text()}"):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
