@@ -57,6 +57,16 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def _own_pid() -> int:
+    """This process's pid as /proc numbers it: in a PID namespace of its own
+    with the host's /proc still mounted (a test's kubelet simulator),
+    os.getpid() is 1, and the host's pid 1 is not our tree."""
+    try:
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return os.getpid()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -167,7 +177,7 @@ class Wrapper:
     def _end_the_rest(self) -> None:
         """The app has exited: SIGTERM what is left of its tree, and SIGKILL
         what is still there after LEFTOVER_GRACE (within the deadline)."""
-        left = _descendants(os.getpid())
+        left = _descendants(_own_pid())
         if not left:
             return
         log.warning("the app left %d process(es) behind (pid %s): SIGTERM, then SIGKILL",
