@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -134,15 +135,21 @@ def _config_control(path: str | None) -> Any:
 
 
 def _seconds(text: str) -> float:
-    """A --timeout: seconds, more than 0 and at most a day."""
+    """A --timeout: a duration as the config writes them (``5s``, ``500ms``)
+    or a number of seconds, more than 0 and at most a day."""
+    from .fields import parse_duration
+
     try:
-        value = float(text)
+        value = parse_duration(float(text) if _NUMBER.fullmatch(text) else text)
     except ValueError:
         value = float("nan")
-    if not 0 < value <= 86400:  # also NaN and infinity
-        raise argparse.ArgumentTypeError(f"expected seconds, more than 0 and at most 86400, "
-                                         f"got {text!r}")
+    if not 0 < value <= 86400:  # also NaN
+        raise argparse.ArgumentTypeError(f'expected a duration like "5s" or seconds, more than '
+                                         f'0 and at most 24h, got {text!r}')
     return value
+
+
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 class _Parser(argparse.ArgumentParser):

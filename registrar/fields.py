@@ -101,9 +101,10 @@ def parse_duration(value: Any) -> float:
 def format_duration(seconds: float) -> str:
     if seconds == MAX_DURATION:
         return "24h"
+    # At most three decimals: a third of 10 s is "3.333s", not "3.33333s".
     if seconds and seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
+        return f"{round(seconds * 1000, 3):g}ms"
+    return f"{round(seconds, 3):g}s"
 
 
 class _Bound(Rule):

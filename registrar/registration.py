@@ -112,6 +112,13 @@ class Registration:
             return  # no registry: nothing to register or heartbeat
         from apscheduler.schedulers.background import BackgroundScheduler
 
+        # APScheduler logs its start and every job it adds at INFO: quiet in
+        # the library too (the CLI's logs.setup does the same), unless the
+        # app has set that logger's level itself.
+        scheduler_log = logging.getLogger("apscheduler")
+        if scheduler_log.level == logging.NOTSET:
+            scheduler_log.setLevel(logging.WARNING)
+
         self._scheduler = BackgroundScheduler(
             daemon=True, job_defaults={"coalesce": True, "max_instances": 1,
                                        "misfire_grace_time": None})

@@ -286,3 +286,28 @@ def test_a_config_error_with_a_control_character_stays_one_line(tmp_path, capsys
     assert one_line(capsys.readouterr().err) == \
         "config error: service.a\\nb\\u2028: unknown key; known keys: name, id, address, " \
         "port, tags, meta"
+
+
+@pytest.mark.parametrize("given,seconds", [("5s", 5.0), ("500ms", 0.5), ("7", 7.0),
+                                           ("2.5", 2.5), ("1m", 60.0)])
+def test_timeout_takes_durations_as_the_config_does(given, seconds):
+    """Issue 25: `prestop --timeout 5s` was refused (`expected seconds`)."""
+    args = cli._parser().parse_args(["prestop", "--control", "127.0.0.1:9", "--timeout", given])
+    assert args.timeout == seconds
+
+
+@pytest.mark.parametrize("given", ["0", "0s", "25h", "soon", "١٠"])
+def test_a_bad_timeout_is_one_line(given, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli._parser().parse_args(["prestop", "--timeout", given])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'expected a duration like "5s" or seconds' in err
+
+
+def test_durations_in_messages_have_at_most_three_decimals():
+    from registrar.fields import format_duration
+
+    assert format_duration(10 / 3) == "3.333s"  # a heartbeat at ttl/3 of 10 s
+    assert format_duration(0.1 / 3) == "33.333ms"
+    assert format_duration(30.0) == "30s" and format_duration(0.5) == "500ms"

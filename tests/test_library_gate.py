@@ -65,3 +65,22 @@ def test_a_stop_before_the_app_listened_ends_the_wait_and_leaves_nothing(etcd_cl
     assert listed(etcd_cluster, registrar) == [False] * 3
     assert report.ok, report.summary()
     assert registrar.gate.passed is False  # the gate's thread ended without registering
+
+
+def test_the_library_keeps_apscheduler_quiet(caplog):
+    """Issue 25 (7): every library example printed APScheduler's
+    "Scheduler started" and "Added job" at INFO; the CLI silenced them, the
+    library did not. An app that set that logger's level keeps it."""
+    import logging
+
+    from registrar import Instance, Registrar
+    from registrar_testing.memory import MemoryBackend, MemoryRegistry
+
+    logging.getLogger("apscheduler").setLevel(logging.NOTSET)
+    caplog.set_level(logging.INFO)
+    instance = Instance.create("quiet", 8080, id="q-1", address="127.0.0.1")
+    r = Registrar(instance, [MemoryBackend(instance, registry=MemoryRegistry())])
+    r.start(wait=True, timeout=5, gate=False)
+    r.stop("test")
+    assert not [rec for rec in caplog.records if rec.name.startswith("apscheduler")
+                and rec.levelno < logging.WARNING], caplog.text
