@@ -132,22 +132,11 @@ import time
 from pathlib import Path
 
 from rr.block import run_block
+from rr.cli import add_load_arguments, progress, split
 from rr.consumers import CLIENTS, labels
 from rr.pods import STRATEGIES
 from rr.registries import REGISTRIES
 from rr.report import Block, json_lines, plot, rows, table
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def split(text: str, known, what: str) -> list[str]:
-    wanted = [w.strip() for w in text.split(",") if w.strip()]
-    unknown = [w for w in wanted if w not in known]
-    if unknown or not wanted:
-        raise SystemExit(f"unknown {what} {unknown or text!r}; known: {', '.join(known)}")
-    return wanted
 
 
 def main() -> int:
@@ -160,13 +149,7 @@ def main() -> int:
     parser.add_argument("--cache-s", type=float, default=2.0,
                         help="the cached consumer's seconds between two copies of its list")
     parser.add_argument("--apps", default="dies", help="comma-separated, of: dies, graceful")
-    parser.add_argument("--min-requests", type=int, default=50_000,
-                        help="rounds go on until every consumer sent this many (per row)")
-    parser.add_argument("--rate", type=float, default=300.0, help="requests/s per consumer")
-    parser.add_argument("--work-ms", type=float, default=20.0, help="the app's time per request")
-    parser.add_argument("--pods", type=int, default=3)
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="terminationGracePeriodSeconds (and registrar's stop.grace_period)")
+    add_load_arguments(parser, "rounds")
     parser.add_argument("--json", action="store_true",
                         help="JSON lines on stdout instead of the table (the table goes to stderr)")
     parser.add_argument("--plot", metavar="FILE.png", help="draw requests and failures over time")

@@ -139,24 +139,13 @@ import time
 from pathlib import Path
 
 import yaml
+from rr.cli import add_load_arguments, progress, split
 from svc.block import run_block
 from svc.consumers import CLIENTS
 from svc.datapath import DataPathError, ServiceVIP, stale_entries
 from svc.endpoints import Endpoints
 from svc.pods import PY, STRATEGIES, registrar_config
 from svc.report import Block, json_lines, rows, table
-
-
-def progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def split(text: str, known, what: str) -> list[str]:
-    wanted = [w.strip() for w in text.split(",") if w.strip()]
-    unknown = [w for w in wanted if w not in known]
-    if unknown or not wanted:
-        raise SystemExit(f"unknown {what} {unknown or text!r}; known: {', '.join(known)}")
-    return wanted
 
 
 def spreads(text: str) -> list[tuple[str, tuple[float, float]]]:
@@ -197,13 +186,7 @@ def main() -> int:
                         help="comma-separated, of: " + ", ".join(CLIENTS))
     parser.add_argument("--apps", default="dies,graceful",
                         help="comma-separated, of: dies, graceful")
-    parser.add_argument("--min-requests", type=int, default=50_000,
-                        help="deletions go on until every consumer sent this many (per row)")
-    parser.add_argument("--rate", type=float, default=300.0, help="requests/s per consumer")
-    parser.add_argument("--work-ms", type=float, default=20.0, help="the app's time per request")
-    parser.add_argument("--pods", type=int, default=3)
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="terminationGracePeriodSeconds (and registrar's stop.grace_period)")
+    add_load_arguments(parser, "deletions")
     parser.add_argument("--json", metavar="FILE", help="also write one JSON line per row")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()

@@ -100,18 +100,18 @@ class Connection:
         kernel still delivers it once the app has exited."""
         if self.rqueue:
             return "request waiting to be read"
-        if quiet is None:
-            # Within a tick (the times are in jiffies, up to 10 ms) a request
-            # answered and the next one arrived look alike: busy then too.
-            return "request being processed" if (
-                self.last_received_ms < self.last_sent_ms
-                or (self.asked and not self.answered)
-                or min(self.last_sent_ms, self.last_received_ms) < _TICK_MS) else None
-        if self.wqueue:
-            return "response not yet acknowledged"
         # The times are in jiffies: a request that follows the connect within
         # one tick looks as old as the connection, hence the byte counts.
-        if self.last_received_ms < self.last_sent_ms or (self.asked and not self.answered):
+        processing = self.last_received_ms < self.last_sent_ms or \
+            (self.asked and not self.answered)
+        if quiet is None:
+            # Within a tick (up to 10 ms) a request answered and the next one
+            # arrived look alike: busy then too.
+            return "request being processed" if processing or \
+                min(self.last_sent_ms, self.last_received_ms) < _TICK_MS else None
+        if self.wqueue:
+            return "response not yet acknowledged"
+        if processing:
             return "request being processed"
         if min(self.last_sent_ms, self.last_received_ms) < quiet * 1000:
             return "active within the last %gms" % (quiet * 1000)

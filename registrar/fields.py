@@ -212,18 +212,17 @@ SecretFile = Annotated[str, Rule(_readable_secret)]
 def read_token(path: str, field: str) -> str:
     """A secret from a file, stripped; ConfigError naming the field (never
     the content) when unreadable or empty."""
-    from .files import SECRET_BYTES, read_regular
+    from .files import SECRET_BYTES, NotRegular, TooLarge, read_regular
 
     try:
         token = read_regular(path, SECRET_BYTES).decode().strip()
     except OSError as exc:
         raise ConfigError(field, f"cannot read {printable(path)}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(field, f"cannot read {show(path)}: not a text file") from None
-    except ValueError as exc:  # not a regular file, too large; a NUL in the path
-        what = str(exc) if str(exc).startswith(("not a regular", "larger")) else \
-            "not a path to a text file"
-        raise ConfigError(field, f"cannot read {show(path)}: {what}") from None
+    except (NotRegular, TooLarge) as exc:
+        raise ConfigError(field, f"cannot read {show(path)}: {exc}") from None
+    except ValueError:  # a NUL in the path; a binary file
+        raise ConfigError(field, f"cannot read {show(path)}: not a path to a text file") \
+            from None
     if not token:
         raise ConfigError(field, f"{printable(path)} is empty")
     return token

@@ -13,16 +13,24 @@ _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFB
           "a block device", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
 
 
+class NotRegular(ValueError):
+    """Not a regular file: a FIFO, a device, a directory, a socket."""
+
+
+class TooLarge(ValueError):
+    """Larger than the limit."""
+
+
 def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     """The content of the regular file at ``path``, at most ``limit`` bytes.
-    Raises OSError when it cannot be opened, ValueError (its text one line,
-    without the content) when it is not a regular file or is larger."""
+    Raises OSError when it cannot be opened (ValueError for a NUL in the
+    path), NotRegular or TooLarge (their text one line, without the content)."""
     # O_NONBLOCK: opening a FIFO with no writer would wait for one.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise ValueError(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')})")
+            raise NotRegular(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special')})")
         os.set_blocking(fd, True)
         chunks, size = [], 0
         while size <= limit:
@@ -34,7 +42,7 @@ def read_regular(path: str | os.PathLike, limit: int) -> bytes:
     finally:
         os.close(fd)
     if size > limit:
-        raise ValueError(f"larger than {_size(limit)}")
+        raise TooLarge(f"larger than {_size(limit)}")
     return b"".join(chunks)
 
 

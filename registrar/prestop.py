@@ -133,12 +133,9 @@ def main(args: argparse.Namespace) -> int:
 
         try:
             token = read_regular(token_file, SECRET_BYTES).decode(errors="replace").strip()
-        except OSError as exc:
-            print(f"registrar prestop: cannot read the token file {token_file}: {exc.strerror}",
-                  file=sys.stderr)
-            return 1
-        except ValueError as exc:
-            print(f"registrar prestop: cannot read the token file {token_file}: {exc}",
+        except (OSError, ValueError) as exc:  # also not a regular file, too large
+            reason = exc.strerror if isinstance(exc, OSError) else exc
+            print(f"registrar prestop: cannot read the token file {token_file}: {reason}",
                   file=sys.stderr)
             return 1
     try:

@@ -37,18 +37,17 @@ def _read(path: str | os.PathLike) -> Any:
     if name == "-":  # `-c -`: the configuration on standard input
         name, data = "<stdin>", _stdin()
     else:
-        from .files import read_regular
+        from .files import NotRegular, TooLarge, read_regular
 
         try:
             data = read_regular(path, MAX_BYTES)
         except OSError as exc:
             raise ConfigError("", f"cannot read {name}: {exc.strerror}") from exc
-        except ValueError as exc:
-            if str(exc).startswith("larger"):
-                data = b"x" * (MAX_BYTES + 1)  # the message below
-            else:
-                raise ConfigError("", f"cannot read {name}: {exc}") from None
-    if len(data) > MAX_BYTES:
+        except NotRegular as exc:
+            raise ConfigError("", f"cannot read {name}: {exc}") from None
+        except TooLarge:
+            data = None
+    if data is None or len(data) > MAX_BYTES:  # the file, or standard input
         raise ConfigError("", f"{name}: larger than {MAX_BYTES >> 20} MiB: not a configuration")
     try:
         text = data.decode()

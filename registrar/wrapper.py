@@ -40,15 +40,8 @@ def _descendants(root: int) -> list[int]:
     """Every live process below ``root`` (from /proc), zombies excluded."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != b"Z":
-            parents.setdefault(int(fields[1]), []).append(int(entry))
+        if entry.isdigit() and (stat := _stat(int(entry))) and stat[0] != b"Z":
+            parents.setdefault(stat[1], []).append(int(entry))
     found, todo = [], [root]
     while todo:
         for child in parents.get(todo.pop(), []):
@@ -68,11 +61,18 @@ def _own_pid() -> int:
 
 
 def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != b"Z"
+
+
+def _stat(pid: int) -> tuple[bytes, int] | None:
+    """A process's state letter and parent pid, from /proc; None once gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Wrapper:

@@ -20,8 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,6 +30,7 @@ import yaml
 from registrar.connections import connections as _conns
 from registrar.connections import established_connections
 from registrar_testing import free_ports, wait_until
+from registrar_testing import http_get as _get
 from registrar_testing.senders import Sender
 from registrar_testing.faults import Blackhole
 from registrar_testing.kubelet import (Container, EtcdWatch, Exec, HttpGet, Pod, app_event,
@@ -94,14 +93,6 @@ class Setup:
 
     def app_ready(self) -> bool:
         return app_event(self.events, "ready") is not None
-
-
-def _get(url: str, timeout: float = 1.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 @pytest.fixture

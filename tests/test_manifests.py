@@ -15,12 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
-from registrar_testing import wait_until
+from registrar_testing import http_get, wait_until
 
 from registrar import cli, config
 from registrar.source import parse_listen
@@ -365,10 +364,10 @@ def test_library_app_serves_readyz_and_metrics_and_stops(etcd_cluster, tmp_path)
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _get(f"{url}/readyz") == (200, "registered\n"), 20,
+        wait_until(lambda: http_get(f"{url}/readyz", 2) == (200, "registered\n"), 20,
                    "the library app's /readyz: 200 registered")
         assert all(kv_get_serializable(e, key)[1] for e in etcd_cluster.endpoints)
-        status, body = _get(f"{url}/metrics")
+        status, body = http_get(f"{url}/metrics", 2)
         assert status == 200 and 'registrar_registered{backend="etcd"} 1.0' in body
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.stderr.read()
@@ -379,12 +378,3 @@ def test_library_app_serves_readyz_and_metrics_and_stops(etcd_cluster, tmp_path)
             proc.kill()
             proc.wait()
 
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""

@@ -12,8 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -22,22 +20,13 @@ import yaml
 
 from registrar import Registrar
 from registrar_testing import free_ports
+from registrar_testing import http_get as _get
 from registrar_testing.kubelet import Container, HttpGet, Pod, app_event
 from registrar_testing.senders import Sender
 
 PY = sys.executable
 APPS = Path(__file__).parent / "apps"
 REGISTRAR = [PY, "-m", "registrar"]
-
-
-def _get(url: str, timeout: float = 1.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
 
 
 def _config(tmp_path: Path, port: int, control_port: int | None, **top) -> Path:

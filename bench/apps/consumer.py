@@ -48,9 +48,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 
-from http_clients import KeepAlive, PerRequest
+from http_clients import KeepAlive, PerRequest, open_loop
 from registrar_testing.watchers import watcher
 
 _print_lock = threading.Lock()
@@ -190,70 +189,15 @@ def main() -> int:
     emit(ev="ready", t=time.monotonic(), endpoints=balancer.snapshot())
 
     client = KeepAlive(args.timeout) if args.client == "keepalive" else PerRequest(args.timeout)
-    records: list[tuple] = []
-    counts = {"sent": 0, "failed": 0}
-    counts_lock = threading.Lock()
-    pool = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="req")
-    go, stop = threading.Event(), threading.Event()
-
-    def one(t_due: float) -> None:
+    def one(t_due: float) -> tuple[tuple, bool]:
         t_start = time.monotonic()
         addr = balancer.pick()
         if addr is None:
-            rec = (t_due, t_start, t_start, None, "no_instance", False, "")
-        else:
-            kind, flag, detail = client.request(addr)
-            rec = (t_due, t_start, time.monotonic(), addr, kind, flag, detail)
-        records.append(rec)
-        with counts_lock:
-            counts["failed"] += rec[4] != "ok"
+            return (t_due, t_start, t_start, None, "no_instance", False, ""), False
+        kind, flag, detail = client.request(addr)
+        return (t_due, t_start, time.monotonic(), addr, kind, flag, detail), kind == "ok"
 
-    behind = [0]
-
-    def dispatch() -> None:
-        interval = 1.0 / args.rate
-        next_t = time.monotonic()
-        for _ in range(int(args.rate * args.max_seconds) + 1):
-            if stop.is_set():
-                return
-            now = time.monotonic()
-            if now < next_t:
-                if stop.wait(next_t - now):
-                    return
-            elif now - next_t > 0.2:  # fell far behind: skip, do not burst
-                behind[0] += 1
-                next_t = now
-            pool.submit(one, next_t)
-            with counts_lock:
-                counts["sent"] += 1
-            next_t += interval
-
-    def report() -> None:
-        while not stop.wait(1.0):
-            with counts_lock:
-                emit(ev="count", t=time.monotonic(), **counts)
-
-    def stdin_reader() -> None:
-        for line in sys.stdin:
-            cmd = line.strip()
-            if cmd == "go":
-                go.set()
-            elif cmd == "stop":
-                break
-        stop.set()
-        go.set()
-
-    threading.Thread(target=stdin_reader, name="stdin", daemon=True).start()
-    go.wait(max(args.max_seconds - (time.monotonic() - began), 0))
-    sender = threading.Thread(target=dispatch, name="dispatch", daemon=True)
-    if not stop.is_set():
-        sender.start()
-        threading.Thread(target=report, name="count", daemon=True).start()
-    stop.wait(max(args.max_seconds - (time.monotonic() - began), 0))
-    stop.set()
-    if sender.is_alive():
-        sender.join(1.0)
-    pool.shutdown(wait=True)  # each request is bounded by --timeout
+    records, behind = open_loop(args.rate, args.max_seconds, args.threads, one, emit, began)
     if isinstance(balancer, CachedBalancer):
         balancer.stop()
     discovery.stop()
@@ -268,7 +212,7 @@ def main() -> int:
     if isinstance(balancer, CachedBalancer):
         extra["refreshes"] = balancer.refreshes
     emit(ev="done", t=time.monotonic(), sent=len(records), kinds=kinds,
-         fell_behind=behind[0], **extra)
+         fell_behind=behind, **extra)
     return 0
 
 

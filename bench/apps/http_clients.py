@@ -1,5 +1,6 @@
-"""The two HTTP clients of the bench's consumer, and how a failed request
-is classified. A request is never retried.
+"""The two HTTP clients of the bench's consumers, how a failed request is
+classified, and the open loop that drives them (open_loop()). A request is
+never retried.
 
   per-request  a new TCP connection per request, ``Connection: close``.
   keepalive    a pool of persistent HTTP/1.1 connections per instance.
@@ -23,7 +24,11 @@ import errno
 import http.client
 import select
 import socket
+import sys
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 KINDS = ("refused", "reset", "timeout", "http5xx", "no_instance", "other")
 
@@ -156,3 +161,74 @@ class KeepAlive:
         for pool in pools.values():
             for conn in pool:
                 conn.close()
+
+
+def open_loop(rate: float, max_seconds: float, threads: int,
+              one: Callable[[float], tuple[tuple, bool]],
+              emit: Callable[..., None], began: float | None = None) -> tuple[list[tuple], int]:
+    """The consumers' traffic: ``rate`` requests per second on a pool of
+    ``threads``, each ``one(t_due)`` -> (record, ok), from the ``go`` command
+    on stdin until ``stop`` (or EOF) or ``max_seconds`` after ``began``
+    (default: the call); a
+    ``count`` event (sent and failed so far) every second. Waits for the
+    requests in flight; returns the records and how often the loop fell
+    behind by more than 0.2 s (it then skips ahead instead of bursting)."""
+    began = time.monotonic() if began is None else began
+    records: list[tuple] = []
+    counts = {"sent": 0, "failed": 0}
+    counts_lock = threading.Lock()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="req")
+    go, stop = threading.Event(), threading.Event()
+    behind = [0]
+
+    def request(t_due: float) -> None:
+        record, ok = one(t_due)
+        records.append(record)
+        with counts_lock:
+            counts["failed"] += not ok
+
+    def dispatch() -> None:
+        interval = 1.0 / rate
+        next_t = time.monotonic()
+        for _ in range(int(rate * max_seconds) + 1):
+            if stop.is_set():
+                return
+            now = time.monotonic()
+            if now < next_t:
+                if stop.wait(next_t - now):
+                    return
+            elif now - next_t > 0.2:  # fell far behind: skip, do not burst
+                behind[0] += 1
+                next_t = now
+            pool.submit(request, next_t)
+            with counts_lock:
+                counts["sent"] += 1
+            next_t += interval
+
+    def report() -> None:
+        while not stop.wait(1.0):
+            with counts_lock:
+                emit(ev="count", t=time.monotonic(), **counts)
+
+    def stdin_reader() -> None:
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "go":
+                go.set()
+            elif cmd == "stop":
+                break
+        stop.set()
+        go.set()
+
+    threading.Thread(target=stdin_reader, name="stdin", daemon=True).start()
+    go.wait(max(max_seconds - (time.monotonic() - began), 0))
+    sender = threading.Thread(target=dispatch, name="dispatch", daemon=True)
+    if not stop.is_set():
+        sender.start()
+        threading.Thread(target=report, name="count", daemon=True).start()
+    stop.wait(max(max_seconds - (time.monotonic() - began), 0))
+    stop.set()
+    if sender.is_alive():
+        sender.join(1.0)
+    pool.shutdown(wait=True)  # each request is bounded by the client's timeout
+    return records, behind[0]

@@ -41,9 +41,8 @@ import json
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from http_clients import _split, classify, is_dropped
+from http_clients import _split, classify, is_dropped, open_loop
 
 _print_lock = threading.Lock()
 
@@ -142,66 +141,12 @@ def main() -> int:
     client = Client(args.vip, args.source, args.timeout, args.client == "keepalive")
     emit(ev="ready", t=time.monotonic())
 
-    records: list[tuple] = []
-    counts = {"sent": 0, "failed": 0}
-    counts_lock = threading.Lock()
-    pool = ThreadPoolExecutor(max_workers=args.threads, thread_name_prefix="req")
-    go, stop = threading.Event(), threading.Event()
-
-    def one(t_due: float) -> None:
+    def one(t_due: float) -> tuple[tuple, bool]:
         t_start = time.monotonic()
         kind, flag, detail = client.request()
-        rec = (t_due, t_start, time.monotonic(), kind, flag, detail)
-        records.append(rec)
-        with counts_lock:
-            counts["failed"] += kind != "ok"
+        return (t_due, t_start, time.monotonic(), kind, flag, detail), kind == "ok"
 
-    behind = [0]
-
-    def dispatch() -> None:
-        interval = 1.0 / args.rate
-        next_t = time.monotonic()
-        for _ in range(int(args.rate * args.max_seconds) + 1):
-            if stop.is_set():
-                return
-            now = time.monotonic()
-            if now < next_t:
-                if stop.wait(next_t - now):
-                    return
-            elif now - next_t > 0.2:  # fell far behind: skip, do not burst
-                behind[0] += 1
-                next_t = now
-            pool.submit(one, next_t)
-            with counts_lock:
-                counts["sent"] += 1
-            next_t += interval
-
-    def report() -> None:
-        while not stop.wait(1.0):
-            with counts_lock:
-                emit(ev="count", t=time.monotonic(), **counts)
-
-    def stdin_reader() -> None:
-        for line in sys.stdin:
-            cmd = line.strip()
-            if cmd == "go":
-                go.set()
-            elif cmd == "stop":
-                break
-        stop.set()
-        go.set()
-
-    threading.Thread(target=stdin_reader, name="stdin", daemon=True).start()
-    go.wait(max(args.max_seconds - (time.monotonic() - began), 0))
-    sender = threading.Thread(target=dispatch, name="dispatch", daemon=True)
-    if not stop.is_set():
-        sender.start()
-        threading.Thread(target=report, name="count", daemon=True).start()
-    stop.wait(max(args.max_seconds - (time.monotonic() - began), 0))
-    stop.set()
-    if sender.is_alive():
-        sender.join(1.0)
-    pool.shutdown(wait=True)  # each request is bounded by --timeout
+    records, behind = open_loop(args.rate, args.max_seconds, args.threads, one, emit, began)
     client.close()
     with open(args.out, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -210,7 +155,7 @@ def main() -> int:
         kinds[r[3]] = kinds.get(r[3], 0) + 1
     extra = {"opened": client.opened, "dropped": client.dropped} if client.keepalive else {}
     emit(ev="done", t=time.monotonic(), sent=len(records), kinds=kinds,
-         fell_behind=behind[0], **extra)
+         fell_behind=behind, **extra)
     return 0
 
 

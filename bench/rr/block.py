@@ -5,12 +5,12 @@ and ``watch`` are the demo's hooks)."""
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .consumers import Consumer
+from .cli import progress as stderr_progress
+from .consumers import Consumer, stop_all
 from .pods import PodRun, make_pod
 from .registries import Registry
 from .report import Block, PodSpan
@@ -25,10 +25,6 @@ SETTLE_TIMEOUT = 30.0  # the TTLs are 10 s
 
 def cache_lag(consumers: list[Consumer]) -> float:
     return max((c.cache_s or 0.0 for c in consumers), default=0.0)
-
-
-def stderr_progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def wait_listed(run: PodRun, consumers: list[Consumer]) -> None:
@@ -119,20 +115,8 @@ def run_block(registry: Registry, strategy: str, app: str, args, workdir: Path, 
                      + ", ".join(f"{c.label} {c.sent} sent {c.failed} failed" for c in consumers)
                      + f"; {time.monotonic() - began:.0f} s")
         time.sleep(TAIL)
-        for c in consumers:  # all at once: the same traffic window for every row
-            c.request_stop()
-        for c in consumers:
-            block.records[c.label] = c.stop()
-            done = c.done or {}
-            if "opened" in done:
-                progress(f"  [{registry.name} {strategy} {app}] {c.label}: {done['opened']} "
-                         f"connections opened, {done['dropped']} found closed before reuse")
-            if "refreshes" in done:
-                progress(f"  [{registry.name} {strategy} {app}] {c.label}: its cache was "
-                         f"refreshed {done['refreshes']} times")
-            if done.get("fell_behind"):
-                progress(f"  [{registry.name} {strategy} {app}] {c.label}: fell > 200 ms behind "
-                         f"its schedule {done['fell_behind']} time(s) (the machine is too busy)")
+        block.records.update(stop_all(consumers, f"[{registry.name} {strategy} {app}]",
+                                      progress))
     except Exception as exc:  # noqa: BLE001 - reported in the row; the next block runs
         block.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         progress(f"  [{registry.name} {strategy} {app}] FAILED: {str(exc)[:3000]}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from rr.cli import progress as stderr_progress
+from rr.consumers import stop_all
 
 from .consumers import VipConsumer
 from .datapath import ServiceVIP
@@ -31,10 +33,6 @@ def code_version() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None
-
-
-def stderr_progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def wait_in(run: SvcPod, endpoints: Endpoints, strategy: str) -> None:
@@ -131,18 +129,8 @@ def run_block(spread: tuple[float, float], label: str, app: str, strategy: str, 
                 progress(f"    {old.name}: {line}")
         endpoints.wait_idle(hi + 30)
         time.sleep(TAIL)
-        for c in consumers:  # all at once: the same traffic window for every row
-            c.request_stop()
-        for c in consumers:
-            block.records[c.label] = c.stop()
-            block.done[c.label] = c.done or {}
-            done = c.done or {}
-            if "opened" in done:
-                progress(f"  {tag} {c.label}: {done['opened']} connections opened, "
-                         f"{done['dropped']} found closed before reuse")
-            if done.get("fell_behind"):
-                progress(f"  {tag} {c.label}: fell > 200 ms behind its schedule "
-                         f"{done['fell_behind']} time(s) (the machine is too busy)")
+        block.records.update(stop_all(consumers, tag, progress))
+        block.done.update({c.label: c.done or {} for c in consumers})
     except Exception as exc:  # noqa: BLE001 - reported in the row; the next block runs
         block.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         progress(f"  {tag} FAILED: {str(exc)[:3000]}")

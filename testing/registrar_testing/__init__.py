@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple, TypeVar
 
-__all__ = ["free_port", "free_ports", "wait_until", "TcpSocket", "tcp_sockets", "ESTABLISHED"]
+__all__ = ["free_port", "free_ports", "wait_until", "http_get", "TcpSocket", "tcp_sockets",
+           "ESTABLISHED"]
 
 T = TypeVar("T")
 
@@ -42,6 +43,21 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
             detail = f" (last error: {last_exc!r})" if last_exc else ""
             raise TimeoutError(f"timed out after {timeout}s waiting until {what}{detail}")
         time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 1.0) -> tuple[int, str]:
+    """GET ``url``: (status, body), an error status included; (0, the
+    error) when nothing answered (refused, reset, timed out)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
 
 
 def free_port() -> int:
