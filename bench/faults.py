@@ -24,6 +24,12 @@ Cases:
   member refuses  the member the agent uses refuses connections from just
                   before SIGTERM: exit code and time to exit
   leader killed   the leader SIGKILLed as SIGTERM arrives: exit code, time
+  leader frozen   the leader SIGSTOPped as SIGTERM arrives: exit code, time,
+                  and when the entry left every live member's view (Consul:
+                  the client agent's RPCs hang on the frozen server)
+  agent left      Consul only: the client agent restarted gracefully (SIGTERM:
+                  it leaves the cluster, its node's services dropped), then
+                  started again: /readyz never 200 while unlisted
   restarted       agent SIGKILLed and started again at once (same pod
                   name): ready again after; still listed once the old
                   registration's TTL is over
@@ -84,6 +90,26 @@ class Registry:
             return zookeeper_setup(self.cluster, service, self.views, TTL)
         return consul_setup(self.cluster, service, TTL)
 
+    def freeze_leader(self):
+        """SIGSTOP the leader; returns (its index, a function that thaws it
+        and waits until the cluster is whole again)."""
+        if self.name == "etcd":
+            index = self.cluster.leader_index()
+            member = self.cluster.members[index]
+            member.freeze()
+            return index, lambda: (member.thaw(), wait_until(
+                lambda: all(m.healthy() for m in self.cluster.members), 60, "etcd healthy"))
+        if self.name == "zookeeper":
+            index = self.cluster.wait_leader()
+            server = self.cluster.servers[index]
+            server.freeze()
+            return index, lambda: (server.thaw(), server.wait_serving(60),
+                                   self.cluster.wait_leader(60))
+        server = self.cluster.leader_server()
+        server.freeze()
+        return self.cluster.servers.index(server), lambda: (server.thaw(), wait_until(
+            self.cluster.healthy, 60, "consul healthy", interval=0.2, ignore=Exception))
+
     def kill_leader(self):
         """SIGKILL the leader; returns a function that brings it back."""
         if self.name == "etcd":
@@ -94,10 +120,7 @@ class Registry:
             server = self.cluster.servers[self.cluster.wait_leader()]
             server.kill()
             return lambda: (server.restart(), self.cluster.wait_leader())
-        leader = self.cluster.servers[0].leader()  # "127.0.0.1:<server port>"
-        port = int(leader.rsplit(":", 1)[1])
-        server = next(s for s in self.cluster.servers if json.loads(
-            (Path(s.process.workdir) / "config.json").read_text())["ports"]["server"] == port)
+        server = self.cluster.leader_server()
         server.kill()
         return lambda: server.restart()
 
@@ -176,6 +199,49 @@ def run_case(registry: Registry, case: str, tmp: Path) -> dict:
             row["report"] = summary[-1].split(": ", 1)[-1] if summary else ""
             row["outcome"] = (f"exit {row['exit_code']} after {row['exit_s']:.2f}s "
                               f"(budget 9s)")
+        elif case == "leader frozen":
+            agent = start()
+            registered(agent)
+            until(lambda: all(setup.listed_on(i) for i in range(len(setup.members))), 10,
+                  "listed by every member")
+            frozen, thaw = registry.freeze_leader()
+            live = [i for i in range(len(setup.members)) if i != frozen]
+            try:
+                began = time.monotonic()
+                agent.proc.send_signal(signal.SIGTERM)
+                row["gone_s"] = until(lambda: not setup.listed_by(live), 30, "gone from the "
+                                      "live members", interval=0.05)
+                agent.proc.wait(20)
+                row["exit_s"] = time.monotonic() - began
+                row["exit_code"] = agent.proc.returncode
+            finally:
+                thaw()
+            summary = [line for line in agent.log.splitlines() if "after SIGTERM in" in line]
+            row["report"] = summary[-1].split(": ", 1)[-1] if summary else ""
+            row["outcome"] = (f"gone from the live members {row['gone_s']:.2f}s after SIGTERM; "
+                              f"exit {row['exit_code']} after {row['exit_s']:.2f}s (budget 9s)")
+        elif case == "agent left":
+            if registry.name != "consul":
+                return {**row, "outcome": "— (no client agent)"}
+            agent = start()
+            registered(agent)
+            client = registry.cluster.clients[0]
+            with ReadySampler(agent, setup.listed) as sampler:
+                time.sleep(0.5)
+                began = time.monotonic()
+                client.restart(timeout=60, graceful=True)
+                row["agent_back_s"] = time.monotonic() - began
+                row["ready_s"] = until(lambda: agent.readyz() == 200 and setup.listed(), 30,
+                                       "ready and listed again") + row["agent_back_s"]
+                time.sleep(0.5)
+            unlisted = [t - began for t, before, _, after in sampler.samples
+                        if not before and not after]
+            row["unlisted_s"] = [round(unlisted[0], 2), round(unlisted[-1], 2)] if unlisted else []
+            row["samples"] = len(sampler.samples)
+            row["ready_while_unlisted"] = len(sampler.violations())
+            row["outcome"] = (f"unlisted {row['unlisted_s']} s after the restart began; "
+                              f"ready again after {row['ready_s']:.2f}s; /readyz 200 while "
+                              f"unlisted: {row['ready_while_unlisted']} of {row['samples']} samples")
         elif case == "restarted":
             first = start()
             registered(first)
@@ -202,7 +268,7 @@ def run_case(registry: Registry, case: str, tmp: Path) -> dict:
 
 
 CASES = ["sigkill", "sigstop", "partition", "down at start", "down at stop", "member refuses",
-         "leader killed", "restarted"]
+         "leader killed", "leader frozen", "agent left", "restarted"]
 
 
 def main() -> int:

@@ -121,6 +121,13 @@ class Backend(abc.ABC):
     config_model: ClassVar[type[BackendConfig]]
     #: The config field that holds the registration's time to live.
     ttl_field: ClassVar[str] = "ttl"
+    #: Whether the registry ends the entry by itself within its TTL once
+    #: heartbeats stop, even when the member the backend talks to is stuck:
+    #: then a removal that keeps failing is retried for a TTL at most (the
+    #: entry is gone by then anyway). False where the TTL is kept by
+    #: something that can be stuck itself (Consul's client agent): the
+    #: removal is retried for the whole stop budget.
+    expires_unaided: ClassVar[bool] = True
 
     def __init__(self, instance: Instance, config: BackendConfig):
         self.instance = instance

@@ -96,8 +96,11 @@ class BackendReport:
     observers_down: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cut: list[str] = field(default_factory=list)
-    #: The registry refused the registration: there was nothing to remove.
+    #: Nothing of ours was in the registry: no write landed (nothing to
+    #: remove; the stop is not failed for it), or the registry refused the
+    #: registration (``rejected``: an error all the same).
     never_registered: bool = False
+    rejected: bool = False
 
 
 @dataclass
@@ -165,6 +168,9 @@ class StopSequence:
         #: progress line of a stop that takes longer than PROGRESS_EVERY.
         self._stage: dict[str, str] = {s.name: "starting" for s in slots}
         self._observing: dict[str, list] = {}
+        #: The last failed attempt of a removal still being retried: what a
+        #: report cut at the deadline says went wrong.
+        self._failing: dict[str, str] = {}
 
     def run(self, trigger: Trigger, deadline: Deadline) -> StopReport:
         start = self.clock.now()
@@ -178,6 +184,8 @@ class StopSequence:
         self._wait_noting_progress(futures, deadline)
         for future, report in zip(futures, reports):
             if not settled(future, deadline.remaining() + _HAND_IN):
+                if report.name in self._failing and not report.removed:
+                    report.errors.append(f"deregister failed: {self._failing[report.name]}")
                 report.cut.append("deadline reached before the backend finished")
         waited = 0.0
         if self.config.min_wait:
@@ -187,7 +195,8 @@ class StopSequence:
                 cut.append(f"min_wait cut to {waited:.3f}s")
         for slot in self.slots:
             spawn(_close, slot, name=f"close-{slot.name}")
-        ok = not cut and all(r.confirmed and not r.cut for r in reports)
+        ok = not cut and all((r.confirmed or (r.never_registered and not r.rejected))
+                             and not r.cut for r in reports)
         report = StopReport(trigger, ok, self.clock.now() - start, waited, reports, cut)
         (log.info if ok else log.error)("registries %s in %.3fs: %s", "confirmed the removal"
                                         if ok else "not all confirmed", report.seconds,
@@ -218,6 +227,8 @@ class StopSequence:
     def _awaited(self, name: str) -> str:
         """What one backend's removal still waits for, in words."""
         stage = self._stage.get(name, "starting")
+        if stage == "deregistering" and name in self._failing:
+            return f"{name} (deregistering; last try: {self._failing[name]})"
         if stage != "confirming":
             return f"{name} ({stage})"
         left = [obs for obs, future in self._observing.get(name, ()) if not future.done()]
@@ -230,7 +241,7 @@ class StopSequence:
             # The registry refused the registration (credentials, ACL, a
             # newer incarnation owns the entry): nothing of ours is there,
             # and asking again with what it refused only repeats the refusal.
-            report.never_registered = True
+            report.never_registered = report.rejected = True
             report.errors.append(f"registration was rejected: {slot.last_error}")
             return
         slot.registered.clear()
@@ -242,32 +253,52 @@ class StopSequence:
             report.cut.append("a call in flight held the backend until the deadline")
             return
         try:
-            begin = self.clock.now()
-            self._stage[slot.name] = "draining"
-            try:
-                slot.backend.drain(str(trigger))
-            except Exception as exc:  # noqa: BLE001 - a failed drain must not stop removal
-                report.errors.append(f"drain failed: {exc}")
-                log.warning("%s: drain failed, deregistering anyway: %s", slot.name, exc,
-                            exc_info=not isinstance(exc, RegistrarError),
-                            extra={"backend": slot.name})
-            dereg_start = self.clock.now()
-            self._stage[slot.name] = "deregistering"
-            # Retrying past the TTL is pointless: by then the entry has
-            # expired by itself (heartbeats stopped).
-            retry_for = Deadline(min(deadline.at, dereg_start + slot.backend.ttl), self.clock)
-            try:
-                report.position = self._retry_until(retry_for, slot.backend.deregister)
-            except RetryError as exc:
-                report.errors.append(f"deregister failed: {exc.last_attempt.exception()}")
-                report.cut.append("deregister")
-                return
-            except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
-                report.errors.append(f"deregister failed: {exc}")
-                log.error("%s: deregister failed: %s", slot.name, exc,
-                          exc_info=not isinstance(exc, RegistrarError),
-                          extra={"backend": slot.name})
-                return
+            begin = dereg_start = self.clock.now()
+            if slot.never_landed():
+                # Nothing we wrote has landed: nothing of ours to drain, and
+                # one removal attempt is enough (a write whose answer was
+                # lost may have landed; if this attempt fails too, that
+                # entry ends with its TTL, heartbeats having never begun).
+                # A stop that retried here would hold, and fail, the stop
+                # of a pod that never was in the registry.
+                self._stage[slot.name] = "deregistering (never registered)"
+                try:
+                    report.position = slot.backend.deregister()
+                except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
+                    report.never_registered = True
+                    report.errors.append(f"one removal attempt failed: {exc}")
+                    log.info("%s: never registered, and the one removal attempt failed: %s",
+                             slot.name, exc, extra={"backend": slot.name})
+                    return
+            else:
+                self._stage[slot.name] = "draining"
+                try:
+                    slot.backend.drain(str(trigger))
+                except Exception as exc:  # noqa: BLE001 - a failed drain must not stop removal
+                    report.errors.append(f"drain failed: {exc}")
+                    log.warning("%s: drain failed, deregistering anyway: %s", slot.name, exc,
+                                exc_info=not isinstance(exc, RegistrarError),
+                                extra={"backend": slot.name})
+                dereg_start = self.clock.now()
+                self._stage[slot.name] = "deregistering"
+                # Retrying past the TTL is pointless where the registry ends
+                # the entry by itself by then (heartbeats stopped): see
+                # expires_unaided.
+                retry_for = deadline if not slot.backend.expires_unaided else \
+                    Deadline(min(deadline.at, dereg_start + slot.backend.ttl), self.clock)
+                try:
+                    report.position = self._retry_until(retry_for, slot.backend.deregister,
+                                                        slot.name)
+                except RetryError as exc:
+                    report.errors.append(f"deregister failed: {exc.last_attempt.exception()}")
+                    report.cut.append("deregister")
+                    return
+                except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
+                    report.errors.append(f"deregister failed: {exc}")
+                    log.error("%s: deregister failed: %s", slot.name, exc,
+                              exc_info=not isinstance(exc, RegistrarError),
+                              extra={"backend": slot.name})
+                    return
             report.removed = True
             report.deregister_seconds = self.clock.now() - begin
             slot.state = BackendState.DEREGISTERED
@@ -275,10 +306,14 @@ class StopSequence:
             slot.lock.release()
         self._confirm(slot, report, deadline, dereg_start)
 
-    def _retry_until(self, deadline: Deadline, fn: Callable[[], Any]) -> Any:
+    def _retry_until(self, deadline: Deadline, fn: Callable[[], Any], name: str) -> Any:
+        def failed(rs: Any) -> None:
+            self._failing[name] = str(rs.outcome.exception())
+
         return Retrying(retry=retry_if_exception_type(RegistryUnavailable),
                         wait=wait_exponential(multiplier=0.05, max=0.5),
                         stop=lambda rs: deadline.remaining() < 0.05,
+                        before_sleep=failed,
                         sleep=lambda s: self.clock.sleep(deadline.cap(s)))(fn)
 
     def _confirm(self, slot: Slot, report: BackendReport, deadline: Deadline,

@@ -336,16 +336,20 @@ def test_agent_restarted_without_its_state_gets_us_back_within_one_heartbeat(dev
     assert took < 2.1
 
 
-def test_agent_restarted_with_its_state_needs_no_repair(dev, instance):
+def test_agent_down_reads_not_registered_at_once_and_registered_again_once_back(dev, instance):
     # A -dev agent given -data-dir (as ConsulDev does) and any client agent
     # persist API-registered services and TTL check states, and reload them.
+    # While it is down nobody vouches that a server lists us (a client
+    # agent's node fails, or has left): not registered, at once, not a TTL later.
     registrar = dev_registrar(dev, instance)
     try:
-        restart(dev, keep_state=True)
-        # The agent syncs what it reloaded into the (in-memory) catalog.
-        wait_until(lambda: instance.id in passing_ids(dev.http_addr, instance.service), 5, "listed again")
-        time.sleep(1.2)  # one heartbeat
-        assert registrar.status(observe=False)["backends"][0]["repairs"] == 0
+        dev.agent.kill()
+        wait_until(lambda: not registrar.registered, 0.5, "not registered once the agent is down")
+        dev.agent.process.start()
+        wait_until(dev.agent.ready, 10, "the agent is back", ignore=Exception)
+        wait_until(lambda: registrar.registered and instance.id in passing_ids(
+            dev.http_addr, instance.service), 1.0 * 1.1 + 1.0,
+            "registered and listed again within one heartbeat", ignore=Exception)
     finally:
         report = registrar.stop()
     assert report.ok, report.summary()
@@ -495,6 +499,32 @@ def test_acl_right_token_works_end_to_end(acl, instance, monkeypatch):
     assert isinstance(report.backends[0].position.removed_index, int)
     assert not any(instance.id in passing_ids(a, instance.service, acl.management_token)
                    for a in acl.server_addrs)
+
+
+def test_acl_a_frozen_agent_at_the_stop_the_pods_own_token_removes_it_through_the_servers(
+        acl, instance):
+    # Catalog deregistration of one's own service needs service:write on it,
+    # which registering needed too: the pod's token is enough.
+    token = service_token(acl, instance.service)
+    backend = ConsulBackend(instance, ConsulConfig(
+        type="consul", address=acl.client_addr, observers=acl.server_addrs, ttl="2s",
+        timeout="500ms", token=token))
+    registrar = Registrar(instance, [backend], stop=StopConfig(grace_period=10))
+    registrar.start(wait=True, timeout=10)
+
+    def listed(addr):
+        return instance.id in {e["Service"]["ID"] for e in get(
+            addr, f"/v1/health/service/{instance.service}", acl.management_token, stale="").json()}
+
+    wait_until(lambda: all(listed(a) for a in acl.server_addrs), 5, "listed on every server")
+    client = acl.clients[0]
+    client.freeze()
+    try:
+        report = registrar.stop("test")
+    finally:
+        client.thaw()
+    assert report.backends[0].removed, report.summary()
+    assert not any(listed(a) for a in acl.server_addrs), report.summary()
 
 
 @pytest.mark.parametrize("which", ["unknown", "other service", "none"])

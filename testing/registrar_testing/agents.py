@@ -41,21 +41,29 @@ def port_of(address: str) -> int:
 class Setup:
     """One registry as a fault test uses it: the agent's backend section,
     the ports the agent talks to, whether any member lists the entry (as
-    consumers read it), and the members' addresses."""
+    consumers read it), the members' addresses, and ``listed_on(i)``:
+    whether member i lists it (raises if that member does not answer)."""
     name: str
     backend: dict
     ports: list[int]
-    listed: Callable[[], bool]
+    listed_on: Callable[[int], bool]
     members: list[str] = field(default_factory=list)
+
+    def listed(self) -> bool:
+        return any(self.listed_on(i) for i in range(len(self.members)))
+
+    def listed_by(self, members) -> bool:
+        """Whether any of these members (indexes) lists the entry."""
+        return any(self.listed_on(i) for i in members)
 
 
 def etcd_setup(cluster, service: str, ttl: float = 3.0) -> Setup:
     key = f"services/{service}/{POD_IP}:8080"
-    return Setup("etcd", {"type": "etcd", "endpoints": cluster.endpoints, "ttl": f"{ttl:g}s",
+    endpoints = list(cluster.endpoints)
+    return Setup("etcd", {"type": "etcd", "endpoints": endpoints, "ttl": f"{ttl:g}s",
                           "timeout": "1s"},
-                 [port_of(e) for e in cluster.endpoints],
-                 lambda: any(kv_get_serializable(e, key, timeout=1)[1] for e in cluster.endpoints),
-                 list(cluster.endpoints))
+                 [port_of(e) for e in endpoints],
+                 lambda i: bool(kv_get_serializable(endpoints[i], key, timeout=1)[1]), endpoints)
 
 
 def zookeeper_setup(ensemble, service: str, views: ServerViews, ttl: float = 3.0) -> Setup:
@@ -63,16 +71,15 @@ def zookeeper_setup(ensemble, service: str, views: ServerViews, ttl: float = 3.0
     return Setup("zookeeper", {"type": "zookeeper", "hosts": ensemble.hosts,
                                "session_timeout": f"{ttl:g}s", "timeout": "1s"},
                  [port_of(h) for h in ensemble.hosts],
-                 lambda: any(views.exists(path)), list(ensemble.hosts))
+                 lambda i: views.exists(path, [i])[0], list(ensemble.hosts))
 
 
 def consul_setup(cluster, service: str, ttl: float = 3.0) -> Setup:
+    servers = list(cluster.server_addrs)
     return Setup("consul", {"type": "consul", "address": cluster.client_addr,
-                            "observers": cluster.server_addrs, "ttl": f"{ttl:g}s",
-                            "timeout": "1s"},
-                 [port_of(a) for a in [cluster.client_addr, *cluster.server_addrs]],
-                 lambda: any(POD_NAME in passing_ids(a, service) for a in cluster.server_addrs),
-                 list(cluster.server_addrs))
+                            "observers": servers, "ttl": f"{ttl:g}s", "timeout": "1s"},
+                 [port_of(a) for a in [cluster.client_addr, *servers]],
+                 lambda i: POD_NAME in passing_ids(servers[i], service), servers)
 
 
 class Agent:

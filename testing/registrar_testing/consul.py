@@ -111,10 +111,15 @@ class ConsulAgent:
     def kill(self) -> None:
         self.process.kill()
 
-    def restart(self, timeout: float | None = 30) -> None:
-        """SIGKILL, start again (same ports, same data dir) and, unless
+    def restart(self, timeout: float | None = 30, graceful: bool = False) -> None:
+        """SIGKILL (``graceful``: SIGTERM and wait for the exit; a client
+        agent leaves the cluster first, its node and services dropped by the
+        servers), start again (same ports, same data dir) and, unless
         timeout is None, wait until ready()."""
-        self.process.kill()
+        if graceful:
+            self.process.terminate(timeout=30)
+        else:
+            self.process.kill()
         self.process.start()
         if timeout is not None:
             wait_until(self.ready, timeout, f"{self.name} is ready after restart",
@@ -305,6 +310,21 @@ class ConsulCluster(_Agents):
             self.stop()
             raise
         self._launch(self.clients, self._ready, max(deadline - time.monotonic(), 1))
+
+    def leader_server(self) -> ConsulAgent:
+        """The server that leads (as a running server sees it)."""
+        srv = next(s for s in self.servers if s.process.running)
+        leader = srv.leader()  # "127.0.0.1:<server RPC port>"
+        port = int(leader.rsplit(":", 1)[1])
+        return next(s for s in self.servers if json.loads(
+            (Path(s.process.workdir) / "config.json").read_text())["ports"]["server"] == port)
+
+    def healthy(self) -> bool:
+        """Autopilot's verdict: every server healthy and a voter. A server
+        back from a freeze rejoins as a non-voter until it is stable (~10 s);
+        until then the other two cannot elect a leader if one of them stops."""
+        health = self.servers[0].get("/v1/operator/autopilot/health").json()
+        return health["Healthy"] and sum(s["Voter"] for s in health["Servers"]) == len(self.servers)
 
     def create_token(self, rules: str, description: str = "", secret: str | None = None,
                      timeout: float = 10) -> str:

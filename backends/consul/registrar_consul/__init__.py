@@ -7,6 +7,11 @@ with a TTL check that heartbeats mark passing and that carries
 its TTL and is then reaped by Consul itself. Consumers read
 ``/v1/health/service/<name>?passing``; the observers read the same thing on
 each configured address (the servers, typically), with blocking queries.
+
+Two things this adds because the client agent sits between us and the
+servers (see _watch.py and ConsulBackend.deregister): ``registered`` holds
+only while a server lists us, and a removal that the agent cannot carry to
+the servers is made through the servers themselves.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -24,7 +30,9 @@ from urllib3.exceptions import InsecureRequestWarning
 from registrar.plugin import (Backend, ConfigError, Deadline, Instance, Observer, RegistrarError,
                               RegistrationRejected, RegistryUnavailable, read_token)
 
-from ._client import Forgotten, TLSRejected, go_duration, make_client, quote, read_health, request
+from ._client import (Forgotten, TLSRejected, catalog_deregister, go_duration, make_client, quote,
+                      read_health, request)
+from ._watch import ListingWatch
 from .config import ConsulConfig, ConsulTLS, parse_address
 
 __all__ = ["ConsulBackend", "ConsulConfig", "ConsulObserver", "ConsulRemoval", "ConsulTLS",
@@ -55,6 +63,12 @@ class ConsulBackend(Backend):
     maintenance mode; deregister = agent service deregister."""
 
     config_model = ConsulConfig
+    #: The TTL check runs in the client agent: an agent that cannot reach
+    #: the leader (a frozen leader holds its RPCs) never tells the servers
+    #: that the check went critical, and they list the pod as passing for
+    #: as long as that lasts (36 s measured). A removal is worth trying for
+    #: the whole stop budget, not only for a TTL.
+    expires_unaided = False
 
     def __init__(self, instance: Instance, config: ConsulConfig,
                  environ: Mapping[str, str] | None = None):
@@ -84,6 +98,11 @@ class ConsulBackend(Backend):
         self._node: str | None = None
         self._gone_index: int | None = None  # from here on consumers' view lacks us
         self._removed_index: int | None = None
+        self._watch = ListingWatch(self)
+        #: Clients for the servers (observers other than the agent), made
+        #: when a removal must go through them (deregister()).
+        self._servers: dict[str, consul.Consul] = {}
+        self._agent_failed = False  # the agent failed a removal call of this stop
 
     @staticmethod
     def _resolve_token(config: ConsulConfig, env: Mapping[str, str]) -> tuple[str | None, str]:
@@ -114,6 +133,7 @@ class ConsulBackend(Backend):
 
     def register(self) -> None:
         inst = self.instance
+        self._watch.unfollow()  # a verdict on the previous registration must not land on this one
         if self._node is None:
             self._learn_node()
         check = {"Name": "registrar TTL", "TTL": go_duration(self.config.ttl),
@@ -126,10 +146,12 @@ class ConsulBackend(Backend):
         if not self._call(f"pass {self.check_id}", lambda c: c.agent.check.ttl_pass(self.check_id)):
             raise RegistryUnavailable(f"{self.address}: the agent lost {self.check_id} at once")
         self._gone_index = self._removed_index = None
+        self._agent_failed = False
         if self._node is None:
             self._node = self._node_from_check()
         self._read_back()
         self.registered = True
+        self._watch.follow()
 
     def refresh(self) -> bool:
         try:
@@ -145,12 +167,16 @@ class ConsulBackend(Backend):
 
     def drain(self, reason: str) -> None:
         inst = self.instance
+        self._watch.unfollow()
         why = f"registrar: pod {inst.id} is stopping ({reason or 'stop sequence'})"
         try:
             known = self._call(f"maintenance {inst.service}/{inst.id}",
                                lambda c: c.agent.service.maintenance(inst.id, True, reason=why))
         except Forgotten:
             known = False
+        except RegistryUnavailable:
+            self._agent_failed = True
+            raise
         if not known:
             log.info("%s: %s is not registered at %s: nothing to drain", self.name, inst.id,
                      self.address)
@@ -159,12 +185,8 @@ class ConsulBackend(Backend):
             self._gone_index = self._index_without_us(passing=True)
 
     def deregister(self) -> ConsulRemoval | None:
-        inst = self.instance
-        try:  # an unknown id: True without ACLs, a 500 "Unknown service" with them
-            self._call(f"deregister {inst.service}/{inst.id}",
-                       lambda c: c.agent.service.deregister(inst.id))
-        except Forgotten:
-            pass
+        self._watch.unfollow()
+        server = self._remove()
         self.registered = False
         if self._node is None:  # not registered by this process (the `deregister` command)
             try:
@@ -172,7 +194,7 @@ class ConsulBackend(Backend):
             except RegistrarError as exc:
                 log.debug("%s: %s", self.name, exc)
         if self._removed_index is None:
-            self._removed_index = self._index_without_us(passing=False)
+            self._removed_index = self._index_without_us(passing=False, server=server)
             if self._gone_index is None:
                 self._gone_index = self._removed_index
         if self._gone_index is None:
@@ -183,8 +205,112 @@ class ConsulBackend(Backend):
         return [ConsulObserver(self, a) for a in self.config.observers or [self.address]]
 
     def close(self) -> None:
+        self._watch.close()
         self._agent.http.session.close()
+        for client in self._servers.values():
+            client.http.session.close()
         self.close_observers()
+
+    # -- removal --------------------------------------------------------------
+
+    def _remove(self) -> str | None:
+        """Deregister at the agent; when the agent cannot carry it to the
+        servers, through the servers. Returns the server that took it, or
+        None when the agent did.
+
+        Why through the servers: the agent answers a deregistration only
+        once it has synced it to the servers, and holds its local state
+        while it tries. With the leader frozen (SIGSTOP, a stalled VM) the
+        agent's RPC waits on it for tens of seconds, every call to the agent
+        times out meanwhile, and the servers go on listing the pod as
+        passing, TTL or not (its check runs in the agent). Any server takes
+        a catalog deregistration and forwards it to the leader, the new one
+        once the others have elected it (1-2 s). Each call goes to every
+        server at once: which one is stuck is not known in advance.
+
+        What it leaves: the agent keeps the service until its own call (still
+        queued there) runs; should its anti-entropy sync first, it pushes the
+        entry back with the check it has by then, critical once the TTL has
+        passed without a heartbeat, so consumers of ?passing do not list it,
+        and Consul reaps it after deregister_critical_after. Needs the ACL
+        token's service:write on the service, which registering needed too."""
+        inst = self.instance
+        servers = [a for a in self.config.observers or () if a != self.address]
+
+        def at_agent() -> None:
+            try:  # an unknown id: True without ACLs, a 500 "Unknown service" with them
+                self._call(f"deregister {inst.service}/{inst.id}",
+                           lambda c: c.agent.service.deregister(inst.id))
+            except Forgotten:
+                pass
+            self._agent_failed = False
+
+        agent_error: RegistryUnavailable | None = None
+        if not (self._agent_failed and servers and self._node):
+            try:
+                at_agent()
+                return None
+            except RegistryUnavailable as exc:
+                self._agent_failed = True
+                if not servers:
+                    raise
+                if self._node is None:
+                    raise RegistryUnavailable(f"{exc}; not known on which node to deregister it "
+                                              f"through the servers") from None
+                agent_error = exc
+                log.warning("%s: %s; deregistering through the servers", self.name, exc,
+                            extra={"backend": self.name})
+        try:
+            return self._remove_through(servers)
+        except RegistrarError as exc:
+            server_error = exc
+        if agent_error is None:  # the servers could not (no leader yet): the agent once more
+            try:
+                at_agent()
+                return None
+            except RegistryUnavailable as exc:
+                agent_error = exc
+        raise RegistryUnavailable(f"{agent_error}; through the servers: {server_error}")
+
+    def _remove_through(self, servers: list[str]) -> str:
+        """Catalog deregistration of our service on our node, asked of every
+        server at once; the first that answers has had the leader commit it.
+        Raises RegistryUnavailable (every error) when none did."""
+        inst, node, dc = self.instance, self._node, self.config.datacenter
+
+        for address in servers:
+            if address not in self._servers:
+                self._servers[address] = self._client_for(address)
+
+        def one(address: str) -> str:
+            client = self._servers[address]
+            try:
+                request(address, f"deregister {inst.service}/{inst.id} from node {node}",
+                        lambda: catalog_deregister(client, node, inst.id, dc),
+                        self._token, self._source, client)
+            except Forgotten:  # gone already ("Unknown service" with ACLs)
+                pass
+            return address
+
+        pool = ThreadPoolExecutor(len(servers), thread_name_prefix=f"deregister-{self.name}")
+        try:
+            pending = {pool.submit(one, a) for a in servers}
+            errors = []
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        address = future.result()
+                    except RegistrarError as exc:
+                        log.debug("%s: %s", self.name, exc)
+                        errors.append(str(exc))
+                        continue
+                    log.warning("%s: deregistered %s/%s through the server at %s", self.name,
+                                inst.service, inst.id, address, extra={"backend": self.name})
+                    return address
+            raise RegistryUnavailable("; ".join(dict.fromkeys(errors)))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- helpers --------------------------------------------------------------
 
@@ -236,14 +362,20 @@ class ConsulBackend(Backend):
         return any(e["Service"]["ID"] == self.instance.id
                    and (self._node is None or e["Node"]["Node"] == self._node) for e in entries)
 
-    def _index_without_us(self, passing: bool) -> int | None:
-        """The index of a read through our agent (answered by the leader) that
-        no longer lists us: every server that has reached it has dropped us.
-        The agent syncs our change to the servers before answering the
-        change, so one read normally suffices; None if it cannot tell."""
+    def _index_without_us(self, passing: bool, server: str | None = None) -> int | None:
+        """The index of a read through our agent, or the ``server`` that took
+        the removal (answered by the leader), that no longer lists us: every
+        server that has reached it has dropped us. The change was committed
+        before it was answered, so one read normally suffices; None if it
+        cannot tell."""
         try:
-            index, entries = self._call("read the health view",
-                                        lambda c: self._read(c, passing, stale=False))
+            if server is None:
+                index, entries = self._call("read the health view",
+                                            lambda c: self._read(c, passing, stale=False))
+            else:
+                client = self._servers[server]
+                index, entries = request(server, "read the health view", lambda: self._read(
+                    client, passing, stale=False), self._token, self._source, client)
         except RegistrationRejected as exc:
             log.info("%s: observers will confirm by listing alone: %s", self.name, exc)
             return None

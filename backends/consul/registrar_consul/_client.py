@@ -1,13 +1,17 @@
 """py-consul, as this backend uses it: clients with every setting explicit,
-one call with its exceptions mapped to ours, and the health read that
-py-consul's own health.service() cannot make (no ``stale``)."""
+one call with its exceptions mapped to ours, and two calls that py-consul's
+own cannot make: the health read (health.service() has no ``stale``) and
+the catalog deregistration (catalog.deregister() puts the token in the body
+as ``WriteRequest``, which Consul 1.8 refuses: 400 "unknown field")."""
 from __future__ import annotations
 
+import json
 import re
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import quote as url_quote
 
 import consul
 import requests
@@ -191,3 +195,35 @@ def read_health(c: consul.Consul, service: str, instance_id: str, passing: bool,
     idx, entries = c.http.get(CB.json(index=True), f"/v1/health/service/{service}",
                               params=params, headers=c.prepare_headers())
     return int(idx), entries or []
+
+
+def catalog_deregister(c: consul.Consul, node: str, service_id: str,
+                       datacenter: str | None) -> bool:
+    """PUT /v1/catalog/deregister of one service on one node, the token in
+    the header as for every other call."""
+    body: dict[str, Any] = {"Node": node, "ServiceID": service_id}
+    if datacenter:
+        body["Datacenter"] = datacenter
+    return c.http.put(CB.boolean(), "/v1/catalog/deregister", headers=c.prepare_headers(),
+                      data=json.dumps(body))
+
+
+def read_node_checks(c: consul.Consul, node: str, service_id: str, stale: bool,
+                     datacenter: str | None, index: int = 0,
+                     wait: float | None = None) -> tuple[int, list[dict]]:
+    """GET /v1/health/node/<node>: the node's own checks and one service's,
+    as (index, checks); a blocking query from ``index`` when it is not 0.
+    A server answers it when a check on that node changes, not when any
+    instance of the service does."""
+    params: list[tuple[str, Any]] = [
+        ("filter", f'ServiceID == "" or ServiceID == {quote(service_id)}')]
+    if stale:
+        params.append(("stale", ""))
+    if datacenter:
+        params.append(("dc", datacenter))
+    if index:
+        params += [("index", index), ("wait", go_duration(wait))]
+    idx, checks = c.http.get(CB.json(index=True), f"/v1/health/node/{url_quote(node, safe='')}",
+                             params=params,
+                             headers=c.prepare_headers())
+    return int(idx), checks or []

@@ -86,7 +86,8 @@ class ConsulConfig(BackendConfig):
         "minimum is 1m).")] = 60.0
     observers: Annotated[StrList | None, Rule(_observers), doc(
         "Consul HTTP addresses whose view must drop the instance before the pod stops: the "
-        "servers or other agents (default, or empty: address).")] = None
+        "servers or other agents (default, or empty: address). When the agent does not "
+        "answer at the stop, the removal goes through them.")] = None
     health_filter: Annotated[Literal["passing", "any"], doc(
         "What consumers query: passing (the ?passing view; maintenance drops the instance at "
         "once) or any (every registered instance).")] = "passing"
