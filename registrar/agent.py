@@ -9,7 +9,7 @@ import logging
 
 from .config import AgentConfig
 from .core import Registrar
-from .lifecycle import Lifecycle, make_drain, serve_control, serve_late_hooks
+from .lifecycle import Lifecycle, exit_line, make_drain, serve_control, serve_late_hooks
 from .signals import STOP_SIGNALS, SignalPipe
 from .stopping import Trigger
 
@@ -47,4 +47,6 @@ def run_agent(registrar: Registrar, config: AgentConfig) -> int:
                              registrar.instance.port if registrar.gate is not None else None)
         server.close(grace=min(0.5, max(life.deadline.remaining(), 0)))
     pipe.close()
-    return 0 if report.ok and not fatal else 1
+    code = 0 if report.ok and not fatal else 1
+    exit_line(code, report, life, fatal=fatal[0] if fatal else None)
+    return code

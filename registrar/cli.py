@@ -89,7 +89,7 @@ def _resolve(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     if args.command in NEEDS_CONFIG and args.config is None:
         raise UsageError("give the configuration file with --config FILE (or set "
                          "REGISTRAR_CONFIG)")
-    if args.command == "prestop":
+    if args.command in ("prestop", "status"):
         _resolve_control(args, env)
 
 
@@ -247,10 +247,20 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deregister)
 
     p = sub.add_parser("status", parents=[with_config],
-                       help="what each backend and each observer sees",
-                       description="Show what each observer of each backend sees; exit 0 "
-                                   "when every observer lists the instance, 1 otherwise.")
+                       help="what the running agent reports, or each registry's view",
+                       description="Ask the running agent (at control.listen of the config, "
+                                   "as prestop does) for its state and what each observer of "
+                                   "each backend sees; when no agent answers, read the "
+                                   "registries directly for the instance the config names. "
+                                   "Exit 0 when every observer lists the instance, 1 "
+                                   "otherwise.")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--control", default=None,
+                   help="the agent's control address (default: $REGISTRAR_CONTROL, else "
+                        "control.listen of --config, else 127.0.0.1:9901)")
+    p.add_argument("--token-file", default=None,
+                   help="bearer token for the control server (default: "
+                        "$REGISTRAR_CONTROL_TOKEN_FILE, else control.token_file of --config)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("check", parents=[with_config],
@@ -260,6 +270,12 @@ def _parser() -> argparse.ArgumentParser:
                                    "variables) as `agent` and `run` would, without contacting "
                                    "any registry: exit 0 and one line when valid, exit 2 and "
                                    "one line naming the field otherwise.")
+    p.add_argument("--offline", action="store_true",
+                   help="do not read the secret files it names (CI, where the Secrets are "
+                        "not mounted): everything else is checked")
+    p.add_argument("--effective", action="store_true",
+                   help="also print the effective configuration (defaults filled in, "
+                        "variables expanded, secrets redacted) as YAML on standard output")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("schema", parents=[common],
@@ -338,38 +354,88 @@ def cmd_deregister(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from .core import Registrar
+#: How long `status` waits for the agent's /status (it asks every observer,
+#: each bounded by 2 s).
+STATUS_TIMEOUT = 5.0
 
-    registrar = Registrar.from_config(args.config)
-    try:
-        status = registrar.status(observe=True)
-    finally:
-        for backend in registrar.backends:
-            backend.close()
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status, trouble = _agent_status(args)
+    if status is not None:
+        status["source"] = {"agent": args.control}
+    else:
+        from .core import Registrar
+
+        registrar = Registrar.from_config(args.config)
+        try:
+            status = registrar.status(observe=True)
+        finally:
+            for backend in registrar.backends:
+                backend.close()
+        status["source"] = {"registries": True, "agent": args.control, "agent_error": trouble}
     _print_status(status, as_json=args.json)
     return EXIT_OK if _all_seen(status) else EXIT_FAILED
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from .core import Registrar
+def _agent_status(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    """The running agent's /status, or None and why not."""
+    import socket
 
-    registrar = Registrar.from_config(args.config)  # builds the backends; connects nowhere
+    from . import prestop
+    from .files import SECRET_BYTES, read_regular
+
+    token_file = args.token_file or _from_env(os.environ, "REGISTRAR_CONTROL_TOKEN_FILE")
+    if token_file is None:
+        from .source import expand
+
+        token_file = (expand(args.config).get("control") or {}).get("token_file")
+    token = None
+    if token_file:
+        try:
+            token = read_regular(token_file, SECRET_BYTES).decode(errors="replace").strip()
+        except (OSError, ValueError) as exc:
+            return None, (f"cannot read the token file {token_file}: "
+                          f"{exc.strerror if isinstance(exc, OSError) else exc}")
+    try:
+        code, body = prestop.call(args.control, "/status", token, STATUS_TIMEOUT, method="GET")
+    except TimeoutError:
+        return None, f"no answer within {STATUS_TIMEOUT:g}s"
+    except (OSError, socket.gaierror) as exc:
+        return None, exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+    if code == 401:
+        return None, "it refused the token (401)"
+    if code != 200 or not isinstance(body.get("backends"), list):
+        return None, f"HTTP {code}: {body.get('error', '')}".rstrip(": ")
+    return body, ""
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .core import Registrar
+    from .fields import secrets_unread
+
+    with secrets_unread() if args.offline else contextlib.nullcontext():
+        registrar = Registrar.from_config(args.config)  # builds the backends; connects nowhere
     for backend in registrar.backends:
         backend.close()
-    import yaml
-
-    from .config import effective
-
     inst = registrar.instance
-    # The verdict on stderr, the effective configuration (YAML) on stdout.
+    # The verdict on stderr (as every error is), the effective configuration
+    # (YAML, on request) on stdout.
     where = "standard input" if args.config == "-" else args.config
     on = (f"on {', '.join(b.name for b in registrar.backends)}" if registrar.backends
           else "with no registry (the stop waits for consumers only)")
-    print(f"{where}: valid: {inst.service}/{inst.id} at {inst.hostport} {on}", file=sys.stderr)
-    doc = effective(registrar.config)
-    doc["service"].update(id=inst.id, address=inst.address)  # $POD_NAME, $POD_IP, or found
-    print(yaml.safe_dump(doc, sort_keys=False), end="")
+    unread = " (secret files not read: --offline)" if args.offline else ""
+    print(f"{where}: valid: {inst.service}/{inst.id} at {inst.hostport} {on}{unread}",
+          file=sys.stderr)
+    if args.effective:
+        import yaml
+
+        from .config import effective
+
+        doc = effective(registrar.config)
+        doc["service"].update(id=inst.id, address=inst.address)  # $POD_NAME, $POD_IP, or found
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
     return EXIT_OK
 
 
@@ -391,15 +457,36 @@ def _all_seen(status: dict[str, Any]) -> bool:
 
 
 def _print_status(status: dict[str, Any], as_json: bool) -> None:
+    """One line for the instance and where the answer came from, one per
+    backend: its state and how many observers list the instance, then each
+    observer that does not."""
     if as_json:
         print(json.dumps(status, indent=2))
         return
     inst = status["instance"]
-    print(f"{inst['service']}/{inst['id']} at {inst['address']}:{inst['port']}")
+    source = status.get("source") or {}
+    head = f"{inst['service']}/{inst['id']} at {inst['address']}:{inst['port']}"
+    if source.get("registries"):
+        # This process's own state says nothing: only the registries' views count.
+        where = f" (no agent at {source['agent']}" if source.get("agent") else " (no agent"
+        print(f"{head}: as the registries list it{where}: {source.get('agent_error') or '?'})")
+    else:
+        agent = f" (the agent at {source['agent']})" if source.get("agent") else ""
+        print(f"{head}: {status.get('state', '?')}{agent}")
     if not status["backends"]:
         print("  no registry: nothing to look up")
     for b in status["backends"]:
-        print(f"  {b['name']}:")
-        for o in b["observers"]:
-            view = "error: " + o["error"] if "error" in o else ("listed" if o["sees"] else "absent")
-            print(f"    {o['name']}: {view}")
+        observers = b.get("observers") or []
+        listing = sum(o.get("sees") is True for o in observers)
+        state = "" if source.get("registries") else f"{b.get('state', '?')}, "
+        extra = ""
+        if not source.get("registries"):
+            if b.get("heartbeat_failures"):
+                extra += f", {b['heartbeat_failures']} failed heartbeat(s)"
+            if b.get("last_error"):
+                extra += f", last error: {b['last_error']}"
+        print(f"  {b['name']}: {state}listed by {listing}/{len(observers)} observers{extra}")
+        for o in observers:
+            if o.get("sees") is not True:
+                print(f"    {o['name']}: " + ("error: " + o["error"] if "error" in o
+                                              else "does not list it"))

@@ -99,6 +99,7 @@ class ControlServer:
         self.listen = listen
         self.prestop = prestop
         self.token = token
+        self._refusals_quiet_until, self._refusals_hidden = 0.0, 0
         self.ready = ready or registrar.readiness
         self._metrics = None  # made at the first scrape: prometheus_client costs ~10 MB
         self.request_timeout = request_timeout
@@ -303,6 +304,7 @@ class ControlServer:
                               {"Allow": ", ".join(sorted(route))})
         if (req.path not in _OPEN and self.token and not conn.metrics_only
                 and not self._authorized(req)):
+            self._note_refusal(conn, req)
             return conn.reply(req, HTTPStatus.UNAUTHORIZED,
                               {"error": "missing or wrong bearer token"},
                               {"WWW-Authenticate": "Bearer"})
@@ -340,6 +342,23 @@ class ControlServer:
 
         conn.wait_for_answer()
         self._submit(kind, call, done)
+
+    def _note_refusal(self, conn: "_Connection", req: _Request) -> None:
+        """Log a 401: the first, then at most one a minute (a caller that
+        retries, or a scanner, must not flood the log). A preStop hook with
+        the wrong token shows up here and not only in the kubelet's events."""
+        now = time.monotonic()
+        if now < self._refusals_quiet_until:
+            self._refusals_hidden += 1
+            return
+        peer = conn.transport.get_extra_info("peername") if conn.transport else None
+        who = peer[0] if isinstance(peer, tuple) else "the unix socket"
+        more = (f" ({self._refusals_hidden} more since the last such line)"
+                if self._refusals_hidden else "")
+        log.warning("control: %s %s from %s refused: %s bearer token (401)%s", req.method,
+                    req.path, who, "wrong" if req.headers.get("authorization") else "no",
+                    more)
+        self._refusals_quiet_until, self._refusals_hidden = now + 60.0, 0
 
     def _authorized(self, req: _Request) -> bool:
         given = req.headers.get("authorization", "").encode("latin-1")

@@ -146,6 +146,8 @@ class Registrar:
                 raise RegistrarError("cannot start: the registrar is stopping or stopped")
             if app_running is not None:
                 self._app_running = self.pod_stop.app_running = app_running
+            for slot in self._slots:
+                slot.ours = True
             self.watch_traffic()
             health = getattr(self.config, "health", None)
             if gate and health is not None and self._gate is None and not self._started:
@@ -291,7 +293,9 @@ class Registrar:
         for slot in self._slots:
             entry: dict[str, Any] = {"name": slot.name, "state": str(slot.current_state()),
                                      "heartbeat_failures": slot.heartbeat_failures,
-                                     "repairs": slot.repairs, "last_error": slot.last_error}
+                                     "repairs": slot.repairs, "last_error": slot.last_error,
+                                     "last_landed_at": slot.last_landed_at,
+                                     "last_call_seconds": slot.last_call_seconds}
             if observe:
                 entry["observers"] = self._observe(slot, timeout)
             out["backends"].append(entry)

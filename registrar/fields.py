@@ -14,12 +14,14 @@ code (``StopConfig(grace_period=10)``) is checked like one read from a file.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import functools
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -209,10 +211,31 @@ def _readable_secret(path: str) -> str:
 SecretFile = Annotated[str, Rule(_readable_secret)]
 
 
+#: Set by secrets_unread(): read_token() reads nothing.
+_SECRETS_UNREAD: contextvars.ContextVar[bool] = contextvars.ContextVar("secrets_unread",
+                                                                       default=False)
+#: What read_token() returns under secrets_unread().
+UNREAD_SECRET = "<not read>"
+
+
+@contextlib.contextmanager
+def secrets_unread() -> Iterator[None]:
+    """Validate without reading secret files (`registrar check --offline`,
+    where the Secrets are not mounted): read_token() returns UNREAD_SECRET."""
+    token = _SECRETS_UNREAD.set(True)
+    try:
+        yield
+    finally:
+        _SECRETS_UNREAD.reset(token)
+
+
 def read_token(path: str, field: str) -> str:
     """A secret from a file, stripped; ConfigError naming the field (never
     the content) when unreadable or empty."""
     from .files import SECRET_BYTES, NotRegular, TooLarge, read_regular
+
+    if _SECRETS_UNREAD.get():
+        return UNREAD_SECRET
 
     try:
         token = read_regular(path, SECRET_BYTES).decode().strip()
@@ -472,9 +495,31 @@ def _did_you_mean(model: type, loc: list[Any]) -> str:
 
 
 def dump(model: Model) -> dict[str, Any]:
-    """A section as plain data (durations in seconds), secrets redacted:
-    what `registrar check` prints."""
-    return _redact(msgspec.to_builtins(model, enc_hook=_encode))
+    """A section as plain data, durations as the file writes them ("10s",
+    "500ms"), secrets redacted: what `registrar check --effective` prints."""
+    return _redact(_durations_as_text(model, msgspec.to_builtins(model, enc_hook=_encode)))
+
+
+def _durations_as_text(model: Any, data: Any) -> Any:
+    if not isinstance(model, msgspec.Struct) or not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(type(model), include_extras=True)
+    for name in list(data):
+        value = getattr(model, name, None)
+        if isinstance(value, msgspec.Struct):
+            data[name] = _durations_as_text(value, data[name])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and _is_duration(hints.get(name)):
+            data[name] = format_duration(value)
+    return data
+
+
+def _is_duration(hint: Any) -> bool:
+    """Whether a field's annotation is a Duration (also inside ``| None``)."""
+    if any(isinstance(m, Rule) and m.func is parse_duration
+           for m in getattr(hint, "__metadata__", ())):
+        return True
+    return any(_is_duration(arg) for arg in typing.get_args(hint))
 
 
 def _encode(value: Any) -> Any:

@@ -43,7 +43,7 @@ class HealthGate:
     FIRST_INTERVAL = 0.02
     UNTIL_PASSED = 0.25
     #: Seconds between two reminders that the app has not passed yet.
-    REMIND_EVERY = 30.0
+    REMIND_EVERY = 10.0
 
     def __init__(self, registrar: "Registrar", health: HealthConfig, done: threading.Event,
                  app_running: Callable[[], bool] = lambda: True,
@@ -56,6 +56,8 @@ class HealthGate:
         #: True once the app passed: registration has begun.
         self.passed = False
         self.last_failure = "not probed yet"
+        #: The last probe's verdict (registrar_app_healthy).
+        self.healthy = False
         self._default_target: str | None = None
 
     @property
@@ -83,6 +85,7 @@ class HealthGate:
         registry = bool(self.registrar.backends)
         while not self.registrar.stopping and self.app_running():
             ok, why = self.probe()
+            self.healthy = ok
             if ok:
                 failures = 0
                 if not self.passed:

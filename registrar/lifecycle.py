@@ -5,13 +5,14 @@ connections they add to it; and the control server that serves /prestop
 into it, and late /prestop calls after it."""
 from __future__ import annotations
 
+import errno
 import logging
 
 from .clock import Deadline
 from .config import AgentConfig
 from .connections import Drain
 from .core import Registrar
-from .errors import ConfigError
+from .errors import ConfigError, RegistrarError
 from .fields import read_token
 from .signals import SignalPipe
 from .stopping import StopReport, Trigger
@@ -63,6 +64,32 @@ class Lifecycle:
         return self.registrar.stop(self.first, self.deadline)
 
 
+def exit_line(code: int, report: StopReport | None, life: Lifecycle,
+              app_status: int | None = None, fatal: BaseException | None = None) -> None:
+    """The last line of `agent` and `run`: the exit code and why, e.g.
+    ``exiting 0: removed from 3/3 backends, app exited 0, 0.21s after SIGTERM``."""
+    parts = []
+    if fatal is not None:
+        parts.append(f"fatal error: {fatal}")
+    if report is not None:
+        if not report.backends:
+            parts.append("no registry")
+        else:
+            done = [b for b in report.backends
+                    if b.confirmed or (b.never_registered and not b.rejected)]
+            text = f"removed from {len(done)}/{len(report.backends)} backends"
+            missing = [f"{b.name}: {'removed, unconfirmed' if b.removed else 'NOT removed'}"
+                       for b in report.backends if b not in done]
+            parts.append(text + (f" ({'; '.join(missing)})" if missing else ""))
+    if app_status is not None:
+        parts.append(f"app exited {app_status}")
+    if life.triggered:
+        seconds = life.registrar.clock.now() - life.first_at
+        parts.append(f"{seconds:.2f}s after {life.first}")
+    (log.info if code == 0 else log.warning)("exiting %d: %s", code, ", ".join(parts),
+                                             extra={"exit_code": code})
+
+
 def make_drain(registrar: Registrar, config: AgentConfig) -> Drain | None:
     """The wait for the app's connections that ``stop.drain_connections`` asks for."""
     stop = config.stop
@@ -94,8 +121,10 @@ def serve_late_hooks(server, life: Lifecycle, linger: float, app_port: int | Non
                     or not app_listening(app_port)):
                 return
             if not told:
-                log.info("control: answering /prestop while the app listens on port %d "
-                         "(its preStop hook may still call)", app_port)
+                log.info("control: answering /prestop while the app listens on port %d (its "
+                         "preStop hook may still call): exiting once it stops listening, at "
+                         "the latest in %.1fs (the grace deadline)", app_port,
+                         deadline.remaining())
                 told = True
         server.wait_changed(deadline.cap(0.05))
 
@@ -130,10 +159,19 @@ def serve_control(registrar: Registrar, config: AgentConfig, life: Lifecycle, re
                                lambda: life.stop(Trigger.prestop("/prestop")), token=token,
                                ready=ready, metrics_listen=config.control.metrics_listen)
     except MetricsListenError as exc:
-        raise ConfigError("control.metrics_listen",
-                          f"cannot listen on {config.control.metrics_listen}: "
-                          f"{exc.strerror or exc}") from None
+        raise _listen_error("control.metrics_listen", config.control.metrics_listen,
+                            exc) from None
     except OSError as exc:
-        raise ConfigError("control.listen", f"cannot listen on {config.control.listen}: "
-                                            f"{exc.strerror or exc}") from None
+        raise _listen_error("control.listen", config.control.listen, exc) from None
     return server.start()
+
+
+def _listen_error(key: str, address: str, exc: OSError) -> RegistrarError:
+    """A port another process holds is not a mistake in the configuration
+    (exit 1); an address this host does not have, or a socket path that
+    cannot be made, is (exit 2)."""
+    text = f"cannot listen on {address}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        return RegistrarError(f"{key}: {text} (another process holds it: a second agent in "
+                              f"the pod, or the app?)")
+    return ConfigError(key, text)

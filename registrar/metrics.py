@@ -56,13 +56,40 @@ class _Collector:
         yield registered
         yield failures
         yield repairs
+        landed = GaugeMetricFamily("registrar_last_heartbeat_timestamp_seconds",
+                                   "Unix time of the last registration or heartbeat that the "
+                                   "backend accepted (absent before the first)",
+                                   labels=["backend"])
+        latency = GaugeMetricFamily("registrar_last_heartbeat_duration_seconds",
+                                    "How long that registration or heartbeat took",
+                                    labels=["backend"])
+        for b in status["backends"]:
+            if b["last_landed_at"] is not None:
+                landed.add_metric([b["name"]], b["last_landed_at"])
+                latency.add_metric([b["name"]], b["last_call_seconds"])
+        yield landed
+        yield latency
+        ready, _ = r.readiness()
+        yield GaugeMetricFamily("registrar_ready", "1 while /readyz answers 200",
+                                value=1.0 if ready else 0.0)
+        if r.gate is not None:
+            yield GaugeMetricFamily("registrar_app_healthy",
+                                    "1 while the app passes its health probe (the gate)",
+                                    value=1.0 if r.gate.healthy else 0.0)
         yield GaugeMetricFamily("registrar_stopping", "1 once the stop sequence has begun",
                                 value=1.0 if r.stopping else 0.0)
         report = r.report
         if report is not None:  # absent until the stop ran (a NaN would break alert rules)
-            yield GaugeMetricFamily("registrar_stop_duration_seconds",
-                                    "Duration of the stop, from its trigger to the app's turn",
-                                    value=report.total_seconds or report.seconds)
+            duration = GaugeMetricFamily("registrar_stop_duration_seconds",
+                                         "Duration of the stop, from its trigger to the app's "
+                                         "turn; trigger: what began it (preStop, signal, app "
+                                         "exit, fatal error, call), ok: whether every step "
+                                         "completed", labels=["trigger", "ok"])
+            cause = getattr(report.trigger, "cause", None)
+            duration.add_metric([cause.value if cause is not None else "call",
+                                 "true" if report.ok else "false"],
+                                report.total_seconds or report.seconds)
+            yield duration
         if report is not None and report.quiescence is not None:
             q = report.quiescence
             yield GaugeMetricFamily("registrar_quiescence_seconds",

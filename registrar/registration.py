@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,10 +65,26 @@ class Slot:
         self.last_error: str | None = None
         self.heartbeat_failures = 0
         self.repairs = 0
+        #: Wall-clock time of the last write or heartbeat that landed, and
+        #: how long that call took (registrar_last_heartbeat_*).
+        self.last_landed_at: float | None = None
+        self.last_call_seconds: float | None = None
+        #: The registration is this process's to make (start() ran): while
+        #: none of its writes has landed, the registry holds nothing of ours.
+        #: False in the `deregister` command, which removes another's.
+        self.ours = False
 
     def landed(self, started: float) -> None:
         """A write or heartbeat begun at ``started`` succeeded."""
         self.alive_until = started + self.backend.ttl
+        self.last_landed_at = time.time()
+        self.last_call_seconds = self.clock.now() - started
+
+    def never_landed(self) -> bool:
+        """Whether this process registers here and nothing it wrote has
+        landed (a wrong endpoint, a registry down since the start, an app
+        that never passed its health gate)."""
+        return self.ours and self.alive_until == float("-inf")
 
     def live(self) -> bool:
         """Whether consumers list the entry, as far as we can know: registered,

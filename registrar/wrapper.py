@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .config import AgentConfig, signal_named
 from .core import Registrar
 from .health import ProbeProcesses
-from .lifecycle import Lifecycle, make_drain, serve_control
+from .lifecycle import Lifecycle, exit_line, make_drain, serve_control
 from .signals import STOP_SIGNALS, SignalPipe
 from .stopping import Cause, StopReport, Trigger
 
@@ -117,6 +117,7 @@ class Wrapper:
             # A /prestop still being answered gets its report before we exit.
             server.close(grace=min(0.5, max(self.life.deadline.remaining(), 0.05)))
         self.pipe.close()
+        exit_line(code, self.report, self.life, app_status=self.app_status)
         return code
 
     def _handle(self, signals: list[int]) -> None:

@@ -111,12 +111,12 @@ def test_the_real_command_refuses_in_one_line(argv, env, expected):
 
 
 def test_check_accepts_a_valid_config_and_contacts_nothing(cfg):
-    proc = run("--log-level", "debug", "check", "-c", str(cfg))
+    proc = run("--log-level", "debug", "check", "--effective", "-c", str(cfg))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.endswith(f"{cfg}: valid: web/web-0 at 127.0.0.1:8080 on etcd\n")
     shown = yaml.safe_load(proc.stdout)  # the effective configuration, defaults filled in
-    assert shown["backends"][0]["prefix"] == "services" and shown["stop"]["grace_period"] == 2
-    again = subprocess.run([REGISTRAR, "check", "-c", "-"], input=proc.stdout, text=True,
+    assert shown["backends"][0]["prefix"] == "services" and shown["stop"]["grace_period"] == "2s"
+    again = subprocess.run([REGISTRAR, "check", "--effective", "-c", "-"], input=proc.stdout, text=True,
                            capture_output=True, timeout=60, env=clean_env())
     assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr
 
@@ -130,7 +130,7 @@ def test_check_prints_the_effective_configuration_without_its_secrets(tmp_path):
         "backends": [{"type": "consul", "token": "acl-s3cret"}],
         "control": {"listen": "${POD_IP}:9901", "token_file": str(token),
                     "metrics_listen": "${POD_IP}:9902"}}))
-    proc = run("check", "-c", str(path), POD_IP="10.1.2.3", POD_NAME="web-7")
+    proc = run("check", "--effective", "-c", str(path), POD_IP="10.1.2.3", POD_NAME="web-7")
     assert proc.returncode == 0, proc.stderr
     assert "s3cret" not in proc.stdout + proc.stderr
     shown = yaml.safe_load(proc.stdout)
@@ -165,7 +165,7 @@ def parsed(argv: list[str], env: dict[str, str] | None = None) -> dict:
 
 @pytest.mark.parametrize("command,extra", [("agent", []), ("run", ["--", "app", "-c", "x"]),
                                            ("register", []), ("deregister", []),
-                                           ("status", []), ("check", []),
+                                           ("status", ["--control", "127.0.0.1:1"]), ("check", []),
                                            ("prestop", ["--control", "127.0.0.1:1"])])
 def test_global_options_mean_the_same_before_and_after_the_command(command, extra):
     options = ["--log-level", "debug", "--log-format", "json", "-c", "/etc/registrar.yaml"]
@@ -187,7 +187,8 @@ def test_options_beat_variables_and_variables_beat_defaults():
     env = {"REGISTRAR_LOG_LEVEL": "Warning", "REGISTRAR_LOG_FORMAT": "json",
            "REGISTRAR_CONFIG": "/from/env.yaml"}
     assert parsed(["check"], env) | {} == {"command": "check", "log_level": "warning",
-                                           "log_format": "json", "config": "/from/env.yaml"}
+                                           "log_format": "json", "config": "/from/env.yaml",
+                                           "offline": False, "effective": False}
     got = parsed(["--log-level", "error", "check", "-c", "x.yaml"], env)
     assert (got["log_level"], got["config"]) == ("error", "x.yaml")
     got = parsed(["schema"], {"REGISTRAR_LOG_LEVEL": "", "REGISTRAR_LOG_FORMAT": "  "})

@@ -272,6 +272,19 @@ def test_a_misspelt_backend_type_gets_a_did_you_mean():
         "backends[0].type: unknown backend type 'etdc' (did you mean 'etcd'?")
 
 
+def test_a_backend_of_ours_that_is_not_installed_names_its_distribution(monkeypatch):
+    from registrar import discovery
+
+    installed = {k: v for k, v in discovery.available_backends().items() if k != "consul"}
+    monkeypatch.setattr(discovery, "available_backends", lambda: installed)
+    raw = {"service": {"name": "web", "port": 8080}, "backends": [{"type": "consul"}]}
+    with pytest.raises(ConfigError) as info:
+        config.load(raw)
+    assert str(info.value) == ("backends[0].type: backend type 'consul' is not installed "
+                               "(installed: etcd, zookeeper): install the distribution "
+                               "'registrar-consul'")
+
+
 def test_the_configuration_can_come_on_standard_input():
     text = "service: {name: web, port: 8080}\nbackends: [{type: etcd}]\n"
     done = subprocess.run([sys.executable, "-m", "registrar", "check", "-c", "-"], input=text,
@@ -394,8 +407,8 @@ def _check(tmp_path, text: str, environ=None) -> subprocess.CompletedProcess:
     path = tmp_path / "agent.yaml"
     path.write_text(text)
     env = {"PATH": os.environ["PATH"], "POD_IP": "10.0.0.1", **(environ or {})}
-    return subprocess.run([sys.executable, "-m", "registrar", "check", "-c", str(path)],
-                          capture_output=True, text=True, timeout=30, env=env)
+    return subprocess.run([sys.executable, "-m", "registrar", "check", "--effective", "-c",
+                           str(path)], capture_output=True, text=True, timeout=30, env=env)
 
 
 BASE = "backends: [{type: etcd, endpoints: ['http://127.0.0.1:2379']}]\n"

@@ -319,7 +319,7 @@ def test_check_with_any_config_and_environment_exits_0_or_2_with_one_line(case, 
         yaml.safe_dump(doc, f, allow_unicode=True)
     try:
         with environment(env):
-            code, out, err = run_in_process(["check", "-c", f.name])
+            code, out, err = run_in_process(["check", "--effective", "-c", f.name])
     finally:
         os.unlink(f.name)
     assert "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import re
 import socket
 import threading
 import time
@@ -139,13 +140,19 @@ def test_metrics(server, registrar):
     assert 'registrar_registered{backend="memory"} 1.0' in text
     assert 'registrar_heartbeat_failures_total{backend="memory"} 0.0' in text
     assert 'registrar_build_info{version="' in text and "process_resident_memory_bytes" in text
+    assert "registrar_ready 1.0" in text
+    landed = re.search(r'registrar_last_heartbeat_timestamp_seconds\{backend="memory"\} (\S+)',
+                       text)
+    assert landed and abs(float(landed.group(1)) - time.time()) < 60, text
+    assert 'registrar_last_heartbeat_duration_seconds{backend="memory"}' in text
     assert "registrar_stop_duration_seconds" not in text  # no NaN before the stop
     request(server, "POST", "/prestop")
     _, text = request(server, "GET", "/metrics")
     assert 'registrar_registered{backend="memory"} 0.0' in text
-    assert "registrar_stopping 1.0" in text
+    assert "registrar_stopping 1.0" in text and "registrar_ready 0.0" in text
     assert 'registrar_propagation_seconds_count{backend="memory"} 1.0' in text
-    assert "registrar_stop_duration_seconds " in text and "NaN" not in text
+    assert 'registrar_stop_duration_seconds{ok="true",trigger="call"}' in text
+    assert "NaN" not in text
 
 
 def test_token_protects_all_but_the_probes(registrar):

@@ -22,6 +22,7 @@ import yaml
 from registrar_testing import http_get, wait_until
 
 from registrar import cli, config
+from registrar.fields import format_duration
 from registrar.source import parse_listen
 from registrar.traffic import default_ignored
 
@@ -189,12 +190,33 @@ def loaded(request, tmp_path_factory):
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = config.load(path, environ=pod.env)
-    done = subprocess.run([REGISTRAR, "check", "--config", str(path)], check=False,
+    done = subprocess.run([REGISTRAR, "check", "--effective", "--config", str(path)], check=False,
                           capture_output=True, text=True, timeout=60,
                           env={"PATH": os.environ["PATH"], **pod.env})
     assert done.returncode == 0, done.stderr
     assert "valid" in done.stderr
     return pod, cfg, yaml.safe_load(done.stdout)
+
+
+def test_check_offline_passes_the_shipped_config_as_ci_has_it(loaded, tmp_path):
+    # In CI the ConfigMap's agent.yaml is at hand, its Secrets are not
+    # mounted: --offline checks the rest, in one line, and prints nothing else.
+    pod = loaded[0]
+    path = tmp_path / "agent.yaml"
+    path.write_text(pod.files[pod.config_path])
+    raw = yaml.safe_load(path.read_text())
+    token_file = (raw.get("control") or {}).get("token_file")
+    assert token_file is None or not Path(token_file).exists()  # really not mounted here
+    env = {"PATH": os.environ["PATH"], **pod.env}
+    done = subprocess.run([REGISTRAR, "check", "--offline", "-c", str(path)], check=False,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.endswith("(secret files not read: --offline)\n"), done.stderr
+    if token_file is not None:  # without --offline it says which Secret is missing
+        online = subprocess.run([REGISTRAR, "check", "-c", str(path)], check=False,
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert online.returncode == 2 and f"cannot read {token_file}" in online.stderr
 
 
 def test_config_is_valid_and_agrees_with_the_pod(loaded):
@@ -204,7 +226,7 @@ def test_config_is_valid_and_agrees_with_the_pod(loaded):
     assert effective["service"]["id"] == FIELDS["metadata.name"]
     assert effective["service"]["address"] == FIELDS["status.podIP"]
     assert pod.spec["terminationGracePeriodSeconds"] == cfg.stop.grace_period
-    assert effective["stop"]["grace_period"] == cfg.stop.grace_period
+    assert effective["stop"]["grace_period"] == format_duration(cfg.stop.grace_period)
     # The kubelet's probes come from the node: not a consumer the stop waits for.
     assert cfg.stop.quiesce and cfg.stop.ignore_peers is None
     assert FIELDS["status.hostIP"] in default_ignored(pod.env)

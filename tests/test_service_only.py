@@ -49,7 +49,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_a_config_without_backends_is_valid_and_check_says_so(tmp_path, backends):
     top = {} if backends == "absent" else {"backends": []}
     cfg = _config(tmp_path, 8080, None, **top)
-    done = _cli("check", "-c", str(cfg))
+    done = _cli("check", "--effective", "-c", str(cfg))
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().endswith(
         "valid: web/" + yaml.safe_load(done.stdout)["service"]["id"]
