@@ -325,12 +325,24 @@ def cmd_prestop(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    import logging
+
     from .clock import Deadline
     from .core import Registrar
+    from .errors import RegistryUnavailable
 
     registrar = Registrar.from_config(args.config)
     _needs_backends(registrar, "register")
     deadline = Deadline.after(args.timeout, registrar.clock)
+    # The registries first: with the health gate the app comes first, and a
+    # wrong endpoint would hide behind "waiting for the app" until the timeout.
+    unreachable = _unreachable(registrar.status(observe=True, timeout=min(args.timeout, 5.0)))
+    if unreachable:
+        registrar.detach()
+        raise RegistryUnavailable("cannot reach " + "; ".join(unreachable))
+    if registrar.gate is None and getattr(registrar.config, "health", None) is not None:
+        logging.getLogger(__name__).info("registering once the app passes its health probe "
+                                         "(health: false registers at once)")
     try:
         registrar.start(wait=True, timeout=args.timeout)
         while True:
@@ -450,6 +462,12 @@ def _needs_backends(registrar: Any, verb: str) -> None:
     if not registrar.backends:
         raise ConfigError("backends", f"none given: nothing to {verb} (a config without "
                                       f"backends is for `run`, `agent` and the library)")
+
+
+def _unreachable(status: dict[str, Any]) -> list[str]:
+    """The backends none of whose observers answered, with the first error."""
+    return [f"{b['name']}: {b['observers'][0]['error']}" for b in status["backends"]
+            if b["observers"] and all("error" in o for o in b["observers"])]
 
 
 def _all_seen(status: dict[str, Any]) -> bool:

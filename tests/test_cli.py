@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,17 @@ def test_durations_in_messages_have_at_most_three_decimals():
     assert format_duration(10 / 3) == "3.333s"  # a heartbeat at ttl/3 of 10 s
     assert format_duration(0.1 / 3) == "33.333ms"
     assert format_duration(30.0) == "30s" and format_duration(0.5) == "500ms"
+
+
+def test_register_names_an_unreachable_registry_before_waiting_for_the_app(tmp_path):
+    # No app listens and the endpoint is wrong: the registry is the problem,
+    # and it is said at once, not "waiting for the app" until the timeout.
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"service": {"name": "web", "port": free_port()},
+                                    "backends": [{"type": "etcd",
+                                                  "endpoints": [f"http://127.0.0.1:{free_port()}"]}]}))
+    began = time.monotonic()
+    proc = run("register", "-c", str(path), "--timeout", "20s", POD_IP="127.0.0.1")
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - began < 10
+    assert "cannot reach etcd: " in proc.stderr and "waiting for the app" not in proc.stderr
