@@ -69,6 +69,10 @@ class Slot:
         #: how long that call took (registrar_last_heartbeat_*).
         self.last_landed_at: float | None = None
         self.last_call_seconds: float | None = None
+        #: When the current run of failed heartbeats began, and how many
+        #: (for the line that says they land again).
+        self.failing_since: float | None = None
+        self.failing_count = 0
         #: The registration is this process's to make (start() ran): while
         #: none of its writes has landed, the registry holds nothing of ours.
         #: False in the `deregister` command, which removes another's.
@@ -248,6 +252,9 @@ class Registration:
             return
         except RegistrarError as exc:
             slot.heartbeat_failures += 1
+            slot.failing_count += 1
+            if slot.failing_since is None:
+                slot.failing_since = slot.clock.now()
             slot.last_error = str(exc)
             lost = "" if slot.live() else f"; {slot.lost_reason()}"
             log.warning("%s: heartbeat failed, next try in %s: %s%s", slot.name,
@@ -255,6 +262,12 @@ class Registration:
                         extra={"backend": slot.name, "seconds": interval})
             return
         slot.last_error = None
+        if slot.failing_since is not None:
+            log.info("%s: heartbeats land again, after %d failed over %s", slot.name,
+                     slot.failing_count,
+                     format_duration(slot.clock.now() - slot.failing_since),
+                     extra={"backend": slot.name})
+            slot.failing_since, slot.failing_count = None, 0
         if repaired:
             slot.repairs += 1
             log.warning("%s: registration was lost and has been repaired", slot.name,

@@ -90,7 +90,8 @@ def test_heartbeats_run_and_repair():
     registrar.stop()
 
 
-def test_failed_heartbeats_are_counted_and_do_not_stop_the_agent():
+def test_failed_heartbeats_are_counted_and_do_not_stop_the_agent(caplog):
+    caplog.set_level(logging.INFO, logger="registrar.registration")
     registrar, registry = make(ttl=0.3, heartbeat=HeartbeatConfig(interval=0.05))
     registrar.start(wait=True, timeout=5)
     registry.unavailable = True
@@ -101,6 +102,9 @@ def test_failed_heartbeats_are_counted_and_do_not_stop_the_agent():
     wait_until(lambda: registry.count("heartbeat") > before + 1, 5, "two more heartbeats")
     assert registrar.status(observe=False)["backends"][0]["last_error"] is None
     assert registrar.stop().ok
+    # After the warnings, one line says they are over (not silence).
+    back = [r.getMessage() for r in caplog.records if "heartbeats land again" in r.getMessage()]
+    assert len(back) == 1 and back[0].startswith("memory: heartbeats land again, after "), back
 
 
 def test_concurrent_stop_runs_once_and_everyone_gets_the_same_report():
