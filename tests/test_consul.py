@@ -525,6 +525,12 @@ def test_acl_a_frozen_agent_at_the_stop_the_pods_own_token_removes_it_through_th
         client.thaw()
     assert report.backends[0].removed, report.summary()
     assert not any(listed(a) for a in acl.server_addrs), report.summary()
+    # The thawed agent runs its queued calls (the drain's maintenance syncs
+    # the service back, critical) and then the deregistration it was sent:
+    # gone from the catalog too, not left to deregister_critical_after.
+    time.sleep(0.5)
+    wait_until(lambda: not any(listed(a) for a in acl.server_addrs), 5,
+               "gone from every server after the agent thawed")
 
 
 @pytest.mark.parametrize("which", ["unknown", "other service", "none"])

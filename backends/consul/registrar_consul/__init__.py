@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -261,9 +262,13 @@ class ConsulBackend(Backend):
                 log.warning("%s: %s; deregistering through the servers", self.name, exc,
                             extra={"backend": self.name})
         try:
-            return self._remove_through(servers)
+            server = self._remove_through(servers)
         except RegistrarError as exc:
             server_error = exc
+        else:
+            if agent_error is None:
+                self._tell_the_agent()
+            return server
         if agent_error is None:  # the servers could not (no leader yet): the agent once more
             try:
                 at_agent()
@@ -271,6 +276,23 @@ class ConsulBackend(Backend):
             except RegistryUnavailable as exc:
                 agent_error = exc
         raise RegistryUnavailable(f"{agent_error}; through the servers: {server_error}")
+
+    def _tell_the_agent(self) -> None:
+        """Send the agent its deregistration too, without waiting: it reads
+        the request once it answers again (a frozen agent's kernel holds it),
+        and drops the service from its own state. Otherwise its anti-entropy
+        would put the entry back in the catalog (critical by then, so out of
+        ?passing) until deregister_critical_after."""
+        inst = self.instance
+
+        def tell() -> None:
+            try:
+                self._call(f"deregister {inst.service}/{inst.id}",
+                           lambda c: c.agent.service.deregister(inst.id))
+            except RegistrarError as exc:
+                log.debug("%s: %s", self.name, exc)
+
+        threading.Thread(target=tell, name=f"tell-agent-{self.name}", daemon=True).start()
 
     def _remove_through(self, servers: list[str]) -> str:
         """Catalog deregistration of our service on our node, asked of every
