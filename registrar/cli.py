@@ -394,20 +394,16 @@ def _agent_status(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]
     import socket
 
     from . import prestop
-    from .files import SECRET_BYTES, read_regular
 
     token_file = args.token_file or _from_env(os.environ, "REGISTRAR_CONTROL_TOKEN_FILE")
     if token_file is None:
         from .source import expand
 
         token_file = (expand(args.config).get("control") or {}).get("token_file")
-    token = None
-    if token_file:
-        try:
-            token = read_regular(token_file, SECRET_BYTES).decode(errors="replace").strip()
-        except (OSError, ValueError) as exc:
-            return None, (f"cannot read the token file {token_file}: "
-                          f"{exc.strerror if isinstance(exc, OSError) else exc}")
+    try:
+        token = prestop.read_control_token(token_file) if token_file else None
+    except ValueError as exc:
+        return None, str(exc)
     try:
         code, body = prestop.call(args.control, "/status", token, STATUS_TIMEOUT, method="GET")
     except TimeoutError:

@@ -75,8 +75,7 @@ def exit_line(code: int, report: StopReport | None, life: Lifecycle,
         if not report.backends:
             parts.append("no registry")
         else:
-            done = [b for b in report.backends
-                    if b.confirmed or (b.never_registered and not b.rejected)]
+            done = [b for b in report.backends if b.done]
             text = f"removed from {len(done)}/{len(report.backends)} backends"
             missing = [f"{b.name}: {'removed, unconfirmed' if b.removed else 'NOT removed'}"
                        for b in report.backends if b not in done]

@@ -108,6 +108,18 @@ def call(control: str, path: str, token: str | None, timeout: float,
         return resp.status, {"error": body[:200].decode(errors="replace")}
 
 
+def read_control_token(path: str) -> str:
+    """The control server's bearer token from its file (a small regular
+    file); ValueError with a one-line reason otherwise."""
+    from .files import SECRET_BYTES, read_regular
+
+    try:
+        return read_regular(path, SECRET_BYTES).decode(errors="replace").strip()
+    except (OSError, ValueError) as exc:  # also not a regular file, too large
+        reason = exc.strerror if isinstance(exc, OSError) else exc
+        raise ValueError(f"cannot read the token file {path}: {reason}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     control = args.control or os.environ.get("REGISTRAR_CONTROL")
     token_file = args.token_file or os.environ.get("REGISTRAR_CONTROL_TOKEN_FILE")
@@ -127,17 +139,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"registrar prestop: --control: {exc}", file=sys.stderr)
         return 2
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-    token = None
-    if token_file:
-        from .files import SECRET_BYTES, read_regular
-
-        try:
-            token = read_regular(token_file, SECRET_BYTES).decode(errors="replace").strip()
-        except (OSError, ValueError) as exc:  # also not a regular file, too large
-            reason = exc.strerror if isinstance(exc, OSError) else exc
-            print(f"registrar prestop: cannot read the token file {token_file}: {reason}",
-                  file=sys.stderr)
-            return 1
+    try:
+        token = read_control_token(token_file) if token_file else None
+    except ValueError as exc:
+        print(f"registrar prestop: {exc}", file=sys.stderr)
+        return 1
     try:
         status, body = call(control, "/prestop", token, timeout)
     except (ConnectionError, FileNotFoundError, socket.gaierror) as exc:

@@ -102,6 +102,12 @@ class BackendReport:
     never_registered: bool = False
     rejected: bool = False
 
+    @property
+    def done(self) -> bool:
+        """Whether this backend holds nothing of ours any more, as far as
+        the stop can tell: confirmed by its observers, or never written."""
+        return self.confirmed or (self.never_registered and not self.rejected)
+
 
 @dataclass
 class StopReport:
@@ -195,8 +201,7 @@ class StopSequence:
                 cut.append(f"min_wait cut to {waited:.3f}s")
         for slot in self.slots:
             spawn(_close, slot, name=f"close-{slot.name}")
-        ok = not cut and all((r.confirmed or (r.never_registered and not r.rejected))
-                             and not r.cut for r in reports)
+        ok = not cut and all(r.done and not r.cut for r in reports)
         report = StopReport(trigger, ok, self.clock.now() - start, waited, reports, cut)
         (log.info if ok else log.error)("registries %s in %.3fs: %s", "confirmed the removal"
                                         if ok else "not all confirmed", report.seconds,
@@ -253,24 +258,15 @@ class StopSequence:
             report.cut.append("a call in flight held the backend until the deadline")
             return
         try:
-            begin = dereg_start = self.clock.now()
-            if slot.never_landed():
-                # Nothing we wrote has landed: nothing of ours to drain, and
-                # one removal attempt is enough (a write whose answer was
-                # lost may have landed; if this attempt fails too, that
-                # entry ends with its TTL, heartbeats having never begun).
-                # A stop that retried here would hold, and fail, the stop
-                # of a pod that never was in the registry.
-                self._stage[slot.name] = "deregistering (never registered)"
-                try:
-                    report.position = slot.backend.deregister()
-                except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
-                    report.never_registered = True
-                    report.errors.append(f"one removal attempt failed: {exc}")
-                    log.info("%s: never registered, and the one removal attempt failed: %s",
-                             slot.name, exc, extra={"backend": slot.name})
-                    return
-            else:
+            begin = self.clock.now()
+            # Nothing we wrote has landed: nothing of ours to drain, and one
+            # removal attempt is enough (a write whose answer was lost may
+            # have landed; if this attempt fails too, that entry ends with
+            # its TTL, heartbeats having never begun). A stop that retried
+            # here would hold, and fail, the stop of a pod that never was in
+            # the registry.
+            fresh = slot.never_landed()
+            if not fresh:
                 self._stage[slot.name] = "draining"
                 try:
                     slot.backend.drain(str(trigger))
@@ -279,26 +275,35 @@ class StopSequence:
                     log.warning("%s: drain failed, deregistering anyway: %s", slot.name, exc,
                                 exc_info=not isinstance(exc, RegistrarError),
                                 extra={"backend": slot.name})
-                dereg_start = self.clock.now()
-                self._stage[slot.name] = "deregistering"
-                # Retrying past the TTL is pointless where the registry ends
-                # the entry by itself by then (heartbeats stopped): see
-                # expires_unaided.
-                retry_for = deadline if not slot.backend.expires_unaided else \
-                    Deadline(min(deadline.at, dereg_start + slot.backend.ttl), self.clock)
-                try:
-                    report.position = self._retry_until(retry_for, slot.backend.deregister,
-                                                        slot.name)
-                except RetryError as exc:
-                    report.errors.append(f"deregister failed: {exc.last_attempt.exception()}")
-                    report.cut.append("deregister")
+            dereg_start = self.clock.now()
+            self._stage[slot.name] = ("deregistering (never registered)" if fresh
+                                      else "deregistering")
+            # Retrying past the TTL is pointless where the registry ends the
+            # entry by itself by then (heartbeats stopped): see
+            # expires_unaided. A deadline already reached allows one attempt.
+            retry_for = (Deadline(dereg_start, self.clock) if fresh
+                         else deadline if not slot.backend.expires_unaided
+                         else Deadline(min(deadline.at, dereg_start + slot.backend.ttl),
+                                       self.clock))
+            try:
+                report.position = self._retry_until(retry_for, slot.backend.deregister,
+                                                    slot.name)
+            except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
+                error = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
+                if fresh:
+                    report.never_registered = True
+                    report.errors.append(f"one removal attempt failed: {error}")
+                    log.info("%s: never registered, and the one removal attempt failed: %s",
+                             slot.name, error, extra={"backend": slot.name})
                     return
-                except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
-                    report.errors.append(f"deregister failed: {exc}")
+                report.errors.append(f"deregister failed: {error}")
+                if isinstance(exc, RetryError):
+                    report.cut.append("deregister")
+                else:
                     log.error("%s: deregister failed: %s", slot.name, exc,
                               exc_info=not isinstance(exc, RegistrarError),
                               extra={"backend": slot.name})
-                    return
+                return
             report.removed = True
             report.deregister_seconds = self.clock.now() - begin
             slot.state = BackendState.DEREGISTERED

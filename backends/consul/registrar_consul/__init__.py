@@ -235,21 +235,11 @@ class ConsulBackend(Backend):
         passed without a heartbeat, so consumers of ?passing do not list it,
         and Consul reaps it after deregister_critical_after. Needs the ACL
         token's service:write on the service, which registering needed too."""
-        inst = self.instance
         servers = [a for a in self.config.observers or () if a != self.address]
-
-        def at_agent() -> None:
-            try:  # an unknown id: True without ACLs, a 500 "Unknown service" with them
-                self._call(f"deregister {inst.service}/{inst.id}",
-                           lambda c: c.agent.service.deregister(inst.id))
-            except Forgotten:
-                pass
-            self._agent_failed = False
-
         agent_error: RegistryUnavailable | None = None
         if not (self._agent_failed and servers and self._node):
             try:
-                at_agent()
+                self._deregister_at_agent()
                 return None
             except RegistryUnavailable as exc:
                 self._agent_failed = True
@@ -271,11 +261,20 @@ class ConsulBackend(Backend):
             return server
         if agent_error is None:  # the servers could not (no leader yet): the agent once more
             try:
-                at_agent()
+                self._deregister_at_agent()
                 return None
             except RegistryUnavailable as exc:
                 agent_error = exc
         raise RegistryUnavailable(f"{agent_error}; through the servers: {server_error}")
+
+    def _deregister_at_agent(self) -> None:
+        inst = self.instance
+        try:  # an unknown id: True without ACLs, a 500 "Unknown service" with them
+            self._call(f"deregister {inst.service}/{inst.id}",
+                       lambda c: c.agent.service.deregister(inst.id))
+        except Forgotten:
+            pass
+        self._agent_failed = False
 
     def _tell_the_agent(self) -> None:
         """Send the agent its deregistration too, without waiting: it reads
@@ -283,12 +282,9 @@ class ConsulBackend(Backend):
         and drops the service from its own state. Otherwise its anti-entropy
         would put the entry back in the catalog (critical by then, so out of
         ?passing) until deregister_critical_after."""
-        inst = self.instance
-
         def tell() -> None:
             try:
-                self._call(f"deregister {inst.service}/{inst.id}",
-                           lambda c: c.agent.service.deregister(inst.id))
+                self._deregister_at_agent()
             except RegistrarError as exc:
                 log.debug("%s: %s", self.name, exc)
 

@@ -183,18 +183,25 @@ def read_health(c: consul.Consul, service: str, instance_id: str, passing: bool,
                 datacenter: str | None, index: int = 0,
                 wait: float | None = None) -> tuple[int, list[dict]]:
     """GET /v1/health/service/<name>, filtered to one id, as (index, entries)."""
-    params: list[tuple[str, Any]] = [("filter", f"Service.ID == {quote(instance_id)}")]
-    if passing:
-        params.append(("passing", "1"))
+    return _read(c, f"/v1/health/service/{service}", f"Service.ID == {quote(instance_id)}",
+                 [("passing", "1")] if passing else [], stale, datacenter, index, wait)
+
+
+def _read(c: consul.Consul, path: str, filter_expr: str, params: list[tuple[str, Any]],
+          stale: bool, datacenter: str | None, index: int,
+          wait: float | None) -> tuple[int, list[dict]]:
+    """A filtered read as (index, items); a blocking query from ``index``
+    (held up to ``wait`` seconds) when it is not 0."""
+    params = [("filter", filter_expr), *params]
     if stale:
         params.append(("stale", ""))
     if datacenter:
         params.append(("dc", datacenter))
     if index:
         params += [("index", index), ("wait", go_duration(wait))]
-    idx, entries = c.http.get(CB.json(index=True), f"/v1/health/service/{service}",
-                              params=params, headers=c.prepare_headers())
-    return int(idx), entries or []
+    idx, items = c.http.get(CB.json(index=True), path, params=params,
+                            headers=c.prepare_headers())
+    return int(idx), items or []
 
 
 def catalog_deregister(c: consul.Consul, node: str, service_id: str,
@@ -215,15 +222,6 @@ def read_node_checks(c: consul.Consul, node: str, service_id: str, stale: bool,
     as (index, checks); a blocking query from ``index`` when it is not 0.
     A server answers it when a check on that node changes, not when any
     instance of the service does."""
-    params: list[tuple[str, Any]] = [
-        ("filter", f'ServiceID == "" or ServiceID == {quote(service_id)}')]
-    if stale:
-        params.append(("stale", ""))
-    if datacenter:
-        params.append(("dc", datacenter))
-    if index:
-        params += [("index", index), ("wait", go_duration(wait))]
-    idx, checks = c.http.get(CB.json(index=True), f"/v1/health/node/{url_quote(node, safe='')}",
-                             params=params,
-                             headers=c.prepare_headers())
-    return int(idx), checks or []
+    return _read(c, f"/v1/health/node/{url_quote(node, safe='')}",
+                 f'ServiceID == "" or ServiceID == {quote(service_id)}', [], stale, datacenter,
+                 index, wait)
