@@ -486,7 +486,10 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
         print(f"{head}: as the registries list it{where}: {source.get('agent_error') or '?'})")
     else:
         agent = f" (the agent at {source['agent']})" if source.get("agent") else ""
-        print(f"{head}: {status.get('state', '?')}{agent}")
+        state = status.get("state", "?")
+        if status.get("ready") is False and state not in ("stopping", "stopped"):
+            state += f", not ready: {status.get('reason')}"  # what /readyz says
+        print(f"{head}: {state}{agent}")
     if not status["backends"]:
         print("  no registry: nothing to look up")
     for b in status["backends"]:

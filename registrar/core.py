@@ -281,15 +281,23 @@ class Registrar:
 
     # -- status -------------------------------------------------------------
 
+    def call_latencies(self) -> dict[str, tuple[list[int], float]]:
+        """Per backend: how many accepted registrations and heartbeats took
+        at most each of registration.LATENCY_BUCKETS (per bucket, the last
+        past them all), and their total seconds."""
+        return {s.name: (list(s.call_counts), s.call_seconds_sum) for s in self._slots}
+
     def status(self, observe: bool = True, timeout: float = 2.0) -> dict[str, Any]:
         """State per backend and, with ``observe``, what each observer sees."""
         out: dict[str, Any] = {
             "instance": self.instance.to_dict(),
             "state": "stopped" if self.pod_stop.report is not None
             else "stopping" if self._stopping.is_set()
+            else "out of rotation" if self._started and not self.in_rotation
             else ("registered" if self._slots else "serving") if self.registered
             else "starting" if self._started else "idle",
             "backends": []}
+        out["ready"], out["reason"] = self.readiness()
         for slot in self._slots:
             entry: dict[str, Any] = {"name": slot.name, "state": str(slot.current_state()),
                                      "heartbeat_failures": slot.heartbeat_failures,

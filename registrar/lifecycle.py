@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 
 from .clock import Deadline
 from .config import AgentConfig
@@ -65,9 +66,12 @@ class Lifecycle:
 
 
 def exit_line(code: int, report: StopReport | None, life: Lifecycle,
-              app_status: int | None = None, fatal: BaseException | None = None) -> None:
+              app_status: int | None = None, fatal: BaseException | None = None,
+              sent: int | None = None) -> None:
     """The last line of `agent` and `run`: the exit code and why, e.g.
-    ``exiting 0: removed from 3/3 backends, app exited 0, 0.21s after SIGTERM``."""
+    ``exiting 0: removed from 3/3 backends, app exited 0, 0.21s after SIGTERM``.
+    A warning unless all went well: exit 0, or (``run``) an app that the
+    signal it was ``sent`` ended after a complete stop (exit 143 for SIGTERM)."""
     parts = []
     if fatal is not None:
         parts.append(f"fatal error: {fatal}")
@@ -75,18 +79,35 @@ def exit_line(code: int, report: StopReport | None, life: Lifecycle,
         if not report.backends:
             parts.append("no registry")
         else:
-            done = [b for b in report.backends if b.done]
-            text = f"removed from {len(done)}/{len(report.backends)} backends"
-            missing = [f"{b.name}: {'removed, unconfirmed' if b.removed else 'NOT removed'}"
-                       for b in report.backends if b not in done]
-            parts.append(text + (f" ({'; '.join(missing)})" if missing else ""))
+            # A backend that never registered counts as done, but not as removed.
+            removed = [b for b in report.backends if b.done and not b.never_registered]
+            notes = [f"{b.name}: {_left(b)}" for b in report.backends if b not in removed]
+            text = f"removed from {len(removed)}/{len(report.backends)} backends"
+            parts.append(text + (f" ({'; '.join(notes)})" if notes else ""))
     if app_status is not None:
-        parts.append(f"app exited {app_status}")
+        text = f"app exited {app_status}"
+        if app_status > 128:
+            try:
+                text += f" ({signal.Signals(app_status - 128).name})"
+            except ValueError:
+                pass
+        parts.append(text)
     if life.triggered:
         seconds = life.registrar.clock.now() - life.first_at
         parts.append(f"{seconds:.2f}s after {life.first}")
-    (log.info if code == 0 else log.warning)("exiting %d: %s", code, ", ".join(parts),
-                                             extra={"exit_code": code})
+    clean = code == 0 or (sent is not None and code == 128 + sent and report is not None
+                          and report.ok and fatal is None)
+    (log.info if clean else log.warning)("exiting %d: %s", code, ", ".join(parts),
+                                         extra={"exit_code": code})
+
+
+def _left(backend) -> str:
+    """What the exit line says of a backend the stop did not remove."""
+    if backend.rejected:
+        return "registration rejected"
+    if backend.never_registered:
+        return "never registered"
+    return "removed, unconfirmed" if backend.removed else "NOT removed"
 
 
 def make_drain(registrar: Registrar, config: AgentConfig) -> Drain | None:

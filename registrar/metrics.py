@@ -11,6 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .core import Registrar
+from .registration import LATENCY_BUCKETS
 
 #: Propagation buckets (seconds): loopback takes milliseconds, WAN clusters more.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -44,7 +45,7 @@ class _Collector:
                                        "1 while the instance is registered on the backend",
                                        labels=["backend"])
         failures = CounterMetricFamily("registrar_heartbeat_failures",
-                                       "Heartbeats that failed after their retries",
+                                       "Heartbeat calls that failed (each try counts)",
                                        labels=["backend"])
         repairs = CounterMetricFamily("registrar_repairs",
                                       "Registrations lost by the registry and re-created",
@@ -69,6 +70,16 @@ class _Collector:
                 latency.add_metric([b["name"]], b["last_call_seconds"])
         yield landed
         yield latency
+        calls = HistogramMetricFamily("registrar_heartbeat_duration_seconds",
+                                      "Registrations and heartbeats the backend accepted, by "
+                                      "how long they took", labels=["backend"])
+        for name, (counts, total) in r.call_latencies().items():
+            running, buckets = 0, []
+            for le, n in zip((*LATENCY_BUCKETS, "+Inf"), counts):
+                running += n
+                buckets.append((str(le), float(running)))
+            calls.add_metric([name], buckets, sum_value=total)
+        yield calls
         ready, _ = r.readiness()
         yield GaugeMetricFamily("registrar_ready", "1 while /readyz answers 200",
                                 value=1.0 if ready else 0.0)

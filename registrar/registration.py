@@ -12,15 +12,17 @@ until a heartbeat's repair lands. A backend that learns its entry is gone
 (a ZooKeeper session expired) says so at once: its ``registered`` reads False."""
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
+import random
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from collections.abc import Callable
 from typing import Any
 
-from tenacity import (Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set,
-                      wait_exponential, wait_exponential_jitter)
+from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential_jitter
 
 from ._threads import spawn
 from .clock import Clock
@@ -31,6 +33,12 @@ from .instance import Instance
 from .plugin import Backend
 
 log = logging.getLogger(__name__)
+
+#: Retries after a failed registration or heartbeat back off up to this
+#: (a heartbeat's, to its interval when that is longer).
+BACKOFF_MAX = 5.0
+#: Upper bounds (seconds) of the registration/heartbeat latency histogram.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class BackendState(enum.StrEnum):
@@ -65,14 +73,16 @@ class Slot:
         self.last_error: str | None = None
         self.heartbeat_failures = 0
         self.repairs = 0
+        #: The current run of failed heartbeats (what the log says of it).
+        self.heartbeats = Failures(self, "heartbeat")
         #: Wall-clock time of the last write or heartbeat that landed, and
         #: how long that call took (registrar_last_heartbeat_*).
         self.last_landed_at: float | None = None
         self.last_call_seconds: float | None = None
-        #: When the current run of failed heartbeats began, and how many
-        #: (for the line that says they land again).
-        self.failing_since: float | None = None
-        self.failing_count = 0
+        #: Every accepted call's duration, counted per LATENCY_BUCKETS
+        #: bound (not cumulative) and summed: registrar_heartbeat_duration_seconds.
+        self.call_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.call_seconds_sum = 0.0
         #: The registration is this process's to make (start() ran): while
         #: none of its writes has landed, the registry holds nothing of ours.
         #: False in the `deregister` command, which removes another's.
@@ -82,7 +92,9 @@ class Slot:
         """A write or heartbeat begun at ``started`` succeeded."""
         self.alive_until = started + self.backend.ttl
         self.last_landed_at = time.time()
-        self.last_call_seconds = self.clock.now() - started
+        self.last_call_seconds = took = self.clock.now() - started
+        self.call_counts[bisect.bisect_left(LATENCY_BUCKETS, took)] += 1
+        self.call_seconds_sum += took
 
     def never_landed(self) -> bool:
         """Whether this process registers here and nothing it wrote has
@@ -108,6 +120,64 @@ class Slot:
         ago = self.clock.now() - (self.alive_until - self.backend.ttl)
         return (f"nothing has landed for {ago:.1f}s (TTL {self.backend.ttl:g}s): the entry "
                 f"may be gone; repairing")
+
+
+class Failures:
+    """One run of failed calls (registering, or heartbeats): the log says
+    when it begins, when the error changes, once a minute while it lasts
+    and when it ends -- not once per try (a registry cut off for a minute
+    with a 3 s TTL used to give 57 lines)."""
+
+    #: While the same error goes on, one reminder this often.
+    REMIND_EVERY = 60.0
+
+    def __init__(self, slot: Slot, what: str):
+        self.slot = slot
+        self.what = what
+        self.count = 0
+        self.since: float | None = None
+        self._error = ""
+        self._said_at = 0.0
+        #: Said that the entry may be gone (heartbeats past the TTL).
+        self.lost = False
+
+    def failed(self, exc: BaseException, retry_in: float) -> None:
+        slot, now = self.slot, self.slot.clock.now()
+        self.count += 1
+        slot.last_error = error = str(exc)
+        extra = {"backend": slot.name, "seconds": round(retry_in, 3)}
+        retry = f"next try in {format_duration(retry_in)}"
+        if self.since is None:
+            self.since = now
+            log.warning("%s: %s failed, retrying with backoff (%s): %s", slot.name, self.what,
+                        retry, error, extra=extra)
+        elif error != self._error:
+            log.warning("%s: %s still failing, now: %s (%d tries over %s)", slot.name,
+                        self.what, error, self.count, format_duration(now - self.since),
+                        extra=extra)
+        elif now - self._said_at >= self.REMIND_EVERY:
+            log.warning("%s: %s still failing after %d tries over %s (%s): %s", slot.name,
+                        self.what, self.count, format_duration(now - self.since), retry, error,
+                        extra=extra)
+        else:
+            log.debug("%s: %s failed (try %d), %s: %s", slot.name, self.what, self.count, retry,
+                      error, extra=extra)
+            return
+        self._error, self._said_at = error, now
+
+    def note(self, message: str, *args: Any) -> None:
+        """A change of state within the run (the entry may have expired)."""
+        log.warning("%s: " + message, self.slot.name, *args, extra={"backend": self.slot.name})
+        self._said_at = self.slot.clock.now()
+
+    def succeeded(self) -> str:
+        """Ends the run; what to add to the success's line, e.g. ``after 12
+        failed over 41s`` ("" when nothing had failed)."""
+        after = ("" if self.since is None else
+                 f"after {self.count} failed over "
+                 f"{format_duration(self.slot.clock.now() - self.since)}")
+        self.count, self.since, self._error, self.lost = 0, None, "", False
+        return after
 
 
 class Stopping(Exception):
@@ -172,12 +242,14 @@ class Registration:
 
     def _register_loop(self, slot: Slot) -> None:
         slot.state = BackendState.REGISTERING
+        failures = Failures(slot, "register")
         retrying = Retrying(
             retry=retry_if_exception_type(RegistryUnavailable),
-            wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.2),
+            wait=wait_exponential_jitter(multiplier=0.1, max=BACKOFF_MAX, jitter=0.2),
             stop=stop_when_event_set(self.stopping),
             sleep=lambda s: self.stopping.wait(s),
-            before_sleep=lambda rs: self._note_failure(slot, "register", rs),
+            before_sleep=lambda rs: failures.failed(rs.outcome.exception(),
+                                                    rs.next_action.sleep),
             reraise=True)
         try:
             retrying(self.call, slot, self._vouched(slot, slot.backend.register))
@@ -199,16 +271,11 @@ class Registration:
             return
         slot.state, slot.last_error = BackendState.REGISTERED, None
         slot.registered.set()
-        log.info("%s: registered %s as %s", slot.name, self.instance.service, self.instance.hostport,
+        after = failures.succeeded()
+        log.info("%s: registered %s as %s%s", slot.name, self.instance.service,
+                 self.instance.hostport, f" ({after})" if after else "",
                  extra={"backend": slot.name})
-        interval = self.config.interval or slot.backend.ttl / 3
-        try:
-            self._scheduler.add_job(self._heartbeat, "interval", args=[slot, interval],
-                                    seconds=interval, jitter=min(interval / 10, 1.0),
-                                    id=f"heartbeat-{slot.name}")
-        except Exception:  # noqa: BLE001 - the scheduler was shut down by halt()
-            if not self.stopping.is_set():
-                raise
+        self._next_heartbeat(slot, self._interval(slot))
         self._warm_observers(slot)  # after scheduling: a slow member must not delay heartbeats
 
     def _warm_observers(self, slot: Slot) -> None:
@@ -220,58 +287,67 @@ class Registration:
         except Exception as exc:  # noqa: BLE001 - only a warm-up; the stop asks again
             log.debug("%s: observer warm-up: %s", slot.name, exc)
 
-    def _note_failure(self, slot: Slot, what: str, rs: Any, level: int = logging.WARNING) -> None:
-        exc = rs.outcome.exception()
-        slot.last_error = str(exc)
-        log.log(level, "%s: %s failed (attempt %d), retrying: %s", slot.name, what,
-                rs.attempt_number, exc)
-
     # -- heartbeats -------------------------------------------------------------
 
-    def _heartbeat(self, slot: Slot, interval: float) -> None:
+    def _interval(self, slot: Slot) -> float:
+        return self.config.interval or slot.backend.ttl / 3
+
+    def _next_heartbeat(self, slot: Slot, delay: float) -> None:
+        """Run one heartbeat ``delay`` seconds from now. Each heartbeat arms
+        the next when it ends: one never overlaps another (a call slower
+        than the interval used to make APScheduler warn at every tick), and
+        a failing one backs off."""
+        when = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        try:
+            self._scheduler.add_job(self._heartbeat, "date", run_date=when, args=[slot],
+                                    id=f"heartbeat-{slot.name}", replace_existing=True)
+        except Exception:  # noqa: BLE001 - the scheduler was shut down by halt()
+            if not self.stopping.is_set():
+                raise
+
+    def _heartbeat(self, slot: Slot) -> None:
+        interval = self._interval(slot)
+        try:
+            delay = self._beat(slot, interval)
+        except Stopping:
+            return
+        if not self.stopping.is_set():
+            self._next_heartbeat(slot, delay)
+
+    def _beat(self, slot: Slot, interval: float) -> float:
+        """One heartbeat; returns when the next is due: the interval (less
+        up to a tenth of it, at most 1 s, of jitter) after a heartbeat that
+        landed; after failures, ever longer waits from 0.25 s up to
+        BACKOFF_MAX (or the interval, if longer), with jitter, so that a
+        fleet does not retry in step against a registry coming back."""
+        healthy = interval - random.uniform(0, min(interval / 10, 1.0))
         out = slot.state == BackendState.OUT_OF_ROTATION
         if out or self.paused.is_set():
             if out != self.paused.is_set():  # a pause()/resume() that failed: again
                 self._sync_rotation(slot)
-            return
-        # While the entry may be gone, retry closer together and for most of
-        # the interval: the repair lands within moments of the registry's
-        # return instead of at the next tick.
-        live = slot.live()
-        retrying = Retrying(
-            retry=retry_if_exception_type(RegistryUnavailable),
-            wait=wait_exponential(multiplier=0.1, max=1.0 if live else 0.25),
-            stop=stop_after_delay(interval * (0.5 if live else 0.9))
-            | stop_when_event_set(self.stopping),
-            sleep=lambda s: self.stopping.wait(s),
-            before_sleep=lambda rs: self._note_failure(slot, "heartbeat", rs, logging.DEBUG),
-            reraise=True)
+            return healthy
+        failures = slot.heartbeats
         try:
-            repaired = retrying(self.call, slot, self._vouched(slot, slot.backend.heartbeat))
-        except Stopping:
-            return
+            repaired = self.call(slot, self._vouched(slot, slot.backend.heartbeat))
         except RegistrarError as exc:
             slot.heartbeat_failures += 1
-            slot.failing_count += 1
-            if slot.failing_since is None:
-                slot.failing_since = slot.clock.now()
-            slot.last_error = str(exc)
-            lost = "" if slot.live() else f"; {slot.lost_reason()}"
-            log.warning("%s: heartbeat failed, next try in %s: %s%s", slot.name,
-                        format_duration(interval), exc, lost,
-                        extra={"backend": slot.name, "seconds": interval})
-            return
+            cap = max(BACKOFF_MAX, interval)
+            delay = min(cap, 0.25 * 2 ** failures.count) * random.uniform(0.8, 1.0)
+            failures.failed(exc, delay)
+            if not slot.live() and not failures.lost:
+                failures.lost = True
+                failures.note("%s (/readyz 503 until it lands)", slot.lost_reason())
+            return delay
         slot.last_error = None
-        if slot.failing_since is not None:
-            log.info("%s: heartbeats land again, after %d failed over %s", slot.name,
-                     slot.failing_count,
-                     format_duration(slot.clock.now() - slot.failing_since),
+        after = failures.succeeded()
+        if after:
+            log.info("%s: heartbeats land again, %s", slot.name, after,
                      extra={"backend": slot.name})
-            slot.failing_since, slot.failing_count = None, 0
         if repaired:
             slot.repairs += 1
             log.warning("%s: registration was lost and has been repaired", slot.name,
                         extra={"backend": slot.name})
+        return healthy
 
     # -- out of rotation (the app's health gate) ----------------------------------
 

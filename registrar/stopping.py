@@ -136,7 +136,9 @@ class StopReport:
             seconds = self.seconds if self.total_seconds is None else self.total_seconds
             text = f"stopped after {self.trigger} in {seconds:.3f}s: no registry"
         else:
-            head = "deregistered" if self.ok else "stop incomplete"
+            head = ("stop incomplete" if not self.ok
+                    else "nothing to deregister" if all(b.never_registered for b in self.backends)
+                    else "deregistered")
             text = f"{head} after {self.trigger} in {self.seconds:.3f}s: {self.registries()}"
         if self.quiescence is not None:
             text += f"; consumers: {self.quiescence.summary()}"
@@ -157,7 +159,10 @@ class StopReport:
                     if b.propagation_seconds is not None else "")
             down = f", {len(b.observers_down)} down" if b.observers_down else ""
             extra = f" ({'; '.join(b.errors + b.cut)})" if (b.errors or b.cut) else ""
-            parts.append(f"{b.name}: {state} {n_ok}/{n_all} observers{down}{prop}{extra}")
+            if b.never_registered:  # no observer was asked: there was nothing to watch go
+                parts.append(f"{b.name}: {state}{extra}")
+            else:
+                parts.append(f"{b.name}: {state} {n_ok}/{n_all} observers{down}{prop}{extra}")
         return "; ".join(parts)
 
 
@@ -203,8 +208,10 @@ class StopSequence:
             spawn(_close, slot, name=f"close-{slot.name}")
         ok = not cut and all(r.done and not r.cut for r in reports)
         report = StopReport(trigger, ok, self.clock.now() - start, waited, reports, cut)
-        (log.info if ok else log.error)("registries %s in %.3fs: %s", "confirmed the removal"
-                                        if ok else "not all confirmed", report.seconds,
+        verdict = ("not all confirmed" if not ok
+                   else "had nothing of ours" if all(r.never_registered for r in reports)
+                   else "confirmed the removal")
+        (log.info if ok else log.error)("registries %s in %.3fs: %s", verdict, report.seconds,
                                         report.registries() + (f"; {'; '.join(cut)}" if cut else ""))
         return report
 
@@ -276,7 +283,7 @@ class StopSequence:
                                 exc_info=not isinstance(exc, RegistrarError),
                                 extra={"backend": slot.name})
             dereg_start = self.clock.now()
-            self._stage[slot.name] = ("deregistering (never registered)" if fresh
+            self._stage[slot.name] = ("never registered: one removal attempt" if fresh
                                       else "deregistering")
             # Retrying past the TTL is pointless where the registry ends the
             # entry by itself by then (heartbeats stopped): see

@@ -86,6 +86,8 @@ class Wrapper:
         self.life: Lifecycle | None = None
         self.app: subprocess.Popen | None = None
         self.app_status: int | None = None
+        #: The stop signal, once the stop sent it to the app.
+        self._sent_stop_signal: int | None = None
         self._probes = ProbeProcesses()  # the reaper never steals a probe's child
         self.report: StopReport | None = None
 
@@ -117,7 +119,8 @@ class Wrapper:
             # A /prestop still being answered gets its report before we exit.
             server.close(grace=min(0.5, max(self.life.deadline.remaining(), 0.05)))
         self.pipe.close()
-        exit_line(code, self.report, self.life, app_status=self.app_status)
+        exit_line(code, self.report, self.life, app_status=self.app_status,
+                  sent=self._sent_stop_signal)
         return code
 
     def _handle(self, signals: list[int]) -> None:
@@ -166,6 +169,7 @@ class Wrapper:
             log.info("sending %s to the app (%.1fs left for it)", stop_signal.name,
                      deadline.remaining())
             self._signal_app(stop_signal)
+            self._sent_stop_signal = int(stop_signal)
         while self.app_status is None and not deadline.expired:
             self._handle(self.pipe.wait(deadline.cap(0.1)))
         if self.app_status is None:

@@ -327,3 +327,18 @@ def test_register_names_an_unreachable_registry_before_waiting_for_the_app(tmp_p
     assert proc.returncode == 1, proc.stderr
     assert time.monotonic() - began < 10
     assert "cannot reach etcd: " in proc.stderr and "waiting for the app" not in proc.stderr
+
+
+def test_status_heads_with_why_the_pod_is_not_ready(capsys):
+    # Issue 25: an agent whose app had not come up said "serving" (no
+    # registry) or "starting", and nothing of /readyz's reason.
+    status = {"instance": {"service": "web", "id": "web-1", "address": "10.0.0.9", "port": 8080},
+              "state": "starting", "ready": False,
+              "reason": "waiting for the app: 10.0.0.9:8080: Connection refused",
+              "backends": [], "source": {"agent": "127.0.0.1:9901"}}
+    cli._print_status(status, as_json=False)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "web/web-1 at 10.0.0.9:8080: starting, not ready: waiting for the app: "
+        "10.0.0.9:8080: Connection refused (the agent at 127.0.0.1:9901)")
+    cli._print_status(status | {"state": "stopping", "reason": "stopping"}, as_json=False)
+    assert capsys.readouterr().out.startswith("web/web-1 at 10.0.0.9:8080: stopping (the agent")

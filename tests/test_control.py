@@ -145,6 +145,13 @@ def test_metrics(server, registrar):
                        text)
     assert landed and abs(float(landed.group(1)) - time.time()) < 60, text
     assert 'registrar_last_heartbeat_duration_seconds{backend="memory"}' in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    calls = {f.name: f for f in text_string_to_metric_families(text)}[
+        "registrar_heartbeat_duration_seconds"].samples
+    count = next(s.value for s in calls if s.name.endswith("_count"))
+    buckets = [s.value for s in calls if s.name.endswith("_bucket")]
+    assert count >= 1 and buckets[-1] == count and buckets == sorted(buckets), calls
     assert "registrar_stop_duration_seconds" not in text  # no NaN before the stop
     request(server, "POST", "/prestop")
     _, text = request(server, "GET", "/metrics")

@@ -52,7 +52,7 @@ def test_start_retries_while_registry_unreachable(caplog):
     registry.unavailable = False
     registrar.wait_registered(timeout=10)
     assert registrar.registered
-    assert "register failed (attempt 1), retrying" in caplog.text
+    assert "register failed, retrying with backoff" in caplog.text
     registrar.stop()
 
 
@@ -76,7 +76,7 @@ def test_rejection_is_not_retried_and_is_fatal():
     # Nothing of ours is there: the stop does not ask again with what was refused.
     assert registry.count("drain") == registry.count("deregister") == 0
     assert not report.ok and report.backends[0].never_registered
-    assert "memory: never registered 0/0 observers (registration was rejected: " \
+    assert "memory: never registered (registration was rejected: " \
         in report.summary()
 
 
@@ -105,6 +105,36 @@ def test_failed_heartbeats_are_counted_and_do_not_stop_the_agent(caplog):
     # After the warnings, one line says they are over (not silence).
     back = [r.getMessage() for r in caplog.records if "heartbeats land again" in r.getMessage()]
     assert len(back) == 1 and back[0].startswith("memory: heartbeats land again, after "), back
+
+
+def test_failing_heartbeats_back_off_and_say_so_once_per_change(caplog):
+    # Issue 25: with a registry cut off and a 3 s TTL, the log had 57 lines a
+    # minute (38 of them APScheduler's "skipped: maximum number of running
+    # instances"). Now: one line when the failures begin, one when the entry
+    # may have expired, one when they end; the tries back off in between.
+    caplog.set_level(logging.DEBUG)
+    registrar, registry = make(ttl=0.6, heartbeat=HeartbeatConfig(interval=0.05))
+    registrar.start(wait=True, timeout=5)
+    registry.unavailable = True
+    began = time.monotonic()
+    wait_until(lambda: registrar.status(observe=False)["backends"][0]["heartbeat_failures"] >= 4,
+               10, "four failed heartbeats")
+    tries = registrar.status(observe=False)["backends"][0]["heartbeat_failures"]
+    # Backing off: 0.25 + 0.5 + 1 s (less jitter) between the first four tries,
+    # where the interval alone would have made ~30.
+    assert time.monotonic() - began >= 0.25 * 0.8 + 0.5 * 0.8 + 1.0 * 0.8
+    registry.unavailable = False
+    wait_until(lambda: any("heartbeats land again" in r.getMessage() for r in caplog.records),
+               10, "heartbeats land again")
+    assert registrar.stop().ok
+    said = [r.getMessage() for r in caplog.records if r.name == "registrar.registration"
+            and r.levelno >= logging.INFO and " registered " not in r.getMessage()]
+    assert len(said) == 3, said
+    assert said[0].startswith("memory: heartbeat failed, retrying with backoff (next try in ")
+    assert "may be gone" in said[1] and "/readyz 503" in said[1]
+    assert said[2].startswith("memory: heartbeats land again, after ")
+    assert tries >= 4 and not [r for r in caplog.records if r.name.startswith("apscheduler")
+                               and r.levelno >= logging.WARNING]
 
 
 def test_concurrent_stop_runs_once_and_everyone_gets_the_same_report():
@@ -300,7 +330,11 @@ def test_pause_takes_the_instance_out_of_rotation_and_resume_puts_it_back():
     registrar.pause("health probe failed")
     wait_until(lambda: registry.committed("web-0") is None, 5, "web-0 is gone")
     assert not registrar.registered and not registrar.in_rotation
-    assert registrar.status(observe=False)["backends"][0]["state"] == "out of rotation"
+    status = registrar.status(observe=False)
+    assert status["backends"][0]["state"] == "out of rotation"
+    # What `registrar status` heads its answer with: the state and /readyz's reason.
+    assert status["state"] == "out of rotation" and status["ready"] is False
+    assert status["reason"] == "out of rotation: health probe failed", status
     beats = registry.count("heartbeat")
     time.sleep(0.25)
     assert registry.count("heartbeat") == beats  # nothing to keep alive meanwhile

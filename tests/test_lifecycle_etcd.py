@@ -398,7 +398,7 @@ def test_sigterm_while_the_registry_cannot_be_reached_yet(pods, setup):
                        health=False)  # no app in this pod
     pod = setup.pod([Container("registrar", [*REGISTRAR, "agent", "--config", str(cfg)],
                                pid_namespace=NAMESPACES)])
-    start(pods, pod, None, lambda: "register failed (attempt" in pod["registrar"].log())
+    start(pods, pod, None, lambda: "register failed, retrying" in pod["registrar"].log())
     pod.delete()
     took = pod.exited("registrar").t - pod.deleted_at
     figures("6b SIGTERM before registering (registry down)", pod, None, None)
