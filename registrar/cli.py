@@ -3,6 +3,7 @@ command, so that ``--help`` and the light commands start fast."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 #: The commands that need a configuration file (prestop only falls back on one).
 NEEDS_CONFIG = ("agent", "run", "register", "deregister", "status", "check")
+#: The commands that read a configuration, and so take --set.
+READS_CONFIG = NEEDS_CONFIG + ("prestop",)
 
 
 class UsageError(Exception):
@@ -84,11 +87,25 @@ def _resolve(args: argparse.Namespace, env: Mapping[str, str]) -> None:
             raise UsageError(f"{name}: expected one of {', '.join(choices)}, got {show(value)}")
         if getattr(args, option, None) is None:
             setattr(args, option, value.strip().lower() if value else default)
+    # --set before the command, then after it (the later one of a key wins).
+    args.set = (getattr(args, "set", None) or []) + vars(args).pop("set_after", [])
+    if args.set and args.command not in READS_CONFIG:
+        raise UsageError("--set sets a configuration key: it is for "
+                         f"{', '.join(READS_CONFIG)}")
     if getattr(args, "config", None) is None:
         args.config = _from_env(env, "REGISTRAR_CONFIG")
-    if args.command in NEEDS_CONFIG and args.config is None:
+    if args.command in NEEDS_CONFIG and args.config is None and not args.set:
         raise UsageError("give the configuration file with --config FILE (or set "
                          "REGISTRAR_CONFIG)")
+    if args.command not in READS_CONFIG:
+        del args.set
+        return
+    # What the command reads: the file's path as given, or with --set, the
+    # file's content with the settings applied (before interpolation and
+    # validation, so that errors name the key as they do for the file).
+    from .source import with_settings
+
+    args.source = with_settings(args.config, args.set)
     if args.command in ("prestop", "status"):
         _resolve_control(args, env)
 
@@ -104,7 +121,7 @@ def _resolve_control(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     elif _from_env(env, "REGISTRAR_CONTROL") is not None:
         where, value = "REGISTRAR_CONTROL", _from_env(env, "REGISTRAR_CONTROL")
     else:
-        where, value = "control.listen", _config_control(args.config)
+        where, value = "control.listen", _config_control(args.source)
     if value is None:
         where, value = "default", DEFAULT_CONTROL
     try:
@@ -115,15 +132,16 @@ def _resolve_control(args: argparse.Namespace, env: Mapping[str, str]) -> None:
         raise UsageError(f"{where}: {exc}") from None
 
 
-def _config_control(path: str | None) -> Any:
-    """control.listen of the configuration, after checking the shape of
-    what `prestop` reads from it (control.token_file, stop.grace_period)."""
-    if path is None:
+def _config_control(source: Any) -> Any:
+    """control.listen of the configuration (a path, or a mapping: the file
+    with --set over it), after checking the shape of what `prestop` reads
+    from it (control.token_file, stop.grace_period)."""
+    if source is None:
         return None
     from .source import expand
     from .text import show
 
-    doc = expand(path)
+    doc = expand(source)
     for section in ("control", "stop"):
         if not isinstance(doc.get(section) or {}, Mapping):
             raise ConfigError(section, f"expected a mapping, got {show(doc[section])}")
@@ -159,18 +177,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    from .source import parse_setting
+
+    try:
+        return parse_setting(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+SET_HELP = ("set a configuration key over the file: a dotted path and a YAML scalar, e.g. "
+            "stop.grace_period=30s, control.listen=${POD_IP}:9901, backends[0].ttl=10s; "
+            "repeatable, the last of a key wins; errors name the key as in the file. With "
+            "--set, --config may be left out when the settings say everything needed")
+
+
+def _set_option(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--set, on the top-level parser and after the command: two lists (a
+    command's own parser would replace the first), joined by _resolve()."""
+    parser.add_argument("--set", dest="set" if top else "set_after", action="append",
+                        type=_setting, metavar="KEY=VALUE",
+                        default=None if top else argparse.SUPPRESS, help=SET_HELP)
+
+
 def _global_options(parser: argparse.ArgumentParser, default: Any,
                     config_help: str | None = None) -> None:
     """The options every command takes, before or after its name: on the
     top-level parser with real defaults (None: resolved later), on each
     command's with SUPPRESS, so that an option not repeated after the
-    command keeps what was given before it."""
+    command keeps what was given before it. --config and --set only where
+    a configuration is read (``config_help``)."""
     parser.add_argument("--log-level", default=default, type=str.lower, choices=LOG_LEVELS,
                         help="log level (default: $REGISTRAR_LOG_LEVEL, else info)")
     parser.add_argument("--log-format", default=default, type=str.lower, choices=LOG_FORMATS,
                         help="log format (default: $REGISTRAR_LOG_FORMAT, else text)")
     if config_help is not None:
         parser.add_argument("--config", "-c", default=default, metavar="FILE", help=config_help)
+        _set_option(parser, top=default is not argparse.SUPPRESS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -183,7 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="registrar",
         description="Register a pod in service registries and take it out gracefully.",
-        epilog="--log-level, --log-format and --config may come before or after the command.")
+        epilog="--log-level, --log-format, --config and --set may come before or after the "
+               "command.")
     _global_options(parser, None, config_help)
     parser.add_argument("--version", action="version", version=f"registrar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -221,6 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", default=argparse.SUPPRESS, metavar="FILE",
                    help="agent configuration (default: $REGISTRAR_CONFIG); also the "
                         "fallback when no agent answers")
+    _set_option(p, top=False)
     p.add_argument("--token-file", default=None,
                    help="bearer token for the control server (default: "
                         "$REGISTRAR_CONTROL_TOKEN_FILE, else control.token_file of --config)")
@@ -278,11 +323,33 @@ def _parser() -> argparse.ArgumentParser:
                         "variables expanded, secrets redacted) as YAML on standard output")
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("inject", parents=[common],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="wire registrar into Kubernetes YAML annotated "
+                            "registrar.io/inject: \"true\"",
+                       description=INJECT_HELP,
+                       usage="registrar inject [FILE...|-] [--uninject] [--image IMG] [-o FILE]")
+    p.add_argument("files", nargs="*", metavar="FILE",
+                   help="Kubernetes YAML, one or more documents each (default, or -: standard "
+                        "input); read as one stream, so a ConfigMap in one file is found for a "
+                        "Deployment in another")
+    p.add_argument("--uninject", action="store_true",
+                   help="take out what inject added, from the record it left in the pod "
+                        "(registrar.io/uninject): the input comes back as it was")
+    p.add_argument("--image", default=None, metavar="IMG",
+                   help="the agent's image (default: registry.example/registrar:"
+                        f"{__version__}; a pod's registrar.io/image wins)")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="write to FILE instead of standard output (only when every object "
+                        "could be injected)")
+    p.set_defaults(func=cmd_inject)
+
     p = sub.add_parser("schema", parents=[common],
                        help="print the JSON Schema of the configuration file",
                        description="Print the JSON Schema of the configuration file, with "
                                    "a branch for every installed backend.")
     p.set_defaults(func=cmd_schema)
+
     return parser
 
 
@@ -290,7 +357,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from .agent import run_agent
     from .core import Registrar
 
-    registrar = Registrar.from_config(args.config)
+    registrar = Registrar.from_config(args.source)
     _exit_now(run_agent(registrar, registrar.config))
 
 
@@ -302,7 +369,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not argv:
         print("registrar run: give the app's command after --", file=sys.stderr)
         return EXIT_CONFIG
-    registrar = Registrar.from_config(args.config)
+    registrar = Registrar.from_config(args.source)
     _exit_now(Wrapper(registrar, registrar.config, argv).run())
 
 
@@ -331,7 +398,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     from .core import Registrar
     from .errors import RegistryUnavailable
 
-    registrar = Registrar.from_config(args.config)
+    registrar = Registrar.from_config(args.source)
     _needs_backends(registrar, "register")
     deadline = Deadline.after(args.timeout, registrar.clock)
     # The registries first: with the health gate the app comes first, and a
@@ -359,7 +426,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_deregister(args: argparse.Namespace) -> int:
     from .core import Registrar
 
-    registrar = Registrar.from_config(args.config)
+    registrar = Registrar.from_config(args.source)
     _needs_backends(registrar, "deregister")
     report = registrar.stop("deregister command")
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
@@ -378,7 +445,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         from .core import Registrar
 
-        registrar = Registrar.from_config(args.config)
+        registrar = Registrar.from_config(args.source)
         try:
             status = registrar.status(observe=True)
         finally:
@@ -399,7 +466,7 @@ def _agent_status(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]
     if token_file is None:
         from .source import expand
 
-        token_file = (expand(args.config).get("control") or {}).get("token_file")
+        token_file = (expand(args.source).get("control") or {}).get("token_file")
     try:
         token = prestop.read_control_token(token_file) if token_file else None
     except ValueError as exc:
@@ -424,13 +491,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .fields import secrets_unread
 
     with secrets_unread() if args.offline else contextlib.nullcontext():
-        registrar = Registrar.from_config(args.config)  # builds the backends; connects nowhere
+        registrar = Registrar.from_config(args.source)  # builds the backends; connects nowhere
     for backend in registrar.backends:
         backend.close()
     inst = registrar.instance
     # The verdict on stderr (as every error is), the effective configuration
     # (YAML, on request) on stdout.
     where = "standard input" if args.config == "-" else args.config
+    if args.set:
+        where = f"{where} and --set" if where else "--set"
     on = (f"on {', '.join(b.name for b in registrar.backends)}" if registrar.backends
           else "with no registry (the stop waits for consumers only)")
     unread = " (secret files not read: --offline)" if args.offline else ""
@@ -445,6 +514,86 @@ def cmd_check(args: argparse.Namespace) -> int:
         doc["service"].update(id=inst.id, address=inst.address)  # $POD_NAME, $POD_IP, or found
         print(yaml.safe_dump(doc, sort_keys=False), end="")
     return EXIT_OK
+
+
+INJECT_HELP = """\
+Read Kubernetes YAML and write it back with registrar wired into every pod
+template (Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod,
+and the items of a List) annotated registrar.io/inject: "true" (or
+"required"). Other objects pass through unchanged; the order is kept. PyYAML
+keeps no comments: the output has none (keep the annotated input, with its
+comments, and generate the rest). A pod already injected is left as it is.
+
+Annotations on the pod template (docs/kubernetes.md has the details):
+  registrar.io/inject     "true" or "required"
+  registrar.io/config     the ConfigMap whose agent.yaml holds service and
+                          backends, mounted at /etc/registrar/agent.yaml;
+                          without it: no registry, a pod behind a Service
+  registrar.io/mode       native-sidecar (default), sidecar or wrapper
+  registrar.io/container  the serving container (then, comma-separated,
+                          others held until the pod is out), when several
+  registrar.io/port       service.port (a number or a port name), when the
+                          serving container has several ports
+  registrar.io/hook       exec (default in sidecar and wrapper: the image has
+                          registrar) or httpGet (default in native-sidecar)
+  registrar.io/image      the agent's image (default: --image)
+  registrar.io/token      the control token (drawn at random when absent)
+
+Derived, on the agent's command line (--set): stop.grace_period =
+terminationGracePeriodSeconds, control.listen ${POD_IP}:9901,
+control.metrics_listen ${POD_IP}:9902, control.token_file (the token
+annotation, mounted), service.port when agent.yaml has none. A ConfigMap in
+the input is checked with them; a value there that disagrees is refused.
+The token is readable by whoever can read the pod.
+
+Exit 0 (warnings on standard error, one line each); 2 and one line naming
+the object when one cannot be injected, and nothing is written."""
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from .inject import InjectError, Options, dump_documents, inject_documents, load_documents
+
+    docs: list[Any] = []
+    try:
+        for name in args.files or ["-"]:
+            docs += load_documents(_read_input(name), "standard input" if name == "-" else name)
+        options = Options(image=args.image) if args.image else Options()
+        docs, warnings = inject_documents(docs, options, uninject=args.uninject)
+    except InjectError as exc:
+        raise UsageError(str(exc)) from None
+    text = dump_documents(docs) if docs else ""
+    for warning in warnings:
+        print(f"registrar inject: warning: {_one_line(warning)}", file=sys.stderr)
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    partial = f"{args.output}.{os.getpid()}.tmp"
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(partial, args.output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise UsageError(f"cannot write {args.output}: {exc.strerror}") from None
+    return EXIT_OK
+
+
+def _read_input(name: str) -> str:
+    if name == "-":
+        if not _STDIN_READ:
+            _STDIN_READ.append(sys.stdin.read())
+        return _STDIN_READ[0]
+    try:
+        with open(name, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {name}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+
+
+_STDIN_READ: list[str] = []
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

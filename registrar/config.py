@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,10 +17,13 @@ from .fields import (Annotated, Duration, Meta, Model, Rule, StrList, at_least,
                      doc, dump, field, format_duration, more_than, parse, printable, read_token,
                      refuse_credentials, show)
 from .plugin import BackendConfig
-from .source import expand, parse_listen
+# with_settings() (the command line's --set over the file) lives with expand() in the
+# light source module: `registrar prestop` applies it without importing this one.
+from .source import expand, parse_listen, parse_setting, with_settings
 
 __all__ = ["AgentConfig", "ServiceConfig", "HeartbeatConfig", "StopConfig", "ControlConfig",
-           "HealthConfig", "load", "expand", "json_schema", "signal_named"]
+           "HealthConfig", "load", "expand", "with_settings", "parse_setting", "json_schema",
+           "signal_named"]
 
 
 def _printable(value: Any) -> Any:
@@ -290,12 +293,17 @@ def effective(config: AgentConfig) -> dict[str, Any]:
             "health": False if config.health is None else dump(config.health)}
 
 
-def load(source: str | os.PathLike | Mapping[str, Any],
-         environ: Mapping[str, str] | None = None) -> AgentConfig:
-    """Read, interpolate and validate a configuration file or mapping.
-    Raises ConfigError only, its text one line."""
+def load(source: str | os.PathLike | Mapping[str, Any] | None,
+         environ: Mapping[str, str] | None = None,
+         settings: Sequence[str | tuple[str, Any]] = ()) -> AgentConfig:
+    """Read, interpolate and validate a configuration file or mapping, with
+    ``settings`` (``KEY=VALUE``, the command line's ``--set``) applied over
+    it first (with_settings(); ``source`` may then be None). Raises
+    ConfigError only, its text one line."""
+    if source is None and not settings:
+        raise ConfigError("", "no configuration: give a file, a mapping or settings")
     try:
-        return _load(source, environ)
+        return _load(with_settings(source, settings), environ)
     except ConfigError as exc:
         if str(exc).isprintable():
             raise

@@ -16,6 +16,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -124,10 +125,13 @@ def main(args: argparse.Namespace) -> int:
     control = args.control or os.environ.get("REGISTRAR_CONTROL")
     token_file = args.token_file or os.environ.get("REGISTRAR_CONTROL_TOKEN_FILE")
     timeout = args.timeout
-    if args.config:
+    # The configuration file, or with --set, the file with the settings over it.
+    source = getattr(args, "source", args.config)
+    doc: dict[str, Any] = {}
+    if source is not None:
         from .source import expand
 
-        doc = expand(args.config)
+        doc = expand(source)
         section = doc.get("control") or {}
         control = control or section.get("listen")
         token_file = token_file or section.get("token_file")
@@ -154,10 +158,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"registrar prestop: the agent at {control} had already stopped "
                   f"({age:.1f}s ago): {report['summary']}")
             return 0 if report.get("ok") is True else 1
-        if args.config:
+        # The fallback needs an instance to remove: a file, or --set naming the service.
+        if args.config or "service" in doc:
+            where = f"{args.config} and --set" if args.config and getattr(args, "set", None) \
+                else args.config or "--set"
             print(f"registrar prestop: no agent at {control} ({reason}): running the stop "
-                  f"of {args.config} here", file=sys.stderr)
-            return _deregister_directly(args.config)
+                  f"of {where} here", file=sys.stderr)
+            return _deregister_directly(source)
         print(f"registrar prestop: no agent answered at {control}: {reason}")
         return 1
     except TimeoutError:
@@ -174,10 +181,17 @@ def main(args: argparse.Namespace) -> int:
     return 0 if status == 200 and body.get("ok") else 1
 
 
+#: "30s", the grace period `registrar inject` gives the hook: read here
+#: without importing registrar.fields (msgspec, ~20 ms of the hook's start).
+_SECONDS = re.compile(r"([0-9]{1,5})s")
+
+
 def _grace_period(doc: dict[str, Any]) -> float | None:
     value = (doc.get("stop") or {}).get("grace_period")
     if value is None:
         return None
+    if isinstance(value, str) and (m := _SECONDS.fullmatch(value)) and int(m[1]) <= 86400:
+        return int(m[1]) + 5  # the agent's own deadline comes first
     from .fields import parse_duration  # only when the file sets one
 
     try:
@@ -186,7 +200,7 @@ def _grace_period(doc: dict[str, Any]) -> float | None:
         return None
 
 
-def _deregister_directly(config_path: str) -> int:
+def _deregister_directly(config_path: Any) -> int:
     from . import logs
     from .core import Registrar
     from .stopping import Trigger

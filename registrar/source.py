@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError
@@ -31,8 +31,6 @@ def expand(source: str | os.PathLike | Mapping[str, Any],
 
 
 def _read(path: str | os.PathLike) -> Any:
-    import yaml
-
     name = printable(os.fsdecode(path))
     if name == "-":  # `-c -`: the configuration on standard input
         name, data = "<stdin>", _stdin()
@@ -53,6 +51,17 @@ def _read(path: str | os.PathLike) -> Any:
         text = data.decode()
     except UnicodeDecodeError as exc:
         raise ConfigError("", f"{name}: not UTF-8 text (byte {exc.start})") from None
+    return parse_text(text, name)
+
+
+def parse_text(text: str, name: str) -> Any:
+    """A configuration's YAML text, parsed as a file's is (limits, duplicate
+    keys refused); ``name`` says where it came from in the one-line
+    ConfigError. Not interpolated, not validated."""
+    import yaml
+
+    if len(text) > MAX_BYTES:
+        raise ConfigError("", f"{name}: larger than {MAX_BYTES >> 20} MiB: not a configuration")
     try:
         return yaml.load(text, Loader=_loader()) or {}
     except yaml.YAMLError as exc:
@@ -213,6 +222,123 @@ def _typed(text: str) -> Any:
         return yaml.safe_load(plain)
     except (yaml.YAMLError, ValueError, OverflowError):  # an integer of 5,000 digits
         return text
+
+
+#: One ``--set`` key: dotted names, each optionally indexing a list
+#: (``stop.grace_period``, ``backends[0].ttl``).
+_SEGMENT = re.compile(r"([^.\[\]=\s]+)(?:\[([0-9]+)\])?")
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from the command line -> (key, value). The value is
+    read as a YAML scalar would be (``30`` a number, ``true`` a boolean,
+    ``null`` or nothing at all null, ``'30'`` text, anything else text as
+    written); ``${VAR}`` is left for the interpolation. ValueError with a
+    one-line reason otherwise."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"expected KEY=VALUE, e.g. stop.grace_period=30s, got {show(text)}")
+    if not all(_SEGMENT.fullmatch(part) for part in key.split(".")):
+        raise ValueError(f"expected a dotted key like stop.grace_period or backends[0].ttl, "
+                         f"got {show(key)}")
+    return key, _scalar(raw)
+
+
+#: What PyYAML's resolver reads as a boolean, a number or null in a plain
+#: scalar (its own expressions): matched here so that the preStop hook,
+#: whose settings are text, starts without importing PyYAML (~30 ms).
+_NOT_TEXT = re.compile(
+    r"yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF"
+    r"|~|null|Null|NULL|"
+    r"|[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+"
+    r"|[-+]?[1-9][0-9_]*(?::[0-5]?[0-9])+"
+    r"|[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+
+
+def _scalar(raw: str) -> Any:
+    plain = raw.strip()
+    if plain[:1] not in ("'", '"') and not _NOT_TEXT.fullmatch(plain):
+        return raw
+    import yaml
+
+    try:
+        value = yaml.safe_load(plain)
+    except (yaml.YAMLError, ValueError, OverflowError):
+        value = raw if plain[:1] not in ("'", '"') else None
+    if plain[:1] in ("'", '"') and not isinstance(value, str):
+        raise ValueError(f"expected a quoted text, got {show(raw)}")
+    return value
+
+
+def with_settings(source: str | os.PathLike | Mapping[str, Any] | None,
+                  settings: Sequence[tuple[str, Any]] | Sequence[str] = ()
+                  ) -> str | os.PathLike | Mapping[str, Any] | None:
+    """The configuration ``source`` with ``--set`` settings applied over it,
+    before interpolation and validation (so that an error names the key as
+    it would in the file, and ``${VAR}`` in a value is expanded like the
+    file's own). Each setting is ``KEY=VALUE`` or parse_setting()'s pair;
+    the last one of a key wins. With no settings ``source`` comes back as
+    it is; else a new mapping (``source`` None: the settings alone). Raises
+    ConfigError naming the key when the file's value on the way is not a
+    mapping (or not a list long enough)."""
+    if not settings:
+        return source
+    if source is None:
+        doc: Any = {}
+    else:
+        doc = _read(source) if not isinstance(source, Mapping) else source
+        if not isinstance(doc, Mapping):
+            raise ConfigError("", "the configuration must be a mapping at the top level")
+    import copy
+
+    doc = copy.deepcopy(dict(doc))
+    for setting in settings:
+        if isinstance(setting, str):
+            try:
+                setting = parse_setting(setting)
+            except ValueError as exc:
+                raise ConfigError("", f"--set: {exc}") from None
+        _set(doc, *setting)
+    return doc
+
+
+def _set(doc: dict[str, Any], key: str, value: Any) -> None:
+    node: Any = doc
+    path = ""
+    steps = []
+    for part in key.split("."):
+        m = _SEGMENT.fullmatch(part)
+        if m is None:
+            raise ConfigError(key, "expected a dotted key like stop.grace_period")
+        steps.append(m.group(1))
+        if m.group(2) is not None:
+            steps.append(int(m.group(2)))
+    for i, step in enumerate(steps):
+        last = i == len(steps) - 1
+        if isinstance(step, int):
+            if not isinstance(node, list) or step >= len(node):
+                size = f"the list has {len(node)}" if isinstance(node, list) else \
+                    f"it is {show(node)}, not a list"
+                raise ConfigError(path, f"--set {key}: no item {step} ({size})")
+            where = f"{path}[{step}]"
+        else:
+            where = join_key(path, step)
+        if last:
+            node[step] = value
+            return
+        child = node[step] if isinstance(step, int) else node.get(step)
+        if child is None and not isinstance(steps[i + 1], int):
+            child = node[step] = {}
+        elif isinstance(steps[i + 1], int):
+            if not isinstance(child, list):
+                raise ConfigError(where, f"--set {key}: expected a list, got {show(child)}")
+        elif not isinstance(child, Mapping):
+            raise ConfigError(where, f"--set {key}: expected a mapping, got {show(child)}")
+        elif not isinstance(child, dict):
+            child = node[step] = dict(child)
+        node, path = child, where
 
 
 #: The longest path a unix socket address holds (sun_path, less its NUL).

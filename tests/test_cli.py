@@ -189,7 +189,8 @@ def test_options_beat_variables_and_variables_beat_defaults():
            "REGISTRAR_CONFIG": "/from/env.yaml"}
     assert parsed(["check"], env) | {} == {"command": "check", "log_level": "warning",
                                            "log_format": "json", "config": "/from/env.yaml",
-                                           "offline": False, "effective": False}
+                                           "offline": False, "effective": False, "set": [],
+                                           "source": "/from/env.yaml"}
     got = parsed(["--log-level", "error", "check", "-c", "x.yaml"], env)
     assert (got["log_level"], got["config"]) == ("error", "x.yaml")
     got = parsed(["schema"], {"REGISTRAR_LOG_LEVEL": "", "REGISTRAR_LOG_FORMAT": "  "})
@@ -342,3 +343,128 @@ def test_status_heads_with_why_the_pod_is_not_ready(capsys):
         "10.0.0.9:8080: Connection refused (the agent at 127.0.0.1:9901)")
     cli._print_status(status | {"state": "stopping", "reason": "stopping"}, as_json=False)
     assert capsys.readouterr().out.startswith("web/web-1 at 10.0.0.9:8080: stopping (the agent")
+
+
+# -- --set: a configuration key on the command line ------------------------------------------
+
+
+def test_set_before_and_after_the_command_are_joined_and_the_last_of_a_key_wins(cfg):
+    got = parsed(["--set", "stop.grace_period=3s", "check", "-c", str(cfg), "--set",
+                  "service.port=9090", "--set", "stop.grace_period=4s"])
+    assert got["set"] == [("stop.grace_period", "3s"), ("service.port", 9090),
+                          ("stop.grace_period", "4s")]
+    assert got["source"]["stop"]["grace_period"] == "4s"
+    assert got["source"]["service"]["port"] == 9090
+    assert got["config"] == str(cfg)  # still named as given
+    # Without --set the command reads the file itself, as before.
+    assert parsed(["check", "-c", str(cfg)])["source"] == str(cfg)
+
+
+@pytest.mark.parametrize("command", cli.READS_CONFIG)
+def test_every_command_that_reads_a_config_takes_set_instead_of_a_file(command, monkeypatch):
+    monkeypatch.setenv("POD_IP", "127.0.0.1")
+    got = parsed([command, "--set", "service.name=web", "--set", "control.listen=${POD_IP}:9",
+                  *(["--", "app"] if command == "run" else [])])
+    assert got["config"] is None
+    assert got["source"] == {"service": {"name": "web"}, "control": {"listen": "${POD_IP}:9"}}
+    if command in ("prestop", "status"):  # the control address, from the setting
+        assert got["control"] == "127.0.0.1:9"
+
+
+def test_set_on_a_command_that_reads_no_config_is_one_line(capsys):
+    assert cli.main(["--set", "a=1", "schema"]) == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        "registrar schema: --set sets a configuration key: it is for agent, run")
+
+
+def test_check_with_settings_alone_and_over_a_file(cfg, tmp_path):
+    """The real command: what `registrar inject` writes for a pod with no
+    registrar.io/config, and the same settings over a file."""
+    token = tmp_path / "token"
+    token.write_text("t0k3n-t0k3n-t0k3n-t0k3n\n")
+    settings = ["--set", "service.name=web", "--set", "service.port=8080", "--set",
+                "stop.grace_period=45s", "--set", "control.listen=${POD_IP}:9901",
+                "--set", f"control.token_file={token}"]
+    alone = run("check", "--effective", *settings, POD_IP="10.1.2.3", POD_NAME="web-0")
+    assert alone.returncode == 0, alone.stderr
+    assert one_line(alone.stderr) == ("--set: valid: web/web-0 at 10.1.2.3:8080 with no registry "
+                                      "(the stop waits for consumers only)")
+    shown = yaml.safe_load(alone.stdout)
+    assert shown["stop"]["grace_period"] == "45s" and shown["control"]["listen"] == "10.1.2.3:9901"
+    over = run("check", "-c", str(cfg), *settings, POD_IP="10.1.2.3")
+    assert over.returncode == 0, over.stderr
+    assert one_line(over.stderr) == f"{cfg} and --set: valid: web/web-0 at 127.0.0.1:8080 on etcd"
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("stop.grace_period=soon", 'config error: stop.grace_period: expected a duration like "10s", '
+                               'got "soon"'),
+    ("stop.grace=30s", "config error: stop.grace: unknown key (did you mean 'grace_period'?)"),
+    ("control=5", "config error: control: expected a mapping, got 5"),
+])
+def test_a_bad_setting_is_one_line_naming_the_key(cfg, setting, expected):
+    proc = run("check", "-c", str(cfg), "--set", setting)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert one_line(proc.stderr).startswith(expected), proc.stderr
+
+
+@pytest.mark.parametrize("value", ["nonsense", "=1", "a..b=1"])
+def test_a_setting_that_does_not_parse_is_a_usage_error(value):
+    proc = run("check", "--set", value)
+    assert proc.returncode == 2
+    assert one_line(proc.stderr).startswith("registrar check: argument --set: expected ")
+
+
+def test_agent_and_prestop_run_on_settings_alone(tmp_path):
+    """No file anywhere: the agent of a pod behind a Service, and the exec hook
+    `registrar inject` writes, which finds it through the same settings."""
+    from registrar_testing import free_ports, wait_until
+
+    app_port, control_port = free_ports(2)
+    token = tmp_path / "token"
+    token.write_text("t0k3n-t0k3n-t0k3n-t0k3n")
+    hook = ["--set", f"control.listen=${{POD_IP}}:{control_port}", "--set",
+            f"control.token_file={token}", "--set", "stop.grace_period=5s"]
+    env = clean_env(POD_IP="127.0.0.1", POD_NAME="web-0")
+    app = subprocess.Popen([sys.executable, "-m", "http.server", str(app_port), "--bind",
+                            "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen([REGISTRAR, "agent", "--set", "service.name=web", "--set",
+                              f"service.port={app_port}", *hook], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        from registrar_testing import http_get
+
+        wait_until(lambda: http_get(f"http://127.0.0.1:{control_port}/readyz", 1)[0] == 200, 20,
+                   "the agent's /readyz")
+        done = subprocess.run([REGISTRAR, "prestop", *hook], env=env, capture_output=True,
+                              text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.startswith("stopped after preStop (/prestop)"), done.stdout
+        agent.terminate()
+        assert agent.wait(timeout=20) == 0, agent.stderr.read()
+    finally:
+        for proc in (agent, app):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_the_hooks_settings_start_without_yaml_or_msgspec():
+    """`registrar inject`'s exec hook: `registrar prestop --set ...`, text
+    values and a grace period in seconds. It reads them without PyYAML and
+    msgspec (~50 ms of the hook's start-up together)."""
+    code = """if True:
+        import os, sys
+        from registrar import cli, prestop
+        from registrar.source import expand
+        os.environ["POD_IP"] = "10.0.0.7"
+        args = cli._parser().parse_args(["prestop", "--set", "control.listen=${POD_IP}:9901",
+                                         "--set", "control.token_file=/run/token",
+                                         "--set", "stop.grace_period=45s"])
+        cli._resolve(args, os.environ)
+        print(args.control, prestop._grace_period(expand(args.source)),
+              "yaml" in sys.modules, "msgspec" in sys.modules)
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=clean_env())
+    assert done.stdout.split() == ["10.0.0.7:9901", "50", "False", "False"], done.stderr

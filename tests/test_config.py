@@ -472,3 +472,69 @@ def test_thousands_of_backends_are_refused_at_once():
         config.load(doc)
     assert str(info.value).startswith("backends: ") and "32" in str(info.value), info.value
     print(f"\nrefused in {1000 * (time.monotonic() - began):.1f} ms")
+
+
+# -- settings over the file (the command line's --set; registrar inject's wiring) ----------
+
+
+def test_settings_go_over_the_file_before_validation(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(with_("stop", {"grace_period": "10s", "safety_margin": "1s"})))
+    before = path.read_text()
+    cfg = config.load(path, environ={}, settings=["stop.grace_period=45s", "service.port=9090",
+                                                  "stop.quiesce=false", "backends[0].ttl=4s",
+                                                  "service.tags=a,b"])
+    assert (cfg.stop.grace_period, cfg.stop.safety_margin) == (45.0, 1.0)  # the rest kept
+    assert cfg.service.port == 9090 and cfg.stop.quiesce is False
+    assert cfg.backends[0][1].ttl == 4.0 and cfg.service.tags == ["a", "b"]
+    assert path.read_text() == before  # the file itself untouched
+
+
+def test_the_last_setting_of_a_key_wins_and_the_source_mapping_is_untouched():
+    source = with_("stop", {"grace_period": "10s"})
+    kept = json.loads(json.dumps(source))
+    merged = config.with_settings(source, ["stop.grace_period=20s", "stop.grace_period=25s"])
+    assert merged["stop"] == {"grace_period": "25s"} and source == kept
+    assert config.with_settings(source, []) is source  # no settings: the source as it is
+
+
+def test_settings_alone_make_a_configuration_and_take_the_files_variables():
+    """The Service-only pod `registrar inject` wires: no file at all, and
+    ${POD_IP} expanded by the configuration's own interpolation."""
+    with fields.secrets_unread():  # the token file is the pod's
+        cfg = config.load(None, environ={"POD_IP": "10.1.2.3"}, settings=[
+            "service.name=web", "service.port=8080", "control.listen=${POD_IP}:9901",
+            "control.metrics_listen=${POD_IP}:9902", "control.token_file=/run/token"])
+    assert cfg.backends == () and cfg.service.port == 8080
+    assert cfg.control.listen == "10.1.2.3:9901" and cfg.control.metrics_listen == "10.1.2.3:9902"
+
+
+@pytest.mark.parametrize("text,value", [
+    ("a=30", 30), ("a=2.5", 2.5), ("a=true", True), ("a=False", False), ("a=null", None),
+    ("a=", None), ("a=30s", "30s"), ("a='30'", "30"), ('a="x y"', "x y"),
+    ("a=${POD_IP}:9901", "${POD_IP}:9901"), ("a=[1, 2]", "[1, 2]"), ("a=x=y", "x=y"),
+])
+def test_a_setting_is_a_yaml_scalar(text, value):
+    assert config.parse_setting(text) == ("a", value)
+
+
+@pytest.mark.parametrize("text", ["a", "=1", "a..b=1", "a[x]=1", ".a=1", "a b=1", "a='x"])
+def test_a_setting_that_does_not_parse_says_how_it_should_look(text):
+    with pytest.raises(ValueError, match=r"^expected "):
+        config.parse_setting(text)
+
+
+@pytest.mark.parametrize("settings,expected", [
+    (["stop.grace_period=soon"], 'stop.grace_period: expected a duration like "10s", got "soon"'),
+    (["stop.grace=30s"], "stop.grace: unknown key (did you mean 'grace_period'?)"),
+    (["service.port=0"], "service.port: "),
+    (["backends[1].ttl=5s"], "backends: --set backends[1].ttl: no item 1 (the list has 1)"),
+    (["service.name.first=x"], 'service.name: --set service.name.first: expected a mapping, '
+                               'got "web"'),
+    (["backends.ttl=x"], "backends: --set backends.ttl: expected a mapping, got [{"),
+    (["nonsense"], '--set: expected KEY=VALUE, e.g. stop.grace_period=30s, got "nonsense"'),
+])
+def test_a_bad_setting_is_one_error_naming_the_key(settings, expected):
+    with pytest.raises(ConfigError) as info:
+        config.load(GOOD, environ={}, settings=settings)
+    assert str(info.value).startswith(expected), info.value

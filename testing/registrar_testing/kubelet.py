@@ -12,6 +12,12 @@ Deletion, per container and all containers in parallel:
   4. SIGKILL at the end of the grace period (or of the extension) for
      whatever is still running.
 
+A native sidecar (an init container with ``restartPolicy: Always``,
+Kubernetes 1.29+; ``Container(native_sidecar=True)``) starts before the
+regular containers, which wait until its ``startup_probe`` passes; at the
+deletion its preStop hook runs with the others', but its SIGTERM waits
+until every regular container has exited (within the same grace period).
+
 ``EtcdWatch`` polls every etcd member's own view of a key (serializable
 reads) every ~2 ms and records, per member, when it last listed the key and
 when it first stopped listing it. CLOCK_MONOTONIC is system-wide on Linux,
@@ -77,6 +83,11 @@ class Container:
     #: Run as PID 1 of a PID namespace of its own (``unshare --pid --fork``),
     #: as in a real container: no default signal actions, orphans to reap.
     pid_namespace: bool = False
+    #: An init container with restartPolicy: Always (see the module's docstring).
+    native_sidecar: bool = False
+    #: httpGet startupProbe: for a native sidecar, the regular containers
+    #: start once it answers 2xx (polled every 50 ms, for at most 30 s).
+    startup_probe: HttpGet | None = None
 
 
 def pid_namespaces_available() -> bool:
@@ -199,9 +210,31 @@ class Pod:
 
     def start(self) -> "Pod":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for spec in self.specs:
+        sidecars = [s for s in self.specs if s.native_sidecar]
+        for spec in sidecars:  # in order, each once started, as init containers are
             self._start(spec)
+            if spec.startup_probe is not None:
+                self._wait_started(spec)
+        for spec in self.specs:
+            if not spec.native_sidecar:
+                self._start(spec)
         return self
+
+    def _wait_started(self, spec: Container, timeout: float = 30.0) -> None:
+        probe = spec.startup_probe
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not self.containers[spec.name].exited.is_set():
+            request = urllib.request.Request(probe.url, headers=dict(probe.headers))
+            try:
+                with urllib.request.urlopen(request, timeout=1) as resp:
+                    if 200 <= resp.status < 400:
+                        self.timeline.add("started", spec.name)
+                        return
+            except OSError:  # not listening yet, or an HTTP error status
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{spec.name}: its startupProbe {probe.url} never passed\n"
+                             f"{self.logs()}")
 
     def _start(self, spec: Container) -> None:
         env = {**os.environ, **self.env, **spec.env, "PYTHONUNBUFFERED": "1"}
@@ -276,6 +309,10 @@ class Pod:
         hook = c.spec.pre_stop
         if hook is not None:
             self._run_hook(c, hook, deadline)
+        if c.spec.native_sidecar:  # its SIGTERM once the regular containers have gone
+            for other in self.containers.values():
+                if not other.spec.native_sidecar:
+                    other.exited.wait(max(deadline - time.monotonic(), 0))
         now = time.monotonic()
         if now >= deadline:
             self.timeline.add("grace_extended", name, seconds=MIN_GRACE)

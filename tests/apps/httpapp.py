@@ -1,6 +1,6 @@
 """A sample app: an HTTP server that records what happens to it.
 
-    httpapp.py --port P --events FILE [--on-term exit|die|ignore]
+    httpapp.py --port P --events FILE [--host ADDR] [--on-term exit|die|ignore]
                [--term-delay S] [--exit-code N] [--health ok|never]
                [--listen-after S|never]
 
@@ -35,6 +35,7 @@ from registrar_testing.events import Events, check_from_env
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="the address it listens on")
     parser.add_argument("--events", required=True)
     parser.add_argument("--on-term", choices=["exit", "die", "ignore"], default="exit",
                         help="exit: record, wait --term-delay, exit --exit-code; die: record, "
@@ -73,7 +74,7 @@ def main() -> int:
             events.record("exit", status=args.exit_code)
             return args.exit_code
     events.record("listening", port=args.port)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), _handler(events, args.health))
+    server = ThreadingHTTPServer((args.host, args.port), _handler(events, args.health))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     events.record("ready", port=args.port)
