@@ -1,4 +1,4 @@
-# The registrar image: the core and every backend in a virtual environment at
+# The registrar image: the core (with the webhook extra) and every backend in a virtual environment at
 # /opt/registrar, run as uid 10001. Build from the repository root:
 #   docker build -t registrar:0.1.0 .          (or: ./dev image, podman on this machine)
 # BASE is any glibc image with Python >= 3.11 and either `python3 -m venv` with ensurepip
@@ -27,9 +27,9 @@ RUN set -eu; \
         pip="python3 -m pip --python /opt/registrar/bin/python"; \
     fi; \
     $pip install --no-cache-dir --disable-pip-version-check -c constraints.txt \
-        . ./backends/*; \
+        ".[webhook]" ./backends/*; \
     $pip uninstall --yes --quiet setuptools pip 2>/dev/null || true; \
-    /opt/registrar/bin/python -c 'import etcd3gw, consul, kazoo.client, registrar.cli'; \
+    /opt/registrar/bin/python -c 'import etcd3gw, consul, kazoo.client, jsonpatch, cryptography.x509, registrar.cli'; \
     /opt/registrar/bin/registrar --version
 
 FROM ${BASE}

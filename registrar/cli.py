@@ -350,6 +350,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "a branch for every installed backend.")
     p.set_defaults(func=cmd_schema)
 
+    from .webhook import add_parser as add_webhook  # light: the server is imported when run
+    add_webhook(sub, [common])
     return parser
 
 
