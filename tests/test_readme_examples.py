@@ -1,15 +1,15 @@
-"""The README's library examples run as written, against a real etcd.
+"""The library examples of docs/library.md run as written, against a real etcd.
 
-Every code block of the README's "Library" section whose first line names a
-file (``# app.py``, ``# /etc/registrar/agent.yaml``) is written to a temp dir,
-and each example is started with its command from the section's ``sh``
-blocks, as a user would paste it. The only edits, in every file and command
-alike: ``0.0.0.0`` -> ``127.0.0.1`` (tests listen on loopback only), ``8080``
--> a free port, and the config's absolute path -> the temp dir's copy. The
-etcd endpoints reach the README's config through ``$ETCD_ENDPOINTS``, as the
-README says. Then, like the kubelet: wait until every etcd member lists the
-instance and the app answers, send SIGTERM, and check that the entry is gone,
-that the process exited on its own, and that it logged the stop.
+Every code block of the page whose first line names a file (``# app.py``,
+``# /etc/registrar/agent.yaml``) is written to a temp dir, and each example
+is started with its command from the page's ``sh`` blocks, as a user would
+paste it. The only edits, in every file and command alike: ``0.0.0.0`` ->
+``127.0.0.1`` (tests listen on loopback only), ``8080`` -> a free port, and
+the config's absolute path -> the temp dir's copy. The etcd endpoints reach
+the page's config through ``$ETCD_ENDPOINTS``, as the page says. Then, like
+the kubelet: wait until every etcd member lists the instance and the app
+answers, send SIGTERM, and check that the entry is gone, that the process
+exited on its own, and that it logged the stop.
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from registrar_testing import free_port, wait_until
 from registrar_testing.etcd import kv_get_serializable
 from registrar_testing.process import ServerProcess
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SECTION = ("### Library\n", "### Control server\n")
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "library.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 FILE_NAME = re.compile(r"#\s*(\S+\.(?:py|yaml))\s*$")
 
@@ -46,9 +45,8 @@ EXAMPLES = [
 
 
 def library_section() -> str:
-    text = README.read_text()
-    start = text.index(SECTION[0])
-    return text[start:text.index(SECTION[1], start)]
+    """The page: it is the library's section of the docs."""
+    return PAGE.read_text()
 
 
 def files_and_commands(section: str) -> tuple[dict[str, str], list[str]]:
@@ -61,13 +59,13 @@ def files_and_commands(section: str) -> tuple[dict[str, str], list[str]]:
             commands += [line.strip() for line in body.splitlines()
                          if line.strip() and not line.lstrip().startswith("#")]
         elif match := FILE_NAME.fullmatch(first):
-            assert match[1] not in files, f"README: two Library blocks are named {match[1]}"
+            assert match[1] not in files, f"{PAGE.name}: two blocks are named {match[1]}"
             files[match[1]] = body
     return files, commands
 
 
 def test_the_section_has_every_tested_example():
-    """Catches an example (or its command) dropped or renamed in the README,
+    """Catches an example (or its command) dropped or renamed in the page,
     which would otherwise only shrink what the test below runs."""
     files, commands = files_and_commands(library_section())
     assert "/etc/registrar/agent.yaml" in files, sorted(files)
@@ -80,7 +78,7 @@ def test_example_registers_and_leaves_on_sigterm(name, prefix, status, tmp_path,
     files, commands = files_and_commands(library_section())
     command = next((c for c in commands if c.startswith(prefix)), None)
     if command is None:
-        pytest.fail(f"README's Library section has no command starting with {prefix!r}")
+        pytest.fail(f"{PAGE.name} has no command starting with {prefix!r}")
     port = free_port()
     edits = {"0.0.0.0": "127.0.0.1", "8080": str(port)}
     edits.update({path: str(tmp_path / Path(path).name)
