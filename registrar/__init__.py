@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # re-exported: registrar.__version__
 
 __all__ = ["Instance", "Registrar", "StopReport", "Trigger", "Deadline", "Backend", "Observer",
            "RegistrarError", "ConfigError", "RegistryUnavailable", "RegistrationRejected"]

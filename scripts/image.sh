@@ -95,8 +95,8 @@ make_base() {
 
 build() {
     local version revision began secs size base_size
-    version=$(python3 -c 'import tomllib
-print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+    version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' registrar/_version.py)
+    [[ -n $version ]] || die "no __version__ in registrar/_version.py"
     revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
     local mounts=()
     # pip in the build reaches PyPI through whatever this machine trusts (a proxy's CA

@@ -2,7 +2,8 @@
 (scripts/image.sh) built from the Dockerfile. `registrar run` is PID 1 of a
 container on the host network, wrapping a tiny HTTP app, against the
 session's real etcd cluster on 127.0.0.1; `podman stop` must take the pod out
-of every etcd member before the app sees its SIGTERM.
+of every etcd member before the app sees its SIGTERM. docs/install.md's two
+recipes for an app's image are built as written on the image's own base.
 
 Skips when podman or the image is absent, except under CI (CI=true), where
 `.ci/run` builds the image first and a missing image is a failure."""
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -74,9 +77,10 @@ server.serve_forever()
 '''
 
 
-def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+def podman(*args: str, timeout: float = 60, check: bool = True,
+           input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout,
-                          check=check)
+                          check=check, input=input)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +176,80 @@ def test_run_as_pid1_deregisters_before_the_app_gets_sigterm(image, tmp_path, et
     assert container.returncode == 0, err
     assert "deregistered after SIGTERM" in err, err
     assert "Warning" not in err, err  # e.g. tzlocal's, on a base without /etc/localtime
+
+
+# -- into an app's image: docs/install.md's recipes, as written there ------------------
+
+INSTALL_DOC = Path(__file__).resolve().parent.parent / "docs" / "install.md"
+BASE_LABEL = "org.opencontainers.image.base.name"
+
+
+@pytest.fixture(scope="module")
+def base(image) -> str:
+    """The base the image was built on, as its label names it: the recipes'
+    rule is about that base (./dev image makes it; `docker build` pulls it)."""
+    name = podman("image", "inspect", "--format", f'{{{{index .Labels "{BASE_LABEL}"}}}}',
+                  image).stdout.strip()
+    assert name, f"{image} has no {BASE_LABEL} label: build it again (./dev image)"
+    if podman("image", "exists", name, check=False).returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{image}'s base {name} is absent")
+        pytest.skip(f"{image}'s base {name} is absent")
+    return name
+
+
+def recipes() -> dict[str, str]:
+    """The Containerfiles of docs/install.md: copy the venv, install from the wheels."""
+    blocks = re.findall(r"^```dockerfile\n(.*?)^```", INSTALL_DOC.read_text(),
+                        re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 2, blocks
+    copy, wheels = blocks
+    assert "COPY --from=registrar:" in copy and "--no-index" in wheels
+    return {"copy": copy, "wheels": wheels}
+
+
+def test_the_image_holds_wheels_for_each_python_it_promises(image):
+    names = podman("run", "--rm", *PODMAN_OPTS, "--entrypoint", "ls", image,
+                   "/opt/registrar-wheels").stdout.split()
+    ours = {n.split("-")[0] for n in names if n.startswith("registrar")}
+    assert ours == {"registrar", "registrar_etcd", "registrar_zookeeper", "registrar_consul"}
+    assert all(n.endswith(f"-{__version__}-py3-none-any.whl")
+               for n in names if n.startswith("registrar"))
+    compiled = {n.split("-")[0] for n in names if not n.endswith("-any.whl")}
+    assert "msgspec" in compiled
+    for dist in compiled:
+        tags = {n.split("-")[2] for n in names if n.startswith(f"{dist}-")}
+        assert {"cp311", "cp312", "cp313", "cp314"} <= tags, (dist, tags)
+
+
+@pytest.mark.parametrize("recipe", ["copy", "wheels"])
+def test_the_recipe_into_an_app_image_on_the_images_base(image, base, recipe, tmp_path):
+    """Built with no network (the wheels recipe needs no index), FROM the
+    registrar image's base; then registrar runs in it: --version, and check
+    on a config given on standard input (the etcd backend found by its entry
+    point)."""
+    text = recipes()[recipe]
+    lines = text.splitlines()
+    froms = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    assert len(froms) == 1, text
+    lines[froms[0]] = f"FROM {base}"
+    assert f"registrar:{__version__}" in text  # the image under test
+    (tmp_path / "Containerfile").write_text("\n".join(lines) + "\n")
+    tag = f"localhost/registrar-test-app:{recipe}-{uuid.uuid4().hex[:8]}"
+    try:
+        built = podman("build", *PODMAN_OPTS, "--network", "none", "--quiet", "--tag", tag,
+                       "--file", str(tmp_path / "Containerfile"), str(tmp_path), timeout=300,
+                       check=False)
+        assert built.returncode == 0, built.stderr
+        version = podman("run", "--rm", *PODMAN_OPTS, tag, "registrar", "--version")
+        assert version.stdout == f"registrar {__version__}\n"
+        config = yaml.safe_dump({"service": {"name": "app", "port": 8080},
+                                 "backends": [{"type": "etcd",
+                                               "endpoints": ["http://127.0.0.1:2379"]}]})
+        check = podman("run", "--rm", "-i", *PODMAN_OPTS, "--env", "POD_NAME=app-0",
+                       "--env", f"POD_IP={POD_IP}", tag, "registrar", "check", "-c", "-",
+                       input=config, check=False)
+        assert check.returncode == 0, check.stderr
+        assert check.stderr == f"standard input: valid: app/app-0 at {POD_IP}:8080 on etcd\n"
+    finally:
+        podman("rmi", "--force", tag, check=False)
