@@ -241,7 +241,8 @@ def run_case(registry: Registry, case: str, tmp: Path) -> dict:
             row["ready_while_unlisted"] = len(sampler.violations())
             row["outcome"] = (f"unlisted {row['unlisted_s']} s after the restart began; "
                               f"ready again after {row['ready_s']:.2f}s; /readyz 200 while "
-                              f"unlisted: {row['ready_while_unlisted']} of {row['samples']} samples")
+                              f"unlisted: {row['ready_while_unlisted']} of {row['samples']} "
+                              f"samples")
         elif case == "restarted":
             first = start()
             registered(first)

@@ -28,7 +28,8 @@ def timed(argv: list[str], runs: int, env: dict[str, str]) -> list[float]:
     out = []
     for _ in range(runs):
         began = time.perf_counter()
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       check=True)
         out.append(time.perf_counter() - began)
     return out
 

@@ -77,7 +77,7 @@ def client_errors(what: str, classify: Classifier,
         yield
     except RegistrarError:
         raise
-    except Exception as exc:  # noqa: BLE001 - classify decides; the rest is re-raised
+    except Exception as exc:  # classify decides; the rest is re-raised
         mapped = classify(exc)
         if mapped is None:
             raise

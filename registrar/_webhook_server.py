@@ -141,7 +141,7 @@ class CertificateFiles:
         except x509.ExtensionNotFound:
             names = []
         end = cert.not_valid_after_utc
-        left = end - datetime.datetime.now(datetime.timezone.utc)
+        left = end - datetime.datetime.now(datetime.UTC)
         if left < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
             log.warning("webhook: the certificate %s %s %s", self.cert_file,
                         "expired on" if left.total_seconds() < 0 else "expires on",
@@ -202,7 +202,7 @@ def self_signed(directory: str | Path, service: str, namespace: str,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / name for name in ("ca.crt", "ca.key", "tls.crt", "tls.key")}
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     renew = now + datetime.timedelta(days=RENEW_BEFORE_DAYS)
     names = service_names(service, namespace) + [n for n in extra
                                                  if n not in service_names(service, namespace)]
@@ -551,7 +551,7 @@ class WebhookServer(ThreadingHTTPServer):
             log.debug("webhook: connection from %s: %s", _peer(client_address), exc)
         else:
             log.error("webhook: connection from %s failed", _peer(client_address),
-                      exc_info=True)
+                      exc_info=exc)  # socketserver calls this from its except block
 
     def _handshake_failed(self, client_address: Any, exc: ssl.SSLError) -> None:
         reason = exc.reason or str(exc)
@@ -561,7 +561,9 @@ class WebhookServer(ThreadingHTTPServer):
             hint = (" (the client does not trust this certificate: is the "
                     "MutatingWebhookConfiguration's caBundle the CA that signed it, and is "
                     "the Service's name in it?)")
-        self.quiet.warn("tls", f"TLS handshake with {_peer(client_address)} failed: "
+        # Rate-limited per reason: a client that does not trust us must not be
+        # hidden behind the handshakes that others let time out.
+        self.quiet.warn(f"tls {reason}", f"TLS handshake with {_peer(client_address)} failed: "
                                f"{printable(reason)}{hint}")
 
 
@@ -730,6 +732,6 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+    def log_message(self, format: str, *args: Any) -> None:  # http.server's parameter name
         # The request line and status only (never a header): debug.
         log.debug("webhook: %s %s", _peer(self.client_address), printable(format % args))

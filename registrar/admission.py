@@ -116,7 +116,7 @@ class Webhook:
             injected = self._inject.inject_pod(pod, self.options)
         except self._inject.InjectError as exc:
             return self._not_injected(uid, who, _first_line(exc), required)
-        except Exception:  # noqa: BLE001 - a bug in one pod's injection must not take the server
+        except Exception:  # a bug in one pod's injection must not take the server
             log.exception("webhook: %s (uid %s): the injection failed", who, uid)
             return self._not_injected(uid, who, "internal error (see the webhook's log)",
                                       required)

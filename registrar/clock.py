@@ -29,7 +29,7 @@ class Deadline:
         self.clock = clock
 
     @classmethod
-    def after(cls, seconds: float, clock: Clock, start: float | None = None) -> "Deadline":
+    def after(cls, seconds: float, clock: Clock, start: float | None = None) -> Deadline:
         """The deadline ``seconds`` after ``start`` (default: now)."""
         return cls((clock.now() if start is None else start) + seconds, clock)
 

@@ -57,9 +57,15 @@ class ServiceConfig(Model, kw_only=True):  # kw_only: port (required) after the 
     address: Annotated[Annotated[str, _NAME] | None, Rule(_host), doc(
         "Address to advertise (default: $POD_IP, else the first non-loopback IPv4 "
         "address).")] = None
-    port: Annotated[int, Meta(ge=1, le=65535)]
-    tags: Annotated[StrList, Rule(_printable)] = field(default_factory=list)
-    meta: dict[str, str] = field(default_factory=dict)
+    port: Annotated[int, Meta(ge=1, le=65535), doc(
+        "Port to advertise: where the app listens, which the health gate probes and the stop "
+        "watches.")]
+    tags: Annotated[StrList, Rule(_printable), doc(
+        "Tags: Consul's Tags, and the tags of the etcd value's Metadata and of the ZooKeeper "
+        "payload.")] = field(default_factory=list)
+    meta: Annotated[dict[str, str], doc(
+        "Metadata: Consul's Meta, and the meta of the etcd value's Metadata and of the "
+        "ZooKeeper payload.")] = field(default_factory=dict)
 
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})"
@@ -116,8 +122,8 @@ class StopConfig(Model):
     signal: Annotated[str, doc("`run` mode: the signal that stops the app.")] = "SIGTERM"
     app_shutdown: Annotated[Duration, doc(
         "The part of the grace period kept for the app's own shutdown (at most half of "
-        "grace_period - safety_margin): the wait for busy connections (and in `run` the "
-        "registry steps) end this much earlier.")] = 5.0
+        "grace_period - safety_margin): the wait for consumers and for busy connections "
+        "(and in `run` the registry steps) end this much earlier.")] = 5.0
     drain_connections: Annotated[Literal["busy", "all", "none"] | bool, Rule(_drain_bool), doc(
         "`run` and `agent`: before the app is signalled (`run`) or /prestop returns "
         "(`agent`), wait until no connection on service.port is busy (busy), until there is "
@@ -230,17 +236,21 @@ def _exec(argv: list[str]) -> list[str]:
 
 
 class HealthConfig(Model):
-    """The app's health gate in `run` and `agent`: register only once it
-    passes, out of rotation while it fails. With no probe given, the probe
-    is: service.address:service.port accepts a TCP connection."""
+    """The app's health gate in `run`, `agent` and the library's start():
+    register only once it passes, out of rotation after failure_threshold
+    failures in a row, back once it passes. At most one probe. With none
+    given, the probe is: service.port accepts a TCP connection, at
+    service.address when that address is this pod's own, else at 127.0.0.1
+    (it never leaves the pod). Until the app first passes, it probes every
+    20ms, backing off to 250ms (or interval, if shorter)."""
     http: Annotated[str | None, Rule(_http), doc("URL that must answer 2xx/3xx.")] = None
     tcp: Annotated[str | None, Rule(_tcp), doc(
         "host:port that must accept a connection (default: service.address:service.port).")] \
         = None
     exec: Annotated[Annotated[list[str], Meta(min_length=1)] | None, Rule(_exec), doc(
         "Command that must exit 0.")] = None
-    interval: Annotated[Duration, at_least(0.01)] = 2.0
-    timeout: Annotated[Duration, more_than(0)] = 1.0
+    interval: Annotated[Duration, at_least(0.01), doc("Probe period.")] = 2.0
+    timeout: Annotated[Duration, more_than(0), doc("Timeout of one probe.")] = 1.0
     failure_threshold: Annotated[int, Meta(ge=1, le=1000), doc(
         "Failures in a row that take the instance out of rotation.")] = 3
 

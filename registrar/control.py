@@ -160,7 +160,7 @@ class ControlServer:
         """Connections open right now."""
         return len(self._conns)
 
-    def start(self) -> "ControlServer":
+    def start(self) -> ControlServer:
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), name="control",
                                         daemon=True)
@@ -213,7 +213,7 @@ class ControlServer:
             future = asyncio.run_coroutine_threadsafe(self._shutdown(grace), self._loop)
             try:
                 future.result(grace + 2)
-            except Exception:  # noqa: BLE001 - closing must not fail the exit
+            except Exception:  # closing must not fail the exit
                 log.debug("control: shutdown did not finish", exc_info=True)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(2)
@@ -328,7 +328,7 @@ class ControlServer:
         def done(future: Future) -> None:
             try:
                 status, body, headers = answer(future.result())
-            except Exception:  # noqa: BLE001 - one request's failure is its own
+            except Exception:  # one request's failure is its own
                 log.error("control: %s %s failed", req.method, req.path,
                           exc_info=future.exception())
                 status, body, headers = (HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -343,7 +343,7 @@ class ControlServer:
         conn.wait_for_answer()
         self._submit(kind, call, done)
 
-    def _note_refusal(self, conn: "_Connection", req: _Request) -> None:
+    def _note_refusal(self, conn: _Connection, req: _Request) -> None:
         """Log a 401: the first, then at most one a minute (a caller that
         retries, or a scanner, must not flood the log). A preStop hook with
         the wrong token shows up here and not only in the kubelet's events."""
@@ -377,7 +377,7 @@ def _readyz_verdict(result: tuple[bool, str]) -> tuple[HTTPStatus, Any, None]:
     return status, {"ready": body["ready"]}, headers
 
 
-def _local(conn: "_Connection") -> bool:
+def _local(conn: _Connection) -> bool:
     """Whether the peer is on this host: a unix socket, or loopback."""
     peer = conn.transport.get_extra_info("peername") if conn.transport else None
     if not isinstance(peer, tuple):

@@ -71,7 +71,7 @@ class Registrar:
 
     @classmethod
     def from_config(cls, source: Any, environ: Mapping[str, str] | None = None,
-                    **kwargs: Any) -> "Registrar":
+                    **kwargs: Any) -> Registrar:
         """Build from a YAML file path or a mapping (validated in full first;
         raises ConfigError naming the field)."""
         from . import config
@@ -125,7 +125,7 @@ class Registrar:
 
     def start(self, wait: bool = False, timeout: float | None = None, *, gate: bool = True,
               app_running: Callable[[], bool] | None = None,
-              children: ProbeProcesses | None = None) -> "Registrar":
+              children: ProbeProcesses | None = None) -> Registrar:
         """Register on every backend in the background and start heartbeats.
         A registry that cannot be reached is retried with exponential backoff
         and jitter until it can. With ``wait=True``, block until registered
@@ -213,7 +213,8 @@ class Registrar:
             if state == BackendState.LOST:
                 waiting.append(f"{s.name}: lost ({s.lost_reason()})")
             elif state != BackendState.REGISTERED:
-                waiting.append(f"{s.name}: {state}" + (f" ({s.last_error})" if s.last_error else ""))
+                error = f" ({s.last_error})" if s.last_error else ""
+                waiting.append(f"{s.name}: {state}{error}")
         if waiting:
             return False, "not registered on " + "; ".join(waiting)
         return True, "registered" if self._slots else "serving (no registry)"
@@ -309,8 +310,8 @@ class Registrar:
             out["backends"].append(entry)
         if self.traffic is not None:
             # What the wait for consumers will go by: each peer's requests/s.
-            out["consumers"] = {ip: round(rate, 2) for ip, rate in
-                                sorted(self.traffic.rates(look=True).items(), key=lambda kv: -kv[1])[:20]}
+            rates = sorted(self.traffic.rates(look=True).items(), key=lambda kv: -kv[1])
+            out["consumers"] = {ip: round(rate, 2) for ip, rate in rates[:20]}
         report = self.report
         if report is not None:
             out["stop"] = {"summary": report.summary(), "ok": report.ok,
@@ -339,7 +340,8 @@ class Registrar:
 
     # -- signals (library use) ------------------------------------------------
 
-    def install_signal_handlers(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def install_signal_handlers(self,
+                                signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
         """On SIGTERM/SIGINT, run the stop sequence in a thread (the app keeps
         serving while the removal propagates), then hand the signal to the
         handler that was installed before (or its default action: exit).
@@ -366,7 +368,7 @@ class Registrar:
             with slot.lock:
                 slot.backend.close()
 
-    def __enter__(self) -> "Registrar":
+    def __enter__(self) -> Registrar:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -375,7 +375,8 @@ def _config_error(text: str, model: type, prefix: str, data: Any) -> ConfigError
             out = f"{out}[{part}]" if isinstance(part, int) else join_key(out, part)
         return out
 
-    known = re.match(r"Object (missing required|contains unknown) field `(.+)`$", message, re.DOTALL)
+    known = re.match(r"Object (missing required|contains unknown) field `(.+)`$", message,
+                     re.DOTALL)
     if known:
         loc.append(known.group(2))
         if known.group(1) == "missing required":

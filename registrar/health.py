@@ -45,7 +45,7 @@ class HealthGate:
     #: Seconds between two reminders that the app has not passed yet.
     REMIND_EVERY = 10.0
 
-    def __init__(self, registrar: "Registrar", health: HealthConfig, done: threading.Event,
+    def __init__(self, registrar: Registrar, health: HealthConfig, done: threading.Event,
                  app_running: Callable[[], bool] = lambda: True,
                  children: ProbeProcesses | None = None):
         self.registrar = registrar

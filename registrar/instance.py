@@ -5,9 +5,9 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 
 #: What a name may not hold: it becomes a registry key's element (etcd,
@@ -56,7 +56,7 @@ class Instance:
     @classmethod
     def create(cls, service: str, port: int, id: str | None = None,
                address: str | None = None, tags=(), meta=None,
-               environ: Mapping[str, str] | None = None) -> "Instance":
+               environ: Mapping[str, str] | None = None) -> Instance:
         """An Instance with id and address taken from the Downward API
         environment when not given."""
         env = os.environ if environ is None else environ

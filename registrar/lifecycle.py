@@ -16,7 +16,7 @@ from .core import Registrar
 from .errors import ConfigError, RegistrarError
 from .fields import read_token
 from .signals import SignalPipe
-from .stopping import StopReport, Trigger
+from .stopping import Cause, StopReport, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ def exit_line(code: int, report: StopReport | None, life: Lifecycle,
         parts.append(text)
     if life.triggered:
         seconds = life.registrar.clock.now() - life.first_at
-        parts.append(f"{seconds:.2f}s after {life.first}")
+        # A fatal error's text is already at the head of the line.
+        after = "the fatal error" if life.first.cause is Cause.FATAL else str(life.first)
+        parts.append(f"{seconds:.2f}s after {after}")
     clean = code == 0 or (sent is not None and code == 128 + sent and report is not None
                           and report.ok and fatal is None)
     (log.info if clean else log.warning)("exiting %d: %s", code, ", ".join(parts),
@@ -104,7 +106,7 @@ def exit_line(code: int, report: StopReport | None, life: Lifecycle,
 def _left(backend) -> str:
     """What the exit line says of a backend the stop did not remove."""
     if backend.rejected:
-        return "registration rejected"
+        return "rejected"
     if backend.never_registered:
         return "never registered"
     return "removed, unconfirmed" if backend.removed else "NOT removed"

@@ -2,7 +2,7 @@
 core stays free of instrumentation and of prometheus_client)."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -75,7 +75,7 @@ class _Collector:
                                       "how long they took", labels=["backend"])
         for name, (counts, total) in r.call_latencies().items():
             running, buckets = 0, []
-            for le, n in zip((*LATENCY_BUCKETS, "+Inf"), counts):
+            for le, n in zip((*LATENCY_BUCKETS, "+Inf"), counts, strict=True):
                 running += n
                 buckets.append((str(le), float(running)))
             calls.add_metric([name], buckets, sum_value=total)

@@ -1,14 +1,30 @@
 """Everything a backend may import: the contract, its config base classes
 and field types, the error types, and the helpers backends share.
 
+This module's docstrings are the backend contract, written once; the
+docs (CONTRIBUTING.md, "Writing a backend") point here.
+
 A backend is a distribution with an entry point in the group
 ``registrar.backends`` (``<type> = "package:BackendClass"``), a subclass of
 :class:`Backend` with a ``config_model`` (a :class:`BackendConfig` with
-``type: Literal["<type>"]``). The core (docs/design.md) serialises every
-call into one backend (never two at once), runs them in worker threads and
-bounds them with its deadline; the backend maps its client's exceptions to
-``RegistryUnavailable`` (transient: the core retries) or
-``RegistrationRejected`` (permanent), and never returns False for failure.
+``type: Literal["<type>"]``). Of registrar it imports this module alone. The core
+(docs/design.md) serialises every call into one backend (never two at once),
+runs them in worker threads and bounds them with its deadline; the backend
+maps its client's exceptions to ``RegistryUnavailable`` (transient: the core
+retries) or ``RegistrationRejected`` (permanent), and never returns False for
+failure. ``client_errors(what, classify, secrets)`` does the mapping around a
+block of client calls: ``classify`` picks the kind and a short reason, every
+secret is scrubbed from it, and a refused connection becomes ``MemberDown``.
+
+To write one: subclass :class:`Backend` and :class:`BackendConfig`,
+implement the abstract methods below (``register``, ``refresh``, ``drain``,
+``deregister``, ``make_observers``, ``close``; and an :class:`Observer` with
+``sees``, and ``wait_gone`` where the registry has a way to wait for a
+change), declare the entry point, and pass the conformance suite of the
+testing kit (``registrar_testing.conformance.BackendConformance``, against a
+real three-member cluster: testing/README.md). The ``doc()`` strings of the
+config model are the user's reference: docs/configuration.md is generated
+from them (``python -m registrar.docgen``).
 """
 from __future__ import annotations
 
@@ -19,16 +35,17 @@ from ._shared import TLSConfig, client_errors, scrub, short_reason, verify_faile
 from .clock import Deadline
 from .errors import (ConfigError, MemberDown, RegistrarError, RegistrationRejected,
                      RegistryUnavailable)
-from .fields import (Annotated, Duration, Meta, Model, Rule, Secret, SecretFile, SecretText, StrList,
-                     at_least, doc, field, format_duration, more_than, non_empty, read_token,
-                     refuse_credentials, show)
+from .fields import (Annotated, Duration, Meta, Model, Rule, Secret, SecretFile, SecretText,
+                     StrList, at_least, doc, field, format_duration, more_than, non_empty,
+                     read_token, refuse_credentials, show)
 from .instance import Instance
 
 __all__ = ["Backend", "Observer", "BackendConfig", "TLSConfig", "Instance", "Model", "Duration",
            "StrList", "SecretFile", "SecretText", "Secret", "Annotated", "Meta", "Rule", "doc",
-           "field", "at_least", "more_than", "non_empty", "read_token", "format_duration", "RegistrarError", "ConfigError",
-           "RegistryUnavailable", "RegistrationRejected", "MemberDown", "client_errors",
-           "short_reason", "verify_failed", "scrub", "show", "refuse_credentials", "Deadline", "POLL_FIRST", "POLL_MAX", "watch_windows"]
+           "field", "at_least", "more_than", "non_empty", "read_token", "format_duration",
+           "RegistrarError", "ConfigError", "RegistryUnavailable", "RegistrationRejected",
+           "MemberDown", "client_errors", "short_reason", "verify_failed", "scrub", "show",
+           "refuse_credentials", "Deadline", "POLL_FIRST", "POLL_MAX", "watch_windows"]
 
 #: The default ``Observer.wait_gone()`` asks again after POLL_FIRST seconds,
 #: doubling up to POLL_MAX: a removal that reaches the member within a few
@@ -50,8 +67,14 @@ def watch_windows(removal_deleted: bool) -> tuple[float, float]:
 
 class BackendConfig(Model):
     """Base of a backend's config section: subclass it with
-    ``type: Literal["<type>"]`` and the backend's own keys (msgspec
-    fields: see registrar.fields for Duration, StrList, Rule, check())."""
+    ``type: Literal["<type>"]`` and the backend's own keys, msgspec fields
+    written like ``ttl: Annotated[Duration, at_least(2.0), doc("Lease
+    TTL.")] = 10.0`` (``TLSConfig``, ``Duration``, ``StrList``,
+    ``SecretFile`` and ``read_token`` are here for them). A ``Rule(func)``
+    in the ``Annotated`` checks one value; ``check()`` checks what spans
+    fields, raising ``ValueError("<field>: <message>")``; ``parse(mapping)``
+    validates a section as the core does, ConfigError naming the field (see
+    registrar.fields)."""
     type: str
     name: Annotated[str | None, doc("Name in logs and reports (default: the type).")] = None
 
@@ -99,8 +122,9 @@ class Observer(abc.ABC):
             interval = min(interval * 2, POLL_MAX)
         return True
 
-    def close(self) -> None:
-        """Release what the observer holds (connections). Idempotent."""
+    def close(self) -> None:  # noqa: B027 - optional: an observer that holds nothing has no close
+        """Release what the observer holds (connections). Idempotent. The
+        default does nothing."""
 
 
 class Backend(abc.ABC):

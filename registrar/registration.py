@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from collections.abc import Callable
 from typing import Any
 
@@ -167,7 +167,8 @@ class Failures:
 
     def note(self, message: str, *args: Any) -> None:
         """A change of state within the run (the entry may have expired)."""
-        log.warning("%s: " + message, self.slot.name, *args, extra={"backend": self.slot.name})
+        log.warning("%s: " + message,  # noqa: G003 - the caller's %-format; its args stay lazy
+                    self.slot.name, *args, extra={"backend": self.slot.name})
         self._said_at = self.slot.clock.now()
 
     def succeeded(self) -> str:
@@ -297,11 +298,11 @@ class Registration:
         the next when it ends: one never overlaps another (a call slower
         than the interval used to make APScheduler warn at every tick), and
         a failing one backs off."""
-        when = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        when = datetime.now(UTC) + timedelta(seconds=delay)
         try:
             self._scheduler.add_job(self._heartbeat, "date", run_date=when, args=[slot],
                                     id=f"heartbeat-{slot.name}", replace_existing=True)
-        except Exception:  # noqa: BLE001 - the scheduler was shut down by halt()
+        except Exception:  # the scheduler was shut down by halt()
             if not self.stopping.is_set():
                 raise
 

@@ -30,7 +30,7 @@ class SignalPipe:
         self._caught: set[int] = set()
         self._previous_fd: int | None = None
 
-    def catch(self, signals: Sequence[int]) -> "SignalPipe":
+    def catch(self, signals: Sequence[int]) -> SignalPipe:
         """Note these signals (replacing their handlers), for a process
         whose main thread waits here (`agent`, `run`).
 

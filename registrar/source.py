@@ -63,7 +63,7 @@ def parse_text(text: str, name: str) -> Any:
     if len(text) > MAX_BYTES:
         raise ConfigError("", f"{name}: larger than {MAX_BYTES >> 20} MiB: not a configuration")
     try:
-        return yaml.load(text, Loader=_loader()) or {}
+        return yaml.load(text, Loader=_loader()) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

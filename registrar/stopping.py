@@ -51,32 +51,32 @@ class Trigger(str):
 
     cause: Cause
 
-    def __new__(cls, text: str, cause: Cause = Cause.CALL) -> "Trigger":
+    def __new__(cls, text: str, cause: Cause = Cause.CALL) -> Trigger:
         self = super().__new__(cls, text)
         self.cause = cause
         return self
 
     @classmethod
-    def of(cls, trigger: "str | Trigger") -> "Trigger":
+    def of(cls, trigger: str | Trigger) -> Trigger:
         """A Trigger as it is, or a caller's text as a CALL."""
         return trigger if isinstance(trigger, Trigger) else cls(trigger)
 
     @classmethod
-    def prestop(cls, via: str) -> "Trigger":
+    def prestop(cls, via: str) -> Trigger:
         return cls(f"preStop ({via})", Cause.PRESTOP)
 
     @classmethod
-    def signal(cls, signum: int) -> "Trigger":
+    def signal(cls, signum: int) -> Trigger:
         import signal
 
         return cls(signal.Signals(signum).name, Cause.SIGNAL)
 
     @classmethod
-    def app_exit(cls, status: int) -> "Trigger":
+    def app_exit(cls, status: int) -> Trigger:
         return cls(f"app exited ({status})", Cause.APP_EXIT)
 
     @classmethod
-    def fatal(cls, error: BaseException) -> "Trigger":
+    def fatal(cls, error: BaseException) -> Trigger:
         return cls(f"fatal error: {error}", Cause.FATAL)
 
 
@@ -190,10 +190,10 @@ class StopSequence:
                  extra={"trigger": str(trigger), "seconds": round(deadline.remaining(), 3)})
         reports = [BackendReport(s.name) for s in self.slots]
         futures = [spawn(self._remove, s, r, deadline, trigger, name=f"deregister-{s.name}")
-                   for s, r in zip(self.slots, reports)]
+                   for s, r in zip(self.slots, reports, strict=True)]
         cut = []
         self._wait_noting_progress(futures, deadline)
-        for future, report in zip(futures, reports):
+        for future, report in zip(futures, reports, strict=True):
             if not settled(future, deadline.remaining() + _HAND_IN):
                 if report.name in self._failing and not report.removed:
                     report.errors.append(f"deregister failed: {self._failing[report.name]}")
@@ -211,8 +211,9 @@ class StopSequence:
         verdict = ("not all confirmed" if not ok
                    else "had nothing of ours" if all(r.never_registered for r in reports)
                    else "confirmed the removal")
+        cuts = f"; {'; '.join(cut)}" if cut else ""
         (log.info if ok else log.error)("registries %s in %.3fs: %s", verdict, report.seconds,
-                                        report.registries() + (f"; {'; '.join(cut)}" if cut else ""))
+                                        report.registries() + cuts)
         return report
 
     def _wait_noting_progress(self, futures: list, deadline: Deadline) -> None:
@@ -230,7 +231,7 @@ class StopSequence:
             if not settled(first, min(PROGRESS_EVERY, deadline.remaining())):
                 if deadline.expired:
                     return
-                pending = [self._awaited(s.name) for s, f in zip(self.slots, futures)
+                pending = [self._awaited(s.name) for s, f in zip(self.slots, futures, strict=True)
                            if not f.done()]
                 log.info("stopping: still waiting for %s (%.1fs of the budget left)",
                          "; ".join(pending), deadline.remaining(),
@@ -277,7 +278,7 @@ class StopSequence:
                 self._stage[slot.name] = "draining"
                 try:
                     slot.backend.drain(str(trigger))
-                except Exception as exc:  # noqa: BLE001 - a failed drain must not stop removal
+                except Exception as exc:  # a failed drain must not stop removal
                     report.errors.append(f"drain failed: {exc}")
                     log.warning("%s: drain failed, deregistering anyway: %s", slot.name, exc,
                                 exc_info=not isinstance(exc, RegistrarError),
@@ -295,7 +296,7 @@ class StopSequence:
             try:
                 report.position = self._retry_until(retry_for, slot.backend.deregister,
                                                     slot.name)
-            except Exception as exc:  # noqa: BLE001 - reported, never raised into stop()
+            except Exception as exc:  # reported, never raised into stop()
                 error = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
                 if fresh:
                     report.never_registered = True
@@ -339,13 +340,14 @@ class StopSequence:
             report.errors.append(f"no observers: {exc}")
             return
         timeout = self.config.propagation_timeout
-        limit = deadline if timeout is None else Deadline(min(deadline.at, since + timeout), self.clock)
+        limit = (deadline if timeout is None
+                 else Deadline(min(deadline.at, since + timeout), self.clock))
         futures = [spawn(self._wait_gone, o, report.position, limit, name=f"observe-{o.name}")
                    for o in observers]
-        self._observing[slot.name] = [(o.name, f) for o, f in zip(observers, futures)]
+        self._observing[slot.name] = [(o.name, f) for o, f in zip(observers, futures, strict=True)]
         self._stage[slot.name] = "confirming"
         last = since
-        for obs, future in zip(observers, futures):
+        for obs, future in zip(observers, futures, strict=True):
             seen_gone_at = (future.result() if settled(future, limit.remaining() + _HAND_IN / 2)
                             else None)
             if isinstance(seen_gone_at, float):

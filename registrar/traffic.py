@@ -282,7 +282,7 @@ class Traffic:
 
     # -- before the stop ---------------------------------------------------------
 
-    def start(self) -> "Traffic":
+    def start(self) -> Traffic:
         """Sample live connections every SAMPLE_EVERY in a daemon thread."""
         with self._lock:
             if self._thread is not None or self._halt.is_set():

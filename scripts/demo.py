@@ -193,7 +193,7 @@ def verdict(registry: str, results: list[tuple], consumer: str,
     registrar kept its promise (no request lost)."""
     said, kept = [], True
     cached = f" (and its {cache:g} s cache after that)" if cache else ""
-    for block, pods in results:
+    for block, _pods in results:
         if block.error:
             said.append(f"{block.strategy}: could not run ({block.error})")
             kept = False

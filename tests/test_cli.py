@@ -117,8 +117,8 @@ def test_check_accepts_a_valid_config_and_contacts_nothing(cfg):
     assert proc.stderr.endswith(f"{cfg}: valid: web/web-0 at 127.0.0.1:8080 on etcd\n")
     shown = yaml.safe_load(proc.stdout)  # the effective configuration, defaults filled in
     assert shown["backends"][0]["prefix"] == "services" and shown["stop"]["grace_period"] == "2s"
-    again = subprocess.run([REGISTRAR, "check", "--effective", "-c", "-"], input=proc.stdout, text=True,
-                           capture_output=True, timeout=60, env=clean_env())
+    again = subprocess.run([REGISTRAR, "check", "--effective", "-c", "-"], input=proc.stdout,
+                           text=True, capture_output=True, timeout=60, env=clean_env())
     assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr
 
 

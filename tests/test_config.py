@@ -50,42 +50,56 @@ BROKEN = [
     (with_("service.port", 70000), "service.port: should be from 1 to 65535, got 70000"),
     (with_("service.port", "http"), 'service.port: expected a whole number, got "http"'),
     (with_("backends[0].endpoints", ["127.0.0.1:2379"]),
-     'backends[0].endpoints: expected a URL like http://10.0.0.1:2379 (port 1..65535), got "127.0.0.1:2379"'),
+     'backends[0].endpoints: expected a URL like http://10.0.0.1:2379 (port 1..65535), '
+     'got "127.0.0.1:2379"'),
     (with_("service.meta", {"a": "x\ny"}),
      "service.meta: no control characters (a newline, a NUL) allowed"),
     (with_("backends[0].prefix", "/a\x00b"),
      "backends[0].prefix: no control characters (a newline, a NUL) allowed"),
-    (with_("service.name", "${NOPE_NOT_SET}"), "service.name: environment variable NOPE_NOT_SET is not set"),
-    (with_("stop.grace_period", "30"), 'stop.grace_period: expected a duration like "10s", got "30"'),
+    (with_("service.name", "${NOPE_NOT_SET}"),
+     "service.name: environment variable NOPE_NOT_SET is not set"),
+    (with_("stop.grace_period", "30"),
+     'stop.grace_period: expected a duration like "10s", got "30"'),
     (with_("stop.min_wait", -1), "stop.min_wait: expected a duration like \"10s\", got -1"),
     (with_("stop", {"grace_period": "30s", "propagation_timeout": "25s", "min_wait": "5s"}),
-     "stop.propagation_timeout: propagation_timeout 25s + min_wait 5s exceeds grace_period - safety_margin (28s)"),
-    (with_("stop", {"grace_period": "2s"}), "stop.safety_margin: 2s leaves nothing of grace_period 2s"),
+     "stop.propagation_timeout: propagation_timeout 25s + min_wait 5s exceeds "
+     "grace_period - safety_margin (28s)"),
+    (with_("stop", {"grace_period": "2s"}),
+     "stop.safety_margin: 2s leaves nothing of grace_period 2s"),
     (with_("stop", {"grace_period": "5s", "min_wait": "4s"}),
-     "stop.min_wait: propagation_timeout 0s + min_wait 4s exceeds grace_period - safety_margin (3s)"),
-    (with_("heartbeat.interval", "10s"), "heartbeat.interval: 10s is not shorter than backends[0].ttl (10s)"),
+     "stop.min_wait: propagation_timeout 0s + min_wait 4s exceeds "
+     "grace_period - safety_margin (3s)"),
+    (with_("heartbeat.interval", "10s"),
+     "heartbeat.interval: 10s is not shorter than backends[0].ttl (10s)"),
     (with_("control.listn", "0.0.0.0:9901"), "control.listn: unknown key (did you mean 'listen'?)"),
-    (with_("service.tags", {"a": 1}), "service.tags: expected a list of text, or one comma-separated text, got {'a': 1}"),
-    (with_("service.meta", {"v": {"x": 1}}), "service.meta: expected text as every value, got {'v': {'x': 1}}"),
+    (with_("service.tags", {"a": 1}),
+     "service.tags: expected a list of text, or one comma-separated text, got {'a': 1}"),
+    (with_("service.meta", {"v": {"x": 1}}),
+     "service.meta: expected text as every value, got {'v': {'x': 1}}"),
     (with_("backends[0].ttl", "1s"), 'backends[0].ttl: should be from 2s to 24h, got 1s'),
     (with_("backends", [GOOD["backends"][0], GOOD["backends"][0]]),
      "backends[1].name: two backends are named 'etcd'"),
     ([1, 2], "the configuration must be a mapping at the top level"),
-    (with_("backends", [{"type": "zookeeper", "hosts": ["127.0.0.1:2181"], "session_timeout": "6s"}],
+    (with_("backends", [{"type": "zookeeper", "hosts": ["127.0.0.1:2181"],
+                         "session_timeout": "6s"}],
            with_("heartbeat.interval", "6s")),
      "heartbeat.interval: 6s is not shorter than backends[0].session_timeout (6s)"),
-    (with_("backends", [{"type": "zookeeper", "hosts": ["127.0.0.1:2181"], "tls": {"verfy": True}}]),
+    (with_("backends", [{"type": "zookeeper", "hosts": ["127.0.0.1:2181"],
+                         "tls": {"verfy": True}}]),
      "backends[0].tls.verfy: unknown key (did you mean 'verify'?)"),
     (with_("backends", [{"type": "zookeeper", "hosts": ["127.0.0.1:2181"],
                          "auth": {"file": "/nonexistent/secret"}}]),
      "backends[0].auth.file: cannot read /nonexistent/secret: No such file or directory"),
-    (with_("control.listen", "9901"), "control.listen: expected \"host:port\" (port 1..65535) or \"unix:/path.sock\", got \"9901\""),
+    (with_("control.listen", "9901"),
+     'control.listen: expected "host:port" (port 1..65535) or "unix:/path.sock", got "9901"'),
     (with_("control.listen", "0.0.0.0:9901"),
-     "control.token_file: required when control.listen is not a loopback address (it is 0.0.0.0:9901)"),
+     "control.token_file: required when control.listen is not a loopback address "
+     "(it is 0.0.0.0:9901)"),
     (with_("control.token_file", "/nonexistent/token"),
      "control.token_file: cannot read /nonexistent/token: No such file or directory"),
     (with_("health", {"interval": "0s"}), 'health.interval: should be from 10ms to 24h, got 0s'),
-    (with_("health", {"tcp": "x:1", "exec": ["true"]}), "health: give at most one of http, tcp, exec (got tcp, exec)"),
+    (with_("health", {"tcp": "x:1", "exec": ["true"]}),
+     "health: give at most one of http, tcp, exec (got tcp, exec)"),
     (with_("stop.signal", "SIGFOO"), "stop.signal: unknown signal 'SIGFOO'"),
     (with_("health", {"tcp": "unix:/run/app.sock"}),
      "health.tcp: expected \"host:port\" (port 1..65535), got \"unix:/run/app.sock\""),
@@ -93,7 +107,8 @@ BROKEN = [
     (with_("backends[0].ttl", True), 'backends[0].ttl: expected a duration like "10s", got true'),
     (with_("stop.drain_connections", "maybe"),
      'stop.drain_connections: expected one of "busy", "all", "none", got "maybe"'),
-    (with_("health", {"tcp": "app"}), "health.tcp: expected \"host:port\" (port 1..65535) or \"unix:/path.sock\", got \"app\""),
+    (with_("health", {"tcp": "app"}),
+     'health.tcp: expected "host:port" (port 1..65535) or "unix:/path.sock", got "app"'),
 ]
 
 
@@ -126,7 +141,8 @@ def test_a_real_process_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "registrar", "agent", "--config", str(path)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
-    assert proc.stderr == 'config error: backends[0].ttl: expected a duration like "10s", got "ten"\n'
+    assert proc.stderr == ('config error: backends[0].ttl: expected a duration like "10s", '
+                           'got "ten"\n')
 
 
 def test_secrets_are_not_echoed():
@@ -152,7 +168,8 @@ def test_defaults_and_interpolation():
     assert etcd.endpoints == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     assert (etcd.ttl, etcd.prefix, etcd.timeout) == (10.0, "services", 2.0)
     assert cfg.stop.min_wait == 0.5
-    assert (cfg.stop.grace_period, cfg.stop.safety_margin, cfg.stop.propagation_timeout) == (30, 2, None)
+    stop = cfg.stop
+    assert (stop.grace_period, stop.safety_margin, stop.propagation_timeout) == (30, 2, None)
     assert cfg.heartbeat.interval is None
 
 
@@ -178,10 +195,12 @@ def test_from_config_builds_the_instance_from_the_downward_api():
 def test_committed_schema_is_current():
     committed = json.loads((ROOT / "config" / "registrar.schema.json").read_text())
     assert committed == json.loads(json.dumps(config.json_schema())), \
-        "config/registrar.schema.json is stale: run `registrar schema > config/registrar.schema.json`"
+        ("config/registrar.schema.json is stale: "
+         "run `registrar schema > config/registrar.schema.json`")
 
 
-@pytest.mark.parametrize("example", sorted((ROOT / "config").glob("agent-*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("example", sorted((ROOT / "config").glob("agent-*.yaml")),
+                         ids=lambda p: p.name)
 def test_examples_validate_against_the_schema_and_the_loader(example):
     schema = json.loads((ROOT / "config" / "registrar.schema.json").read_text())
     doc = config.expand(example, environ={})
@@ -220,14 +239,16 @@ HOSTILE = [
     (b"\xff\xfe\x00garbage", "not UTF-8 text (byte 0)"),
     (yaml.safe_dump(with_("backends[0].timeout", 1e30)),
      "backends[0].timeout: expected a duration of at most 24h"),
-    (yaml.safe_dump(with_("backends[0].ttl", 1e308)), "backends[0].ttl: expected a duration of at most 24h"),
+    (yaml.safe_dump(with_("backends[0].ttl", 1e308)),
+     "backends[0].ttl: expected a duration of at most 24h"),
     (yaml.safe_dump(with_("stop.grace_period", "99999999999999999999h")),
      "stop.grace_period: expected a duration of at most 24h"),
     (yaml.safe_dump(with_("backends[0].ttl", float("inf"))),
      "backends[0].ttl: expected a duration of at most 24h"),
     (yaml.safe_dump(with_("backends[0].ttl", float("nan"))),
      'backends[0].ttl: expected a duration like "10s"'),
-    (yaml.safe_dump(with_("control.linger", "25h")), "control.linger: expected a duration of at most 24h"),
+    (yaml.safe_dump(with_("control.linger", "25h")),
+     "control.linger: expected a duration of at most 24h"),
 ]
 
 

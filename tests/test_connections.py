@@ -34,7 +34,7 @@ def busy(port):
 def test_only_the_ports_own_connections_are_seen(pair):
     port, client, _ = pair
     (conn,) = connections(port)
-    assert conn.peer == "127.0.0.1:%d" % client.getsockname()[1]
+    assert conn.peer == f"127.0.0.1:{client.getsockname()[1]}"
     other = socket.create_server(("127.0.0.1", 0))
     try:
         assert connections(other.getsockname()[1]) == []
@@ -133,4 +133,4 @@ def test_a_long_drain_says_every_second_which_connections_it_waits_for(pair, cap
     assert report.cut
     notes = [r for r in caplog.records if r.getMessage().startswith("still waiting for 1 busy")]
     assert 1 <= len(notes) <= 2, [r.getMessage() for r in caplog.records]  # at 1 s and 2 s
-    assert notes[0].connections and notes[0].connections[0].startswith(f"127.0.0.1:")
+    assert notes[0].connections and notes[0].connections[0].startswith("127.0.0.1:")

@@ -99,7 +99,8 @@ def test_client_agent_restarted_gracefully_readyz_never_says_ready_while_unliste
         time.sleep(0.3)
     print(f"{len(sampler.samples)} samples; ready while unlisted: {len(sampler.violations())}")
     dropped = [s for s in sampler.samples if not s[1] and not s[3]]
-    assert dropped, f"the servers never dropped the pod (the test proves nothing): {sampler.samples}"
+    assert dropped, ("the servers never dropped the pod (the test proves nothing): "
+                     f"{sampler.samples}")
     assert not sampler.violations(), agent.log
     assert "the servers no longer list it" in agent.log, agent.log
 

@@ -222,7 +222,8 @@ def test_unix_socket(registrar, tmp_path):
     server = serve(registrar, f"unix:{sock}")
     try:
         assert server.address == f"unix:{sock}"
-        assert request(f"unix:{sock}", "GET", "/readyz") == (200, {"ready": True, "reason": "registered"})
+        assert (request(f"unix:{sock}", "GET", "/readyz")
+                == (200, {"ready": True, "reason": "registered"}))
     finally:
         server.close()
     assert not sock.exists()
@@ -242,7 +243,8 @@ def test_prestop_command_prints_the_summary_and_exits_0(server, capsys):
     assert prestop_cmd.main(prestop_args(control=server.address)) == 0  # joins: same report
 
 
-def test_prestop_command_reads_the_control_address_from_the_environment(server, capsys, monkeypatch):
+def test_prestop_command_reads_the_control_address_from_the_environment(server, capsys,
+                                                                        monkeypatch):
     monkeypatch.setenv("REGISTRAR_CONTROL", server.address)
     assert prestop_cmd.main(prestop_args()) == 0
 
@@ -261,7 +263,8 @@ def test_prestop_command_with_a_token(registrar, tmp_path, capsys):
 
 def test_prestop_command_without_an_agent(capsys):
     assert prestop_cmd.main(prestop_args(control="127.0.0.1:1")) == 1
-    assert capsys.readouterr().out == "registrar prestop: no agent answered at 127.0.0.1:1: Connection refused\n"
+    assert capsys.readouterr().out == ("registrar prestop: no agent answered at 127.0.0.1:1: "
+                                       "Connection refused\n")
 
 
 def test_prestop_command_that_times_out(capsys):

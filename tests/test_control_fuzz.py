@@ -141,7 +141,7 @@ class Watch:
             self.rss_kib = max(self.rss_kib, self.server.rss_kib())
             self._stop.wait(0.01)
 
-    def finish(self) -> "Watch":
+    def finish(self) -> Watch:
         self._stop.set()
         self._thread.join(5)
         return self
@@ -459,7 +459,7 @@ async def _burst(host: str, port: int, paths: list[str]) -> list[int]:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
             data = await asyncio.wait_for(reader.read(), 20)
             return parse_responses(data)[0][0]
-        return await asyncio.gather(*(one(c, p) for c, p in zip(conns, paths)))
+        return await asyncio.gather(*(one(c, p) for c, p in zip(conns, paths, strict=True)))
     finally:
         for _, writer in conns:
             writer.close()

@@ -30,7 +30,8 @@ def test_start_registers_and_stop_confirms_on_every_member():
     registrar.start(wait=True, timeout=5)
     assert registrar.registered
     assert registry.committed("web-0") == "up"
-    wait_until(lambda: all(registry.view(m, "web-0") for m in range(3)), 5, "every member lists web-0")
+    wait_until(lambda: all(registry.view(m, "web-0") for m in range(3)), 5,
+               "every member lists web-0")
     report = registrar.stop()
     assert report.ok and report.trigger == "stop"
     (b,) = report.backends
@@ -141,7 +142,8 @@ def test_concurrent_stop_runs_once_and_everyone_gets_the_same_report():
     registrar, registry = make(MemoryRegistry(lag=0.05))
     registrar.start(wait=True, timeout=5)
     reports = []
-    threads = [threading.Thread(target=lambda: reports.append(registrar.stop("t"))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: reports.append(registrar.stop("t")))
+               for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -339,7 +341,8 @@ def test_pause_takes_the_instance_out_of_rotation_and_resume_puts_it_back():
     time.sleep(0.25)
     assert registry.count("heartbeat") == beats  # nothing to keep alive meanwhile
     registrar.resume()
-    wait_until(lambda: registrar.registered and registry.committed("web-0") == "up", 5, "registered and up")
+    wait_until(lambda: registrar.registered and registry.committed("web-0") == "up", 5,
+               "registered and up")
     wait_until(lambda: registry.count("heartbeat") > beats, 5, "another heartbeat")
     assert registrar.stop().ok
 
@@ -362,7 +365,8 @@ def test_instance_defaults_come_from_the_downward_api():
     inst = Instance.create("web", 80, environ={"POD_NAME": "web-7", "POD_IP": "10.1.2.3"})
     assert (inst.id, inst.address, inst.hostport) == ("web-7", "10.1.2.3", "10.1.2.3:80")
     bare = Instance.create("web", 80, environ={})
-    assert bare.id and bare.address and not bare.address.startswith("127.") or bare.address == "127.0.0.1"
+    assert (bare.id and bare.address and not bare.address.startswith("127.")
+            or bare.address == "127.0.0.1")
     v6 = Instance("web", "x", "fd00::1", 80)
     assert v6.hostport == "[fd00::1]:80"
     with pytest.raises(AttributeError):

@@ -65,7 +65,8 @@ def test_sigterm_removes_the_key_from_every_member_before_exit(tmp_path, etcd_cl
     path, key = agent_config(tmp_path, etcd_cluster.endpoints)
     agent = spawn("agent", "--config", str(path))
     try:
-        wait_until(lambda: all(views(etcd_cluster.endpoints, key)), 15, "every member lists the agent")
+        wait_until(lambda: all(views(etcd_cluster.endpoints, key)), 15,
+                   "every member lists the agent")
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=15)
         # Read every member's own view the moment the process is gone: the

@@ -27,8 +27,11 @@ def _post(endpoint, path, body):
 
 
 def raw_get(endpoint, key):
-    kvs = _post(endpoint, "/v3/kv/range", {"key": base64.b64encode(key.encode()).decode()}).get("kvs")
-    return (json.loads(base64.b64decode(kvs[0]["value"])), int(kvs[0].get("lease", 0))) if kvs else None
+    kvs = _post(endpoint, "/v3/kv/range",
+                {"key": base64.b64encode(key.encode()).decode()}).get("kvs")
+    if not kvs:
+        return None
+    return json.loads(base64.b64decode(kvs[0]["value"])), int(kvs[0].get("lease", 0))
 
 
 @pytest.fixture
@@ -146,8 +149,9 @@ def test_deregister_command_removes_an_entry_registered_elsewhere(etcd_cluster, 
     agent.register()
     other = make(etcd_cluster, instance)  # knows no lease
     other.deregister()
-    wait_until(lambda: not any(kv_get_serializable(ep, agent.key)[1] for ep in etcd_cluster.endpoints),
-             5, "every member dropped the key")
+    wait_until(lambda: not any(kv_get_serializable(ep, agent.key)[1]
+                               for ep in etcd_cluster.endpoints),
+               5, "every member dropped the key")
     assert not any(o.sees(instance) for o in other.observers())
     agent.close(), other.close()
 
@@ -201,7 +205,8 @@ def agent_on(cluster, instance, ttl="2s"):
     return Registrar.from_config({
         "service": {"name": instance.service, "id": instance.id, "address": instance.address,
                     "port": instance.port},
-        "backends": [{"type": "etcd", "endpoints": cluster.endpoints, "ttl": ttl, "timeout": "500ms"}],
+        "backends": [{"type": "etcd", "endpoints": cluster.endpoints, "ttl": ttl,
+                      "timeout": "500ms"}],
         "stop": {"grace_period": "10s", "propagation_timeout": "5s"},
         "health": False})  # no app listens: register at once
 
@@ -243,7 +248,8 @@ def test_registration_comes_back_after_an_outage_longer_than_its_ttl(faulty, ins
         time.sleep(2 + 1.5)  # the outage itself: TTL plus the expiry sweep
     # etcd's gateway reaches its own member through the client port too, and
     # answers 503 until its connection is back: an error counts as "not yet".
-    wait_until(lambda: _quietly(present_on, faulty, backend.key, range(3)), 10, "the heartbeat repairs it")
+    wait_until(lambda: _quietly(present_on, faulty, backend.key, range(3)), 10,
+               "the heartbeat repairs it")
     status = registrar.status(observe=False)["backends"][0]
     assert status["repairs"] == 1 and status["heartbeat_failures"] >= 1
     assert backend._lease != old_lease

@@ -305,7 +305,10 @@ def test_several_containers_need_the_serving_one_named():
 
 def test_the_port_comes_from_the_annotation_the_one_container_port_or_agent_yaml():
     no_port = {"service": {"name": "web"}, "backends": [{"type": "etcd"}]}
-    args = lambda r: sets(r.pod["spec"]["initContainers"][0]["args"])  # noqa: E731
+
+    def args(r):
+        return sets(r.pod["spec"]["initContainers"][0]["args"])
+
     # The pod says it: set, whether agent.yaml says it too (the same) or not,
     # so that the webhook, which sees no ConfigMap, writes the same pod.
     assert args(injected(pod()))["service.port"] == "8080"
@@ -699,7 +702,7 @@ def test_a_stream_keeps_its_order_and_passes_other_kinds_through():
     out = list(yaml.safe_load_all(text))
     assert [d["kind"] for d in out] == [d["kind"] for d in docs]
     assert warnings == []
-    for before, after in zip(docs, out):
+    for before, after in zip(docs, out, strict=True):
         changed = before != after
         assert changed == (before["kind"] not in ("Service", "ConfigMap", "Widget") and
                            before.get("metadata", {}).get("name") != "plain"), before["kind"]
@@ -771,12 +774,15 @@ def test_the_command_injects_a_file_and_standard_input_alike(stream):
     docs = list(yaml.safe_load_all(by_file.stdout))
     assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment"]
     assert docs[1]["spec"]["template"]["spec"]["initContainers"][0]["name"] == "registrar"
+
+    def first(text):
+        return list(yaml.safe_load_all(text))[0]
+
     for argv in ([], ["-"]):
         by_stdin = run(*argv, stdin=stream.read_text())
         assert by_stdin.returncode == 0, by_stdin.stderr
         # The same but for the token, drawn for each run.
-        strip = lambda text: [d for d in yaml.safe_load_all(text)][0]  # noqa: E731
-        assert strip(by_stdin.stdout) == strip(by_file.stdout)
+        assert first(by_stdin.stdout) == first(by_file.stdout)
     assert "# a comment" not in by_file.stdout  # said in --help
 
 
@@ -927,6 +933,8 @@ def test_the_docs_example_injects_and_its_error_line_is_the_real_one(tmp_path):
 def test_the_docs_set_example_runs():
     (command,) = [b for b in _doc_blocks("sh") if "--set" in b and "check" in b]
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRAR_")}
+    # `registrar` as the docs write it: this Python's, whether or not its venv is on PATH.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60,
                           env=env)
     assert done.returncode == 0, done.stderr

@@ -638,7 +638,7 @@ def test_a_new_pod_is_registered_only_once_its_app_listens(pods, setup, mode):
     _not_listed_before_listening(watch, setup)
     assert _get(f"http://{setup.control}/readyz")[0] == 200
     log = pod["app" if mode == "run" else "registrar"].log()
-    assert "waiting for the app before registering: 127.0.0.1:%d" % setup.port in log, log
+    assert f"waiting for the app before registering: 127.0.0.1:{setup.port}" in log, log
 
 
 def test_an_app_that_never_listens_is_never_registered_and_readyz_says_why(pods, setup):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()  # an answer's head and body in one segment, as real servers send
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def do_GET(self):  # noqa: N802 - the stdlib's name
+    def do_GET(self):
         ms = float(self.path.partition("ms=")[2] or 0)
         if ms:
             time.sleep(ms / 1000)
@@ -147,7 +148,9 @@ def test_a_slow_consumer_gets_the_window_its_rate_justifies(app):
     window = report.window_seconds
     assert 3.8 < window <= 6.0, report  # ln(1e4) / ~2 per second
     assert window - 0.05 <= ended - sender.sent[-1] < window + 0.5, report
-    assert report.why.startswith(f"window {window:.2f}s: 127.0.0.1 sent "), report
+    # The text rounds the window before the report does (4.5954 says 4.60, 4.595 4.59).
+    said = re.match(r"window (\d+\.\d\d)s: 127\.0\.0\.1 sent ", report.why)
+    assert said and abs(float(said[1]) - window) <= 0.0051, report
 
 
 def test_a_consumer_that_never_refreshes_is_cut_at_the_deadline_and_named(app, caplog):

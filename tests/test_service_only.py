@@ -231,7 +231,7 @@ def test_a_keep_alive_pool_that_recycles_its_connections_holds_nothing(app_port)
     r.start(wait=True, timeout=5)
     pool = [Sender(app_port, 20, "keepalive", source="127.0.0.3", recycle=2.0)
             for _ in range(4)]
-    for i, sender in enumerate(pool):
+    for sender in pool:
         sender.start()
         time.sleep(0.5)  # staggered: the pool replaces one connection every 0.5 s
     time.sleep(2.0)

@@ -69,7 +69,7 @@ class Webhook:
         self.url = f"https://127.0.0.1:{self.port}"
         self.ca_file: str | None = None
 
-    def wait_serving(self, ca_file: str | None = None) -> "Webhook":
+    def wait_serving(self, ca_file: str | None = None) -> Webhook:
         if ca_file is None:  # --self-signed: the caBundle it printed, one line
             line = wait_until(lambda: self._first_line() or self._died(), 30,
                               "the webhook printed its caBundle")

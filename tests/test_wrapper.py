@@ -18,7 +18,8 @@ import yaml
 from registrar_testing import free_ports, wait_until
 from registrar_testing.etcd import kv_get_serializable
 
-APP = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(60)"
+APP = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+       "time.sleep(60)")
 
 
 def readyz(control):

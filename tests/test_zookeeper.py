@@ -129,7 +129,8 @@ def test_curator_lists_what_we_register(zk_standalone, make, instance, curator_p
     assert b["payload"] == {"tags": [], "meta": {"version": "2"}, "status": "draining"}
     plain.deregister()
     typed.deregister()
-    assert probe_list(curator_probe, zk_standalone.connect_string, "/services", instance.service) == []
+    assert probe_list(curator_probe, zk_standalone.connect_string, "/services",
+                      instance.service) == []
 
 
 def test_payload_none_writes_null_and_the_drain_leaves_the_node(zk_standalone, make, client,
@@ -230,7 +231,8 @@ def test_config_parsing():
     ({"auth": {"file": "/f", "env": "E"}}, "backends[0].auth: give exactly one of file or env"),
     ({"session_timeout": "500ms"},
      'backends[0].session_timeout: should be from 1s to 24h, got 500ms'),
-    ({"base_path": "services"}, "backends[0].base_path: should match the pattern '^/', got \"services\""),
+    ({"base_path": "services"},
+     "backends[0].base_path: should match the pattern '^/', got \"services\""),
     ({"uri_spec": "{a"}, "backends[0].uri_spec: unbalanced braces"),
     ({"tls": {"verfy": False}}, "backends[0].tls.verfy: unknown key"),
     ({"payload": "null"}, "backends[0].payload: expected one of \"map\", \"none\", got \"null\""),

@@ -175,7 +175,9 @@ def main() -> int:
         parser.error("--cache-s must be positive")
     began = time.monotonic()
 
-    on_error = lambda msg: emit(ev="error", what=msg, t=time.monotonic())  # noqa: E731
+    def on_error(msg):
+        emit(ev="error", what=msg, t=time.monotonic())
+
     if args.client == "cached":
         # The watch keeps the truth (its own set); the balancer copies it.
         discovery = watcher(args.registry, args.target, args.service, None, on_error)

@@ -127,7 +127,7 @@ def run_block(registry: Registry, strategy: str, app: str, args, workdir: Path, 
             run.pod.kill()
         try:
             registry.clear()  # what the SIGKILLed pods left behind
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - said; the next block clears it again
             progress(f"  could not clear {registry.name}: {exc!r}")
     block.pods = [PodSpan(run.addr, run.started_at, run.deleted_at) for run in started]
     block.seconds = time.monotonic() - began

@@ -58,7 +58,7 @@ def owners(block: Block, records: list[list]) -> list[int | None]:
 def late_flags(block: Block, records: list[list]) -> list[bool]:
     """Per request: it started after the deletion of the pod it was sent to."""
     flags = []
-    for rec, owner in zip(records, owners(block, records)):
+    for rec, owner in zip(records, owners(block, records), strict=True):
         deleted = block.pods[owner].deleted_at if owner is not None else None
         flags.append(deleted is not None and rec[1] > deleted)
     return flags
@@ -68,7 +68,7 @@ def failed_after_deletions(block: Block, records: list[list]) -> list[tuple[floa
     """Per deleted pod, in deletion order: (deleted_at, the requests to it
     that failed and ended after its deletion: cut in flight, or sent late)."""
     failed = [0] * len(block.pods)
-    for rec, owner in zip(records, owners(block, records)):
+    for rec, owner in zip(records, owners(block, records), strict=True):
         if owner is None or rec[4] == "ok":
             continue
         deleted = block.pods[owner].deleted_at
@@ -93,7 +93,7 @@ def rows(block: Block, consumers: list[str]) -> list[dict]:
                "app": block.app, "sent": len(records), "failed": sum(by_kind.values()),
                "failed_by_kind": by_kind,
                "late_requests": sum(late),
-               "late_failed": sum(f and r[4] != "ok" for f, r in zip(late, records)),
+               "late_failed": sum(f and r[4] != "ok" for f, r in zip(late, records, strict=True)),
                "stop_p50_s": round(statistics.median(stops), 3) if stops else None,
                "stop_max_s": round(stops[-1], 3) if stops else None,
                "failed_per_pod": round(sum(by_kind.values()) / len(block.deletions), 2)
@@ -191,7 +191,7 @@ def plot(blocks: list[Block], consumers: list[str], path: str) -> None:
             totals.append(f"{consumer}: failed {sum(r[4] != 'ok' for r in recs)}"
                           f"/{len(recs)}, late {sum(late)}")
             sent, failed, sent_late = [0] * n, [0] * n, [0] * n
-            for r, is_late in zip(recs, late):
+            for r, is_late in zip(recs, late, strict=True):
                 i = int((r[0] - b.t_go) / bin_s)
                 if 0 <= i < n:
                     sent[i] += 1

@@ -141,7 +141,7 @@ def run_block(spread: tuple[float, float], label: str, app: str, strategy: str, 
             run.pod.kill()
         try:
             endpoints.reset()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - said; the next block resets it again
             progress(f"  could not empty the Service: {exc!r}")
     block.seconds = time.monotonic() - began
     return block

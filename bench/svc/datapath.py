@@ -91,7 +91,7 @@ class ServiceVIP:
         self._lock = threading.Lock()
         self._created = False
 
-    def create(self) -> "ServiceVIP":
+    def create(self) -> ServiceVIP:
         t = f"ip {self.table}"
         # A table left by a bench of the same pid (a reused pid after a SIGKILL).
         _nft_quiet(f"delete table {t}\n")

@@ -105,7 +105,7 @@ def rows(block: Block, consumers: list[str]) -> list[dict]:
                # Per deleted pod: [stop_s, lag_s (applied), lag drawn, lost by this
                # consumer, registrar's quiet_s]
                "per_pod": [[_r(s.stop_s), _r(s.lag_s), _r(s.lag_drawn), n, _r(s.quiet_s)]
-                        for s, n in zip(block.stops, per_pod)]}
+                        for s, n in zip(block.stops, per_pod, strict=True)]}
         extra = block.done.get(consumer) or {}
         if "opened" in extra:
             row["connections_opened"] = extra["opened"]

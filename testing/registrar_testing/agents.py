@@ -167,7 +167,7 @@ class ReadySampler:
             after = self._listed()
             self.samples.append((time.monotonic(), before is not False, code, after is not False))
 
-    def __enter__(self) -> "ReadySampler":
+    def __enter__(self) -> ReadySampler:
         self._thread.start()
         return self
 

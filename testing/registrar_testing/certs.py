@@ -30,14 +30,15 @@ class CertificateAuthority:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self._cert = (x509.CertificateBuilder()
                       .subject_name(subject).issuer_name(subject)
                       .public_key(self._key.public_key())
                       .serial_number(x509.random_serial_number())
                       .not_valid_before(now - datetime.timedelta(minutes=5))
                       .not_valid_after(now + datetime.timedelta(days=2))
-                      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                      .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                     critical=True)
                       .add_extension(x509.KeyUsage(
                           digital_signature=True, key_cert_sign=True, crl_sign=True,
                           content_commitment=False, key_encipherment=False,
@@ -68,7 +69,7 @@ class CertificateAuthority:
     def _issue(self, name: str, hosts: tuple[str, ...], usages: list,
                common_name: bool = True, expired: bool = False) -> KeyPair:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         oid = NameOID.COMMON_NAME if common_name else NameOID.ORGANIZATION_NAME
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(oid, name)]))

@@ -353,7 +353,7 @@ class EtcdCluster:
         for m in self.members:
             try:
                 m.process.kill()
-            except Exception:  # noqa: BLE001 - keep tearing the others down
+            except Exception:  # keep tearing the others down
                 log.exception("could not kill etcd member %s", m.name)
 
     def __enter__(self) -> EtcdCluster:

@@ -110,7 +110,8 @@ def zk_ensemble(tmp_path_factory):
     from .zookeeper import ZK_JAR, ZooKeeperEnsemble
 
     if not Path(ZK_JAR).exists():
-        pytest.fail("ZooKeeper is not installed: run scripts/install-zookeeper.sh (./dev test does)")
+        pytest.fail("ZooKeeper is not installed: run scripts/install-zookeeper.sh "
+                    "(./dev test does)")
     with ZooKeeperEnsemble(3, tmp_path_factory.mktemp("zk3")) as ensemble:
         yield ensemble
 

@@ -208,7 +208,7 @@ class Pod:
 
     # -- starting --------------------------------------------------------------
 
-    def start(self) -> "Pod":
+    def start(self) -> Pod:
         self.workdir.mkdir(parents=True, exist_ok=True)
         sidecars = [s for s in self.specs if s.native_sidecar]
         for spec in sidecars:  # in order, each once started, as init containers are
@@ -262,7 +262,7 @@ class Pod:
     def __getitem__(self, name: str) -> _Running:
         return self.containers[name]
 
-    def watch(self, watcher: "EtcdWatch") -> "EtcdWatch":
+    def watch(self, watcher: EtcdWatch) -> EtcdWatch:
         """Attach a registry watcher: it polls fast from the deletion on."""
         self.watchers.append(watcher.start())
         return watcher
@@ -405,7 +405,7 @@ class Pod:
         for w in self.watchers:
             w.stop()
 
-    def __enter__(self) -> "Pod":
+    def __enter__(self) -> Pod:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -497,7 +497,7 @@ class EtcdWatch:
         self._body = json.dumps({"key": base64.b64encode(key.encode()).decode(),
                                  "serializable": True, "keys_only": True})
 
-    def start(self) -> "EtcdWatch":
+    def start(self) -> EtcdWatch:
         if not self._threads:
             self._threads = [threading.Thread(target=self._poll, args=(m,), daemon=True,
                                               name=f"watch-{m.endpoint}") for m in self.members]

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 _lock = threading.Lock()
 _active: list[tuple[frozenset[int], Counter]] = []
 _originals: dict[str, object] = {}
-_http: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+_http: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 _METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ")
 
 

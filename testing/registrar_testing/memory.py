@@ -118,6 +118,9 @@ class MemoryObserver(Observer):
         self.member = member
         self.name = f"memory member {member}"
 
+    def close(self) -> None:
+        pass  # it holds no connection
+
     def sees(self, instance: Instance, since: int | None = None) -> bool:
         if self.member in self.registry.down:
             raise MemberDown(f"{self.name}: connection refused")

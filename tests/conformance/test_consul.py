@@ -28,13 +28,14 @@ class ConsulHarness(Harness):
                 "timeout": "1s", **overrides}
 
     def views(self, instance):
-        return [instance.id in passing_ids(addr, instance.service) for addr in self.cluster.server_addrs]
+        return [instance.id in passing_ids(addr, instance.service)
+                for addr in self.cluster.server_addrs]
 
     def lose_registration(self, backend):
         # What a restarted -dev (or wiped) agent does: it no longer knows the
         # service or its check. Done at the agent behind the backend's back.
-        r = requests.put(f"{self.cluster.client_addr}/v1/agent/service/deregister/{backend.instance.id}",
-                         timeout=2)
+        r = requests.put(f"{self.cluster.client_addr}/v1/agent/service/deregister/"
+                         f"{backend.instance.id}", timeout=2)
         r.raise_for_status()
 
     def crash(self, backend):

@@ -65,7 +65,7 @@ def test_ttl_service_at_client_is_passing_on_every_server(cluster):
     r = _register_ttl_service(cluster.client_addr, "smoke-web")
     assert r.status_code == 200, r.text
     for addr in cluster.server_addrs:
-        wait_until(lambda: passing_ids(addr, "smoke-web"), 10,
+        wait_until(lambda addr=addr: passing_ids(addr, "smoke-web"), 10,
                    f"smoke-web is passing on {addr}", ignore=requests.RequestException)
 
 
@@ -92,7 +92,7 @@ def test_acl_management_token_registers_and_mints_tokens(acl_cluster):
     r = _register_ttl_service(acl_cluster.client_addr, "acl-web", token)
     assert r.status_code == 200, r.text
     for addr in acl_cluster.server_addrs:
-        wait_until(lambda: passing_ids(addr, "acl-web", token), 10,
+        wait_until(lambda addr=addr: passing_ids(addr, "acl-web", token), 10,
                    f"acl-web is passing on {addr}", ignore=requests.RequestException)
 
     # A token limited to one service, minted with the management token.

@@ -109,7 +109,8 @@ def test_curator_registration_seen_by_probe(zk_standalone, curator_probe):
         written = json.loads(line)
         assert written["path"] == "/curator/web/pod-1"
         assert set(written["znode"]) == CURATOR_FIELDS
-        assert written["znode"]["payload"] == {"@class": "java.util.LinkedHashMap", "pod": "web-abc"}
+        assert written["znode"]["payload"] == {"@class": "java.util.LinkedHashMap",
+                                               "pod": "web-abc"}
         [seen] = probe_list(curator_probe, connect, "/curator", "web")
         assert (seen["id"], seen["address"], seen["port"]) == ("pod-1", "10.0.0.7", 8080)
         assert seen["serviceType"] == "DYNAMIC" and seen["enabled"] is True

@@ -138,7 +138,8 @@ class ConsulBackend(Backend):
         if self._node is None:
             self._learn_node()
         check = {"Name": "registrar TTL", "TTL": go_duration(self.config.ttl),
-                 "DeregisterCriticalServiceAfter": go_duration(self.config.deregister_critical_after),
+                 "DeregisterCriticalServiceAfter":
+                     go_duration(self.config.deregister_critical_after),
                  "Status": "passing"}  # consumers see us at once, not after the first pass
         # replace_existing_checks also drops a maintenance check left by drain().
         self._call(f"register {inst.service}/{inst.id}", lambda c: c.agent.service.register(
@@ -202,7 +203,7 @@ class ConsulBackend(Backend):
             return None  # the observers can only go by what they list
         return ConsulRemoval(self._gone_index, self._removed_index)
 
-    def make_observers(self) -> list["ConsulObserver"]:
+    def make_observers(self) -> list[ConsulObserver]:
         return [ConsulObserver(self, a) for a in self.config.observers or [self.address]]
 
     def close(self) -> None:

@@ -103,8 +103,8 @@ def _classifier(token: str | None, source: str, client: consul.Consul | None = N
                 return _cert_refused(alert.lower().replace("_", " "))
         if isinstance(exc, consul_exc.ACLPermissionDenied):  # a subclass: before ConsulException
             if "ACL not found" in text:
-                cause = f"Consul does not know the ACL token{source} (ACL not found)" if token else \
-                    "no ACL token was given and Consul requires one"
+                cause = (f"Consul does not know the ACL token{source} (ACL not found)" if token
+                         else "no ACL token was given and Consul requires one")
             else:
                 cause = f"the ACL token{source} may not do this ({text})" if token else \
                     f"no ACL token was given and the anonymous token may not do this ({text})"

@@ -66,7 +66,7 @@ class ListingWatch:
     ``follow()`` after each registration, ``unfollow()`` before a removal;
     ``close()`` is final."""
 
-    def __init__(self, backend: "ConsulBackend"):
+    def __init__(self, backend: ConsulBackend):
         self.backend = backend
         self._lock = threading.Lock()
         self._generation = 0

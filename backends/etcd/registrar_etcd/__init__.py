@@ -157,7 +157,7 @@ class EtcdBackend(Backend):
         self._removed_revision = int(result["header"]["revision"])
         return self._removed_revision
 
-    def make_observers(self) -> list["EtcdObserver"]:
+    def make_observers(self) -> list[EtcdObserver]:
         return [EtcdObserver(self, url) for url in self.config.endpoints]
 
     def close(self) -> None:

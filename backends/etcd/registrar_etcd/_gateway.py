@@ -129,7 +129,7 @@ class Member:
 
     def _authenticate_first(self) -> None:
         if self.credentials and self._token is None and not self._auth_off:
-            self._authenticate()
+            self._authenticate(self.credentials)
 
     def _authenticate_again(self, exc: TokenRejected) -> None:
         """After the member rejected our token (or asked for one): a new
@@ -140,7 +140,7 @@ class Member:
                 f"password_file (or $ETCD_PASSWORD)") from None
         log.debug("%s: %s; authenticating again as %s", self.url, exc, self.credentials.username)
         self._auth_off = False
-        self._authenticate()
+        self._authenticate(self.credentials)
 
     def watch(self, key: str, start_revision: int, until: float) -> Iterator[dict]:
         """A watch of ``key`` (base64) from ``start_revision`` on this member,
@@ -214,9 +214,8 @@ class Member:
         with client_errors(c.base_url, self._classify, secrets=self.secrets):
             return c.post(c.get_url(path), json=payload)
 
-    def _authenticate(self) -> None:
-        assert self.credentials is not None
-        user, password, source = self.credentials
+    def _authenticate(self, credentials: Credentials) -> None:
+        user, password, source = credentials
         self._token = None
         self.client.session.headers.pop("Authorization", None)
         try:

@@ -124,7 +124,7 @@ class ZooKeeperBackend(Backend):
         owner, client = self._owner, self._client
         if owner is None or client is None:
             return True
-        return client._session_id == owner  # noqa: SLF001 - client_id is None while reconnecting
+        return client._session_id == owner  # kazoo's private: client_id is None while reconnecting
 
     @registered.setter
     def registered(self, value: bool) -> None:
@@ -188,7 +188,8 @@ class ZooKeeperBackend(Backend):
         if client is not self._client:
             return  # a client we are closing
         if state == KazooState.SUSPENDED:
-            log.warning("%s: connection lost; the session lives on while kazoo reconnects", self.name)
+            log.warning("%s: connection lost; the session lives on while kazoo reconnects",
+                        self.name)
         elif state == KazooState.LOST:
             # The ephemeral node went with the session: `registered` reads
             # False from now on (see there) until a heartbeat writes it again.
@@ -318,7 +319,7 @@ class ZooKeeperBackend(Backend):
         # it before handing the reply over): the removal is at or before it.
         return client.last_zxid
 
-    def make_observers(self) -> list["ZooKeeperObserver"]:
+    def make_observers(self) -> list[ZooKeeperObserver]:
         return [ZooKeeperObserver(self, server) for server in self.servers]
 
     def _connect_observers(self) -> None:
