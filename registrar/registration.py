@@ -122,6 +122,10 @@ class Slot:
                 f"may be gone; repairing")
 
 
+def _after(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
 class Failures:
     """One run of failed calls (registering, or heartbeats): the log says
     when it begins, when the error changes, once a minute while it lasts
@@ -276,7 +280,7 @@ class Registration:
         log.info("%s: registered %s as %s%s", slot.name, self.instance.service,
                  self.instance.hostport, f" ({after})" if after else "",
                  extra={"backend": slot.name})
-        self._next_heartbeat(slot, self._interval(slot))
+        self._first_heartbeat(slot)
         self._warm_observers(slot)  # after scheduling: a slow member must not delay heartbeats
 
     def _warm_observers(self, slot: Slot) -> None:
@@ -293,16 +297,26 @@ class Registration:
     def _interval(self, slot: Slot) -> float:
         return self.config.interval or slot.backend.ttl / 3
 
-    def _next_heartbeat(self, slot: Slot, delay: float) -> None:
-        """Run one heartbeat ``delay`` seconds from now. Each heartbeat arms
-        the next when it ends: one never overlaps another (a call slower
-        than the interval used to make APScheduler warn at every tick), and
-        a failing one backs off."""
-        when = datetime.now(UTC) + timedelta(seconds=delay)
+    def _first_heartbeat(self, slot: Slot) -> None:
+        """One job per slot whose next run each heartbeat sets when it ends
+        (_next_heartbeat): one never overlaps another (a call slower than the
+        interval used to make APScheduler warn at every tick), and a failing
+        one backs off. Its own trigger (a day) never fires first; with a
+        trigger that runs out (a date job) the scheduler would remove the job
+        after each run, which races with halt()."""
+        interval = self._interval(slot)
         try:
-            self._scheduler.add_job(self._heartbeat, "date", run_date=when, args=[slot],
-                                    id=f"heartbeat-{slot.name}", replace_existing=True)
-        except Exception:  # the scheduler was shut down by halt()
+            self._scheduler.add_job(self._heartbeat, "interval", days=1, args=[slot],
+                                    next_run_time=_after(interval),
+                                    id=f"heartbeat-{slot.name}")
+        except Exception:  # the scheduler was shut down by halt(): re-raised otherwise
+            if not self.stopping.is_set():
+                raise
+
+    def _next_heartbeat(self, slot: Slot, delay: float) -> None:
+        try:
+            self._scheduler.modify_job(f"heartbeat-{slot.name}", next_run_time=_after(delay))
+        except Exception:  # the scheduler was shut down by halt(): re-raised otherwise
             if not self.stopping.is_set():
                 raise
 
