@@ -326,6 +326,10 @@ class Registration:
             delay = self._beat(slot, interval)
         except Stopping:
             return
+        except Exception:  # logged with its traceback: one heartbeat's bug must not end them
+            log.exception("%s: heartbeat failed unexpectedly; next try in %s", slot.name,
+                          format_duration(interval), extra={"backend": slot.name})
+            delay = interval
         if not self.stopping.is_set():
             self._next_heartbeat(slot, delay)
 
@@ -347,7 +351,9 @@ class Registration:
         except RegistrarError as exc:
             slot.heartbeat_failures += 1
             cap = max(BACKOFF_MAX, interval)
-            delay = min(cap, 0.25 * 2 ** failures.count) * random.uniform(0.8, 1.0)
+            # (2 ** 16 * 0.25 s is past any cap: the exponent stops there, so
+            # that an outage of hours cannot overflow a float.)
+            delay = min(cap, 0.25 * 2 ** min(failures.count, 16)) * random.uniform(0.8, 1.0)
             failures.failed(exc, delay)
             if not slot.live() and not failures.lost:
                 failures.lost = True

@@ -138,6 +138,27 @@ def test_failing_heartbeats_back_off_and_say_so_once_per_change(caplog):
                                and r.levelno >= logging.WARNING]
 
 
+def test_a_heartbeat_that_raises_a_bug_does_not_end_the_heartbeats(caplog):
+    # Each heartbeat arms the next: one that fails with something no backend
+    # should raise (a bug) is logged with its traceback, and the next comes.
+    registrar, registry = make(ttl=0.3)  # a heartbeat every 0.1 s
+    backend = registrar.backends[0]
+    real, calls = backend.heartbeat, []
+
+    def buggy():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug")
+        return real()
+
+    backend.heartbeat = buggy
+    registrar.start(wait=True, timeout=5)
+    wait_until(lambda: len(calls) >= 3, 5, "heartbeats after the one that raised")
+    assert registrar.stop().ok
+    [record] = [r for r in caplog.records if "heartbeat failed unexpectedly" in r.getMessage()]
+    assert record.exc_info and record.exc_info[0] is ZeroDivisionError
+
+
 def test_concurrent_stop_runs_once_and_everyone_gets_the_same_report():
     registrar, registry = make(MemoryRegistry(lag=0.05))
     registrar.start(wait=True, timeout=5)
