@@ -30,7 +30,8 @@ def backend_class(type_name: str, path: str = "type") -> type[Backend]:
         if type_name in _KNOWN_DISTRIBUTIONS:  # ours, not installed here
             raise BackendNotFound(
                 path, f"backend type {type_name!r} is not installed (installed: {known}): "
-                      f"install the distribution {_KNOWN_DISTRIBUTIONS[type_name]!r}")
+                      f"install the distribution {_KNOWN_DISTRIBUTIONS[type_name]!r} "
+                      f"(pip install 'registrar[{type_name}]')")
         close = difflib.get_close_matches(type_name, [*eps, *_KNOWN_DISTRIBUTIONS], n=1,
                                           cutoff=0.6)
         if close:

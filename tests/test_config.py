@@ -303,7 +303,7 @@ def test_a_backend_of_ours_that_is_not_installed_names_its_distribution(monkeypa
         config.load(raw)
     assert str(info.value) == ("backends[0].type: backend type 'consul' is not installed "
                                "(installed: etcd, zookeeper): install the distribution "
-                               "'registrar-consul'")
+                               "'registrar-consul' (pip install 'registrar[consul]')")
 
 
 def test_the_configuration_can_come_on_standard_input():
