@@ -80,7 +80,7 @@ class _Collector:
                 buckets.append((str(le), float(running)))
             calls.add_metric([name], buckets, sum_value=total)
         yield calls
-        ready, _ = r.readiness()
+        ready = status["ready"]  # readiness(), as status() read it above
         yield GaugeMetricFamily("registrar_ready", "1 while /readyz answers 200",
                                 value=1.0 if ready else 0.0)
         if r.gate is not None:
