@@ -81,7 +81,8 @@ def exit_line(code: int, report: StopReport | None, life: Lifecycle,
         else:
             # A backend that never registered counts as done, but not as removed.
             removed = [b for b in report.backends if b.done and not b.never_registered]
-            notes = [f"{b.name}: {_left(b)}" for b in report.backends if b not in removed]
+            notes = [f"{b.name}: {'rejected' if b.rejected else b.outcome}"
+                     for b in report.backends if b not in removed]
             text = f"removed from {len(removed)}/{len(report.backends)} backends"
             parts.append(text + (f" ({'; '.join(notes)})" if notes else ""))
     if app_status is not None:
@@ -101,15 +102,6 @@ def exit_line(code: int, report: StopReport | None, life: Lifecycle,
                           and report.ok and fatal is None)
     (log.info if clean else log.warning)("exiting %d: %s", code, ", ".join(parts),
                                          extra={"exit_code": code})
-
-
-def _left(backend) -> str:
-    """What the exit line says of a backend the stop did not remove."""
-    if backend.rejected:
-        return "rejected"
-    if backend.never_registered:
-        return "never registered"
-    return "removed, unconfirmed" if backend.removed else "NOT removed"
 
 
 def make_drain(registrar: Registrar, config: AgentConfig) -> Drain | None:

@@ -108,6 +108,12 @@ class BackendReport:
         the stop can tell: confirmed by its observers, or never written."""
         return self.confirmed or (self.never_registered and not self.rejected)
 
+    @property
+    def outcome(self) -> str:
+        """What the stop achieved here, for the report's line and the exit line."""
+        return ("confirmed" if self.confirmed else "removed, unconfirmed" if self.removed
+                else "never registered" if self.never_registered else "NOT removed")
+
 
 @dataclass
 class StopReport:
@@ -152,9 +158,7 @@ class StopReport:
         for b in self.backends:
             n_ok = len(b.observers_confirmed)
             n_all = n_ok + len(b.observers_unconfirmed) + len(b.observers_down)
-            state = ("confirmed" if b.confirmed
-                     else "removed, unconfirmed" if b.removed
-                     else "never registered" if b.never_registered else "NOT removed")
+            state = b.outcome
             prop = (f" in {b.propagation_seconds * 1000:.1f}ms"
                     if b.propagation_seconds is not None else "")
             down = f", {len(b.observers_down)} down" if b.observers_down else ""
