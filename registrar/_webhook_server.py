@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .logs import Quiet
 from .signals import STOP_SIGNALS, SignalPipe
 from .text import printable
 from .admission import API_VERSION, MAX_BODY, Answer, Webhook
@@ -408,28 +409,6 @@ def _cut(sock: socket.socket) -> None:
         pass  # closed already, or never connected
 
 
-class _Quiet:
-    """A kind of warning logged the first time, then at most once a minute
-    with the number left out (anyone who reaches the port can cause them)."""
-
-    def __init__(self, interval: float = 60.0):
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._next: dict[str, float] = {}
-        self._hidden: dict[str, int] = {}
-
-    def warn(self, kind: str, message: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next.get(kind, 0.0):
-                self._hidden[kind] = self._hidden.get(kind, 0) + 1
-                return
-            hidden = self._hidden.pop(kind, 0)
-            self._next[kind] = now + self.interval
-        more = f" ({hidden} more since the last such line)" if hidden else ""
-        log.warning("webhook: %s%s", message, more)
-
-
 class WebhookServer(ThreadingHTTPServer):
     """Serves one Webhook over HTTPS at ``where`` (host, port); listens from
     construction (a busy port fails there)."""
@@ -449,7 +428,7 @@ class WebhookServer(ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self.shutdown_delay = shutdown_delay
         self.connections = _Connections(max_connections)
-        self.quiet = _Quiet()
+        self.quiet = Quiet(log)
         self.stopping = False
         self._closed = False
         super().__init__(where, _Handler)
@@ -507,8 +486,8 @@ class WebhookServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if self.connections.open(request, self.request_timeout) is None:
-            self.quiet.warn("full", f"{len(self.connections)} connections are being answered: "
-                                    f"closing a new one")
+            self.quiet.warn("full", f"webhook: {len(self.connections)} connections are being "
+                                    f"answered: closing a new one")
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)  # a thread that runs finish_request
@@ -563,8 +542,9 @@ class WebhookServer(ThreadingHTTPServer):
                     "the Service's name in it?)")
         # Rate-limited per reason: a client that does not trust us must not be
         # hidden behind the handshakes that others let time out.
-        self.quiet.warn(f"tls {reason}", f"TLS handshake with {_peer(client_address)} failed: "
-                               f"{printable(reason)}{hint}")
+        self.quiet.warn(f"tls {reason}", f"webhook: TLS handshake with "
+                                         f"{_peer(client_address)} failed: "
+                                         f"{printable(reason)}{hint}")
 
 
 def _peer(client_address: Any) -> str:
@@ -640,7 +620,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._arm("answering", self.server.request_timeout)
         answer: Answer = self.server.webhook.review(body, self.headers.get("Content-Type"))
         if answer.bad:
-            self.server.quiet.warn("bad", f"bad request from {_peer(self.client_address)}"
+            self.server.quiet.warn("bad", f"webhook: bad request from {_peer(self.client_address)}"
                                           f"{answer.summary}")
         else:
             log.log(answer.level, "webhook: %s", answer.summary)
@@ -701,7 +681,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         """An error answer, then the close: whatever the request still
         holds is not read (and is dropped for a moment: see LINGER)."""
-        self.server.quiet.warn("bad", f"bad request from {_peer(self.client_address)}: "
+        self.server.quiet.warn("bad", f"webhook: bad request from {_peer(self.client_address)}: "
                                       f"{message} ({int(status)})")
         unread = self._has_body()
         self._send(status, {"error": message}, headers, close=True)

@@ -37,6 +37,7 @@ from typing import Any
 
 from ._threads import spawn
 from .core import Registrar
+from .logs import Quiet
 from .prestop import report_file
 from .source import parse_listen
 from .stopping import StopReport
@@ -99,7 +100,7 @@ class ControlServer:
         self.listen = listen
         self.prestop = prestop
         self.token = token
-        self._refusals_quiet_until, self._refusals_hidden = 0.0, 0
+        self._refusals = Quiet(log)
         self.ready = ready or registrar.readiness
         self._metrics = None  # made at the first scrape: prometheus_client costs ~10 MB
         self.request_timeout = request_timeout
@@ -347,18 +348,11 @@ class ControlServer:
         """Log a 401: the first, then at most one a minute (a caller that
         retries, or a scanner, must not flood the log). A preStop hook with
         the wrong token shows up here and not only in the kubelet's events."""
-        now = time.monotonic()
-        if now < self._refusals_quiet_until:
-            self._refusals_hidden += 1
-            return
         peer = conn.transport.get_extra_info("peername") if conn.transport else None
         who = peer[0] if isinstance(peer, tuple) else "the unix socket"
-        more = (f" ({self._refusals_hidden} more since the last such line)"
-                if self._refusals_hidden else "")
-        log.warning("control: %s %s from %s refused: %s bearer token (401)%s", req.method,
-                    req.path, who, "wrong" if req.headers.get("authorization") else "no",
-                    more)
-        self._refusals_quiet_until, self._refusals_hidden = now + 60.0, 0
+        self._refusals.warn("401", f"control: {req.method} {req.path} from {who} refused: "
+                                   f"{'wrong' if req.headers.get('authorization') else 'no'} "
+                                   f"bearer token (401)")
 
     def _authorized(self, req: _Request) -> bool:
         given = req.headers.get("authorization", "").encode("latin-1")

@@ -4,10 +4,35 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 import warnings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Quiet:
+    """Warnings that anyone who reaches a port can cause (refused tokens,
+    bad requests, failed handshakes): each kind logged the first time, then
+    at most once an ``interval``, saying how many were left out meanwhile."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0):
+        self.logger = logger
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._next: dict[str, float] = {}
+        self._hidden: dict[str, int] = {}
+
+    def warn(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(kind, 0.0):
+                self._hidden[kind] = self._hidden.get(kind, 0) + 1
+                return
+            hidden = self._hidden.pop(kind, 0)
+            self._next[kind] = now + self.interval
+        more = f" ({hidden} more since the last such line)" if hidden else ""
+        self.logger.warning("%s%s", message, more)
 
 
 class TextFormatter(logging.Formatter):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import re
 import socket
 import threading
@@ -160,6 +161,33 @@ def test_metrics(server, registrar):
     assert 'registrar_propagation_seconds_count{backend="memory"} 1.0' in text
     assert 'registrar_stop_duration_seconds{ok="true",trigger="call"}' in text
     assert "NaN" not in text
+
+
+def test_refused_tokens_are_logged_once_a_minute_with_the_count_left_out(registrar, caplog):
+    # Issue 25: a 401 was logged nowhere; a scanner must not flood the log either.
+    server = serve(registrar, token="s3cret")
+    try:
+        for _ in range(3):
+            assert request(server, "GET", "/status")[0] == 401
+        assert request(server, "GET", "/status", {"Authorization": "Bearer nope"})[0] == 401
+    finally:
+        server.close()
+    said = [r.getMessage() for r in caplog.records if "(401)" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("control: GET /status from "), said
+    assert said[0].endswith(" refused: no bearer token (401)") and "s3cret" not in said[0]
+
+
+def test_quiet_says_how_many_it_left_out(caplog):
+    from registrar.logs import Quiet
+
+    quiet = Quiet(logging.getLogger("test.quiet"), interval=0.2)
+    for i in range(3):
+        quiet.warn("a", f"a {i}")
+    quiet.warn("b", "b 0")  # another kind has its own turn
+    time.sleep(0.25)
+    quiet.warn("a", "a 3")
+    assert [r.getMessage() for r in caplog.records if r.name == "test.quiet"] == [
+        "a 0", "b 0", "a 3 (2 more since the last such line)"]
 
 
 def test_token_protects_all_but_the_probes(registrar):
